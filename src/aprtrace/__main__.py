@@ -1,0 +1,3 @@
+from aprtrace.cli import main
+
+main()

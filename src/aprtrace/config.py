@@ -1,0 +1,99 @@
+"""ModelConfig: the architecture switches and sizes the forward pass needs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from aprtrace.errors import ModelLoadError
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# Architecture strings that mean one of the supported families.
+ARCH_ALIASES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "smollm": "llama",
+    "smollm2": "llama",
+    "tinyllama": "llama",
+    "qwen2": "qwen2",
+    "qwen2.5": "qwen2",
+    "qwen": "qwen2",
+    "qwen3": "qwen3",
+}
+
+
+def normalize_architecture(name: str | None, where: str = "model") -> str:
+    key = (name or "").strip().lower()
+    for prefix in ("llamaforcausallm", "qwen2forcausallm", "qwen3forcausallm"):
+        if key == prefix:
+            key = prefix.removesuffix("forcausallm")
+    if key not in ARCH_ALIASES:
+        raise ModelLoadError(
+            f"{where}: unsupported architecture '{name}'",
+            hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
+            "(Llama 2/3, SmolLM2, TinyLlama, Mistral-style GQA, Qwen2/2.5, Qwen3)",
+        )
+    return ARCH_ALIASES[key]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes and switches of a Llama/Qwen-family decoder. Differences are flags, not copies."""
+
+    architecture: str  # llama | qwen2 | qwen3
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # qwen2
+    qk_norm: bool = False  # qwen3
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self, where: str = "model") -> ModelConfig:
+        """Reject zero, negative, non-finite or inconsistent sizes with a clear error."""
+        for name in (
+            "hidden_size",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "vocab_size",
+            "head_dim",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ModelLoadError(f"{where}: config {name} = {value!r} must be a positive integer")
+        if not isinstance(self.num_layers, int) or self.num_layers < 0:
+            raise ModelLoadError(f"{where}: config num_layers = {self.num_layers!r} is invalid")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"{where}: num_heads {self.num_heads} is not a multiple of "
+                f"num_kv_heads {self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ModelLoadError(f"{where}: head_dim {self.head_dim} must be even for RoPE")
+        for name in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ModelLoadError(f"{where}: config {name} = {value!r} must be finite and > 0")
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            normalize_architecture(self.architecture, where)
+        return self

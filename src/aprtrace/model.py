@@ -1,0 +1,145 @@
+"""Model = config + lazily decoded weights (Hugging Face names and layout) + tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aprtrace import quant
+from aprtrace.config import ModelConfig
+from aprtrace.errors import ModelLoadError
+
+
+@dataclass
+class LazyTensor:
+    """A tensor still in its file's encoding; decoded to float32 only when asked.
+
+    ``shape`` is in NumPy order (``[out_dim, in_dim]``). ``raw`` is a zero-copy view of the
+    tensor's bytes (usually a slice of a memory map).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: str
+    raw: np.ndarray
+    where: str = ""
+
+    @property
+    def n_values(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    def load(self) -> np.ndarray:
+        """The whole tensor as float32 in ``shape``."""
+        try:
+            values = quant.dequantize(self.raw, self.qtype, self.n_values)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{self.where}: tensor '{self.name}': {exc.message}") from None
+        return values.reshape(self.shape)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of a 2-D tensor as float32, decoding only those rows."""
+        if len(self.shape) != 2:
+            return self.load()[start:stop]
+        n_rows, row_len = self.shape
+        stop = min(stop, n_rows)
+        if self.qtype == "APR_Q8":
+            return self.load()[start:stop]
+        nbytes = quant.row_bytes(self.qtype, row_len)
+        raw = self.raw.reshape(-1).view(np.uint8)
+        chunk = raw[start * nbytes : stop * nbytes]
+        try:
+            values = quant.dequantize(chunk, self.qtype, (stop - start) * row_len)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{self.where}: tensor '{self.name}': {exc.message}") from None
+        return values.reshape(stop - start, row_len)
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of a 2-D tensor (embedding lookup), decoding only those rows."""
+        return np.stack([self.rows(int(i), int(i) + 1)[0] for i in ids]) if len(ids) else (
+            np.zeros((0, self.shape[-1]), dtype=np.float32)
+        )
+
+
+def unpermute_llama_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (adjacent-pair RoPE order -> Hugging Face split-half).
+
+    llama.cpp's converter stores ``w.reshape(h, 2, d/2, ...).swapaxes(1, 2)``; this is its inverse.
+    Works for weights ``[h*d, in]`` and biases ``[h*d]``.
+    """
+    rows = weight.shape[0]
+    head_dim = rows // n_heads
+    return (
+        weight.reshape(n_heads, head_dim // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def permute_llama_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's Q/K row permutation (Hugging Face split-half -> adjacent-pair order)."""
+    rows = weight.shape[0]
+    head_dim = rows // n_heads
+    return (
+        weight.reshape(n_heads, 2, head_dim // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def layer_name(layer: int, suffix: str) -> str:
+    """Hugging Face name of a per-layer tensor, e.g. ``layer_name(3, "self_attn.q_proj.weight")``."""
+    return f"model.layers.{layer}.{suffix}"
+
+
+@dataclass
+class Model:
+    """A loaded model. Weights are decoded per request, in Hugging Face layout."""
+
+    path: Path
+    format: str  # gguf | apr | safetensors
+    config: ModelConfig
+    tensors: Mapping[str, LazyTensor]
+    tokenizer: Any = None  # tokenizers.Tokenizer or None
+    qk_permuted: bool = False  # Q/K rows stored in llama.cpp's adjacent-pair order
+    metadata: dict = field(default_factory=dict)
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def tensor(self, name: str) -> LazyTensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ModelLoadError(
+                f"{self.path}: tensor '{name}' is missing",
+                hint="the file may be truncated or not a complete Llama/Qwen checkpoint",
+            ) from None
+
+    def weight(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Decode ``name`` to float32 in Hugging Face layout (Q/K rows un-permuted)."""
+        values = self.tensor(name).load()
+        if shape is not None and tuple(values.shape) != tuple(shape):
+            if values.size == int(np.prod(shape)) and len(values.shape) == 1:
+                values = values.reshape(shape)
+            else:
+                raise ModelLoadError(
+                    f"{self.path}: tensor '{name}' has shape {list(values.shape)}, "
+                    f"the architecture needs {list(shape)}"
+                )
+        if self.qk_permuted:
+            if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+                values = unpermute_llama_qk(values, self.config.num_heads)
+            elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+                values = unpermute_llama_qk(values, self.config.num_kv_heads)
+        return values
+
+    def optional_weight(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+        return self.weight(name, shape) if name in self.tensors else None
+
+    @property
+    def lm_head_name(self) -> str:
+        return "lm_head.weight" if "lm_head.weight" in self.tensors else "model.embed_tokens.weight"

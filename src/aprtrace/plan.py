@@ -1,0 +1,124 @@
+"""SavePlan: what ``trace --save-tensor`` writes, validated before any model is loaded."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from aprtrace.errors import ValidationError
+from aprtrace.stages import WHOLE_MODEL_LAYER, Stage, parse_stage_list
+
+DEFAULT_LAYERS = "0..1"
+_RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
+_SINGLE = re.compile(r"^\d+$")
+# A layer index must fit the APRT header's u32 and stay below the whole-model marker.
+_MAX_LAYER = WHOLE_MODEL_LAYER - 1
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Selected layer indices; ``every`` means all layers of whatever model is loaded."""
+
+    layers: frozenset[int] = frozenset()
+    every: bool = False
+    spec: str = DEFAULT_LAYERS
+
+    def __contains__(self, layer: int) -> bool:
+        return self.every or layer in self.layers
+
+    def resolve(self, num_layers: int) -> tuple[int, ...]:
+        """The sorted layers for a model with ``num_layers`` layers; out-of-range is an error."""
+        if self.every:
+            return tuple(range(num_layers))
+        too_big = sorted(x for x in self.layers if x >= num_layers)
+        if too_big:
+            raise ValidationError(
+                f"--save-tensor-layers '{self.spec}' selects layer {too_big[0]}, "
+                f"but the model has {num_layers} layers (0..{num_layers})",
+                hint=f"use layers below {num_layers}, or 'all'",
+            )
+        return tuple(sorted(self.layers))
+
+
+def _layer_error(spec: str, why: str) -> ValidationError:
+    return ValidationError(
+        f"invalid --save-tensor-layers '{spec}': {why}",
+        hint="expected START..END (end exclusive, e.g. 0..4), a layer (3), a list (0,3,5), "
+        "a mix (0..4,10) or 'all'",
+    )
+
+
+def parse_layers(spec: str) -> LayerSelection:
+    """Parse ``--save-tensor-layers``: ``START..END`` (end exclusive), ``N``, lists, ``all``."""
+    text = spec.strip()
+    if text.lower() == "all":
+        return LayerSelection(every=True, spec=text)
+    if not text:
+        raise _layer_error(spec, "empty layer range")
+    layers: set[int] = set()
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise _layer_error(spec, "empty item")
+        match = _RANGE.match(item)
+        if match:
+            start, end = int(match.group(1)), int(match.group(2))
+            if end <= start:
+                raise _layer_error(spec, f"range {item} is empty (end is exclusive and must be > start)")
+            if end - 1 > _MAX_LAYER:
+                raise _layer_error(spec, f"layer {end - 1} is too large")
+            layers.update(range(start, end))
+        elif _SINGLE.match(item):
+            value = int(item)
+            if value > _MAX_LAYER:
+                raise _layer_error(spec, f"layer {value} is too large")
+            layers.add(value)
+        elif item.startswith("-"):
+            raise _layer_error(spec, f"'{item}' is negative; layers count from 0")
+        else:
+            raise _layer_error(spec, f"cannot read '{item}'")
+    return LayerSelection(layers=frozenset(layers), spec=text)
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    """Which stages and layers to write, and where."""
+
+    stages: frozenset[Stage]
+    layers: LayerSelection
+    out_dir: Path
+
+    def wants(self, stage: Stage, layer: int | None) -> bool:
+        """True when ``stage`` at ``layer`` (None for whole-model stages) is to be written."""
+        if stage not in self.stages:
+            return False
+        if not stage.per_layer:
+            return True
+        return layer is not None and layer in self.layers
+
+    def path_for(self, stage: Stage, layer: int | None) -> Path:
+        """``<dir>/layer-N/<stage>.bin`` or ``<dir>/<stage>.bin`` (FORMATS.md section 3)."""
+        if stage.per_layer:
+            return self.out_dir / f"layer-{layer}" / f"{stage.value}.bin"
+        return self.out_dir / f"{stage.value}.bin"
+
+
+def default_out_dir(model_path: Path) -> Path:
+    """``<parent>/<model-stem>-trace`` as ``apr`` does."""
+    model_path = Path(model_path)
+    stem = model_path.name if model_path.is_dir() else model_path.stem
+    return model_path.parent / f"{stem}-trace"
+
+
+def make_plan(
+    stages_spec: str, layers_spec: str | None, out_dir: Path | None, model_path: Path
+) -> SavePlan:
+    """Build a SavePlan from CLI strings; every error here is raised before loading."""
+    stages = parse_stage_list(stages_spec)
+    layers = parse_layers(layers_spec if layers_spec is not None else DEFAULT_LAYERS)
+    return SavePlan(
+        stages=frozenset(stages),
+        layers=layers,
+        out_dir=Path(out_dir) if out_dir is not None else default_out_dir(model_path),
+    )
