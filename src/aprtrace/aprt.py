@@ -57,11 +57,15 @@ def write_aprt(path: Path, layer: int, values: np.ndarray) -> int:
             f.write(encode_header(layer, data.size))
             f.write(data.tobytes())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
+        # Whatever interrupts the write (an OS error, Ctrl-C, a failing buffer), the
+        # temporary file must not be left behind; the final name is never touched.
         try:
             tmp.unlink()
         except OSError:
             pass
+        if not isinstance(exc, OSError):
+            raise
         raise OutputError(
             f"cannot write {path}: {exc.strerror or exc}",
             hint="check that the output directory is writable and the disk has space",
@@ -101,6 +105,7 @@ def read_aprt(path: Path, mmap: bool | None = None) -> AprtFile:
             use_mmap = body >= _MMAP_THRESHOLD if mmap is None else mmap
             if count == 0:
                 values = np.zeros(0, dtype="<f4")
+                values.flags.writeable = False
             elif use_mmap:
                 values = np.memmap(path, dtype="<f4", mode="r", offset=HEADER_SIZE, shape=(count,))
             else:

@@ -10,10 +10,13 @@ from aprtrace.errors import ValidationError
 from aprtrace.stages import WHOLE_MODEL_LAYER, Stage, parse_stage_list
 
 DEFAULT_LAYERS = "0..1"
-_RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
-_SINGLE = re.compile(r"^\d+$")
-# A layer index must fit the APRT header's u32 and stay below the whole-model marker.
-_MAX_LAYER = WHOLE_MODEL_LAYER - 1
+# ASCII digits only: `\d` would also accept other scripts' digits (e.g. Arabic-Indic).
+_RANGE = re.compile(r"^([0-9]+)\.\.([0-9]+)$")
+_SINGLE = re.compile(r"^[0-9]+$")
+# A layer index must fit the APRT header's u32 and stay below the whole-model marker; in
+# practice no model has anywhere near this many layers, and a lower bound keeps a spec such as
+# `0..4000000000` from materialising billions of indices before the model is even loaded.
+_MAX_LAYER = min(WHOLE_MODEL_LAYER - 1, 65535)
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,13 @@ def _layer_error(spec: str, why: str) -> ValidationError:
     )
 
 
+def _layer_number(spec: str, digits: str) -> int:
+    # Guard int(): Python refuses to convert strings of more than 4300 digits (ValueError).
+    if len(digits.lstrip("0")) > len(str(_MAX_LAYER)) + 1:
+        raise _layer_error(spec, f"layer {digits[:12]}... is too large (at most {_MAX_LAYER})")
+    return int(digits)
+
+
 def parse_layers(spec: str) -> LayerSelection:
     """Parse ``--save-tensor-layers``: ``START..END`` (end exclusive), ``N``, lists, ``all``."""
     text = spec.strip()
@@ -63,16 +73,18 @@ def parse_layers(spec: str) -> LayerSelection:
             raise _layer_error(spec, "empty item")
         match = _RANGE.match(item)
         if match:
-            start, end = int(match.group(1)), int(match.group(2))
+            start, end = _layer_number(spec, match.group(1)), _layer_number(spec, match.group(2))
             if end <= start:
-                raise _layer_error(spec, f"range {item} is empty (end is exclusive and must be > start)")
+                raise _layer_error(
+                    spec, f"range {item} is empty (end is exclusive and must be > start)"
+                )
             if end - 1 > _MAX_LAYER:
-                raise _layer_error(spec, f"layer {end - 1} is too large")
+                raise _layer_error(spec, f"layer {end - 1} is too large (at most {_MAX_LAYER})")
             layers.update(range(start, end))
         elif _SINGLE.match(item):
-            value = int(item)
+            value = _layer_number(spec, item)
             if value > _MAX_LAYER:
-                raise _layer_error(spec, f"layer {value} is too large")
+                raise _layer_error(spec, f"layer {value} is too large (at most {_MAX_LAYER})")
             layers.add(value)
         elif item.startswith("-"):
             raise _layer_error(spec, f"'{item}' is negative; layers count from 0")

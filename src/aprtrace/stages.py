@@ -66,7 +66,10 @@ _INFO = {
         "qkv_matmul", True, "fused [Q|K|V] projection, before bias", "[seq, q_dim + 2*kv_dim]"
     ),
     Stage.QKV_BIAS: StageInfo(
-        "qkv_bias", True, "[Q|K|V] after the bias add (only with a qkv bias)", "[seq, q_dim + 2*kv_dim]"
+        "qkv_bias",
+        True,
+        "[Q|K|V] after the bias add (only with a qkv bias)",
+        "[seq, q_dim + 2*kv_dim]",
     ),
     Stage.Q_POST_ROPE: StageInfo(
         "q_post_rope", True, "Q after QK-norm (if any) and RoPE", "[seq, n_heads*head_dim]"
@@ -89,9 +92,7 @@ _INFO = {
     Stage.POST_ATTN_RESIDUAL: StageInfo(
         "post_attn_residual", True, "hidden after the attention residual add", "[seq, hidden]"
     ),
-    Stage.FFN_NORM: StageInfo(
-        "ffn_norm", True, "post-attention RMSNorm output", "[seq, hidden]"
-    ),
+    Stage.FFN_NORM: StageInfo("ffn_norm", True, "post-attention RMSNorm output", "[seq, hidden]"),
     Stage.FFN_GATE: StageInfo("ffn_gate", True, "gate projection", "[seq, intermediate]"),
     Stage.FFN_UP: StageInfo("ffn_up", True, "up projection", "[seq, intermediate]"),
     Stage.FFN_SILU: StageInfo("ffn_silu", True, "silu(gate)", "[seq, intermediate]"),
@@ -139,7 +140,7 @@ def stage_from_name(name: str) -> Stage:
 
 
 def parse_stage_list(spec: str) -> tuple[Stage, ...]:
-    """Parse ``--save-tensor`` (comma list or ``all``) into stages in forward order, deduplicated."""
+    """Parse ``--save-tensor`` (comma list or ``all``) into deduplicated stages, forward order."""
     if spec.strip().lower() == "all":
         return ALL_STAGES
     if not spec.strip():
@@ -147,15 +148,20 @@ def parse_stage_list(spec: str) -> tuple[Stage, ...]:
             "--save-tensor needs at least one stage name", hint=f"valid names: {valid_names_text()}"
         )
     chosen: set[Stage] = set()
+    every = False
     for token in spec.split(","):
         if not token.strip():
             raise ValidationError(
                 f"empty stage name in --save-tensor '{spec}'",
                 hint=f"separate names with single commas; valid names: {valid_names_text()}",
             )
+        # `all` inside a list still selects everything, but the other names must be valid.
         if token.strip().lower() == "all":
-            return ALL_STAGES
+            every = True
+            continue
         chosen.add(stage_from_name(token))
+    if every:
+        return ALL_STAGES
     return tuple(s for s in Stage if s in chosen)
 
 

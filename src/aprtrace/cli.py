@@ -1,0 +1,306 @@
+"""The ``aprtrace`` command line: parse, call the library, render. No logic of its own.
+
+Exit codes (as ``apr``): 0 ok, 1 diff found a divergence, 2 usage error, 3 file not found,
+4 invalid format, 5 validation failed, 6 model load failed, 7 I/O error, 8 inference failed,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from aprtrace import __version__
+from aprtrace.errors import EXIT_INTERRUPTED, AprtraceError
+from aprtrace.stages import Stage
+
+DEFAULT_PROMPT = "What is 2+2?"
+
+
+class AprtraceGroup(click.Group):
+    """Maps AprtraceError to its exit code in one place; tracebacks only with --debug."""
+
+    def invoke(self, ctx: click.Context):
+        debug = "--debug" in sys.argv[1:] or bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except AprtraceError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("interrupted: stopped; files already written are complete, "
+                       "the dump has no manifest.json", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except MemoryError:
+            if debug:
+                raise
+            click.echo("error: out of memory", err=True)
+            ctx.exit(8)
+
+
+@click.group(cls=AprtraceGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="aprtrace")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+def main(debug: bool) -> None:
+    """Capture per-stage tensors of an LLM forward pass and find where two runs diverge.
+
+    \b
+    Examples:
+      aprtrace demo
+      aprtrace trace --save-tensor all --save-tensor-layers all model.gguf
+      aprtrace diff --values model-trace/ other-trace/
+      aprtrace inspect model-trace/layer-0/attn_norm.bin
+    """
+
+
+def _progress_callback(quiet: bool):
+    """A rich progress bar on a terminal's stderr; nothing otherwise."""
+    if quiet or not sys.stderr.isatty():
+        return None, None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = bar.add_task("forward pass (layers)", total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.6g}"
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--save-tensor", "save_tensor", metavar="STAGES",
+              help="Comma-separated stages to write as APRT files, or 'all' (see `aprtrace stages`).")
+@click.option("--save-tensor-dir", "save_dir", type=click.Path(path_type=Path), metavar="DIR",
+              help="Output directory [default: <parent>/<model-stem>-trace].")
+@click.option("--save-tensor-layers", "layers", metavar="LAYERS", default=None,
+              help="Layers: START..END (end exclusive), N, a list 0,3,5, 0..4,10 or 'all' "
+              "[default: 0..1].")
+@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True,
+              help="Text encoded with the model's own tokenizer (no BOS, no chat template).")
+@click.option("--tokens", metavar="IDS", help="Comma-separated token ids; bypasses the tokenizer.")
+@click.option("--bos", is_flag=True, help="Prepend the model's BOS token.")
+@click.option("--arch", help="Architecture for files that do not name one (APR): llama, qwen2, qwen3.")
+@click.option("--no-verify", is_flag=True, help="Skip CRC checks of APR files (damaged files).")
+@click.option("--clean", is_flag=True,
+              help="Delete the stage files an earlier aprtrace run listed in DIR's manifest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+def trace(model_path, save_tensor, save_dir, layers, prompt, tokens, bos, arch, no_verify, clean,
+          as_json, quiet):
+    """Run one forward pass of MODEL (GGUF, APR or safetensors dir) and capture its stages.
+
+    With --save-tensor, every selected stage is written as an APRT file (12-byte header +
+    raw f32 LE), byte-compatible with `apr trace --save-tensor`: per-layer stages under
+    DIR/layer-N/<stage>.bin, whole-model stages (final_norm, lm_head) as DIR/<stage>.bin,
+    then DIR/manifest.json (written last: a dump without it is incomplete). Without
+    --save-tensor, prints per-layer, per-stage statistics (mean, std, min, max, NaN, Inf).
+
+    \b
+    Examples:
+      aprtrace trace model.gguf
+      aprtrace trace --save-tensor embedding,lm_head model.apr
+      aprtrace trace --save-tensor all --save-tensor-layers all model.gguf
+      aprtrace trace --save-tensor attn_norm,ffn_out --save-tensor-layers 0..4,10 \\
+          --save-tensor-dir /tmp/q4 model.gguf
+      aprtrace trace --tokens 3838,374,220,17 --json model.gguf
+    """
+    from aprtrace.formats import load_model
+    from aprtrace.plan import make_plan, parse_layers
+    from aprtrace.trace import encode_prompt, parse_token_list, run_trace
+
+    # Every argument error is reported before the model is loaded.
+    plan = make_plan(save_tensor, layers, save_dir, model_path) if save_tensor is not None else None
+    if plan is None and layers is not None:
+        parse_layers(layers)
+    token_ids = parse_token_list(tokens) if tokens is not None else None
+
+    model = load_model(model_path, verify=not no_verify, arch=arch)
+    if token_ids is None:
+        token_ids = encode_prompt(model, prompt, bos)
+        shown_prompt = prompt
+    else:
+        shown_prompt = None
+    cfg = model.config
+    resolved = plan.layers.resolve(cfg.num_layers) if plan is not None else ()
+
+    if not as_json:
+        click.echo(f"Model:   {model_path} ({model.format}, {cfg.architecture}, "
+                   f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})")
+        if plan is not None:
+            names = [s.value for s in Stage if s in plan.stages]
+            click.echo(f"Stages:  {', '.join(names)}")
+            click.echo(f"Layers:  {_layers_text(resolved)}")
+            click.echo(f"Output:  {plan.out_dir}")
+        if shown_prompt is not None:
+            click.echo(f"Prompt:  {shown_prompt!r}")
+        click.echo(f"Tokens:  {token_ids}")
+
+    bar, update = _progress_callback(quiet or as_json)
+    if bar is not None:
+        with bar:
+            result = run_trace(model, token_ids, plan, prompt=shown_prompt, progress=update,
+                               clean=clean, collect_stats=plan is None or as_json)
+    else:
+        result = run_trace(model, token_ids, plan, prompt=shown_prompt, clean=clean,
+                           collect_stats=plan is None or as_json)
+
+    top = int(np.argmax(result.logits)) if result.logits.size else None
+    if as_json:
+        payload = {
+            "schema": "aprtrace-trace-v1",
+            "model": str(model_path),
+            "format": model.format,
+            "config": cfg.to_dict(),
+            "prompt": shown_prompt,
+            "token_ids": result.token_ids,
+            "argmax_token": top,
+            "first_nonfinite": _nonfinite_json(result.first_nonfinite),
+            "seconds": round(result.seconds, 4),
+            "stats": [s.to_dict() for s in result.stats],
+            "files": [{"path": str(f.path), "bytes": f.size} for f in result.log.files],
+            "output_dir": str(plan.out_dir) if plan else None,
+            "stale_files": [str(p) for p in result.stale_files],
+        }
+        click.echo(json.dumps(payload, indent=2, allow_nan=False, default=_json_default))
+        return
+
+    if plan is None:
+        _print_stats_table(result.stats)
+    else:
+        for f in result.log.files:
+            click.echo(f"  wrote {f.path} ({f.size} bytes)")
+        click.echo(f"Wrote {len(result.log.files)} files and {result.manifest_path.name} "
+                   f"to {plan.out_dir} in {result.seconds:.2f} s")
+        if result.stale_files:
+            click.echo(f"warning: {len(result.stale_files)} .bin files in {plan.out_dir} are not "
+                       "from this run (stale); use --clean or another --save-tensor-dir", err=True)
+            for p in result.stale_files[:10]:
+                click.echo(f"  stale: {p}", err=True)
+    if result.first_nonfinite is not None:
+        stage, layer = result.first_nonfinite
+        where = f"layer {layer} {stage}" if layer is not None else stage
+        click.echo(f"warning: first NaN/Inf appears at {where}", err=True)
+    if top is not None and model.tokenizer is not None:
+        click.echo(f"Next token (argmax): {top} {model.tokenizer.decode([top])!r}")
+    elif top is not None:
+        click.echo(f"Next token (argmax): {top}")
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    raise TypeError(type(value))
+
+
+def _nonfinite_json(first):
+    return None if first is None else {"stage": first[0], "layer": first[1]}
+
+
+def _layers_text(layers: tuple[int, ...]) -> str:
+    if not layers:
+        return "(none)"
+    if list(layers) == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"{layers[0]}..{layers[-1] + 1} ({len(layers)} layers)"
+    return ", ".join(map(str, layers))
+
+
+def _print_stats_table(stats) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Per-stage statistics", show_lines=False)
+    for col in ("layer", "stage", "shape", "mean", "std", "min", "max", "NaN", "Inf", "flags"):
+        table.add_column(col, justify="right" if col not in ("stage", "flags") else "left")
+    for s in stats:
+        style = "bold red" if s.anomalies else None
+        table.add_row(
+            "-" if s.layer is None else str(s.layer), s.stage, "x".join(map(str, s.shape)),
+            _fmt(s.mean), _fmt(s.std), _fmt(s.min), _fmt(s.max), str(s.nan), str(s.inf),
+            ", ".join(s.anomalies), style=style,
+        )
+    Console(width=140).print(table)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def stages(as_json):
+    """List the capture stages in forward order, with what each buffer holds.
+
+    \b
+    Examples:
+      aprtrace stages
+      aprtrace stages --json
+    """
+    rows = [
+        {"index": i + 1, "name": s.value, "scope": "per-layer" if s.per_layer else "whole-model",
+         "shape": s.info.shape, "holds": s.info.description}
+        for i, s in enumerate(Stage)
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['index']:>2}  {r['name']:<19} {r['scope']:<12} {r['shape']:<24} {r['holds']}")
+    click.echo("\nAlias: layer_output = post_ffn_residual.  'all' selects every stage.")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect(path, as_json):
+    """Describe an APRT stage file, a dump directory, or a model file.
+
+    \b
+    Examples:
+      aprtrace inspect model-trace/layer-0/attn_norm.bin
+      aprtrace inspect model-trace/
+      aprtrace inspect model.gguf
+    """
+    from aprtrace.inspect import inspect_path
+
+    inspect_path(path, as_json)
+
+
+def _register_optional_commands() -> None:
+    """Commands whose modules live in their own files (diff, convert, demo)."""
+    for module, attr, name in (
+        ("aprtrace.cli_diff", "diff_command", "diff"),
+        ("aprtrace.convert", "convert_command", "convert"),
+        ("aprtrace.demo", "demo_command", "demo"),
+    ):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        main.add_command(getattr(mod, attr), name)
+
+
+_register_optional_commands()

@@ -1,0 +1,129 @@
+"""``aprtrace inspect``: describe an APRT file, a dump directory or a model file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from aprtrace.aprt import read_aprt
+from aprtrace.errors import NotFoundError
+from aprtrace.formats import APRT, sniff_format
+from aprtrace.stages import WHOLE_MODEL_LAYER, Stage, stage_from_file_stem
+from aprtrace.trace import MANIFEST_NAME, stage_stats
+
+
+def _file_row(path: Path, root: Path | None = None) -> dict:
+    f = read_aprt(path)
+    stage = stage_from_file_stem(path.stem)
+    stats = stage_stats(stage or Stage.EMBEDDING, None, f.values)
+    return {
+        "path": str(path.relative_to(root)) if root else str(path),
+        "stage": stage.value if stage else None,
+        "layer": "whole-model" if f.layer == WHOLE_MODEL_LAYER else f.layer,
+        "dim_product": int(f.values.size),
+        "bytes": path.stat().st_size,
+        "mean": stats.mean,
+        "std": stats.std,
+        "min": stats.min,
+        "max": stats.max,
+        "nan": stats.nan,
+        "inf": stats.inf,
+    }
+
+
+def dump_files_in_order(root: Path) -> list[Path]:
+    """The ``.bin`` files of a dump in forward order: layer, stage order, whole-model last."""
+
+    def key(p: Path):
+        rel = p.relative_to(root)
+        stage = stage_from_file_stem(p.stem)
+        order = stage.order if stage else len(Stage)
+        if len(rel.parts) == 2 and rel.parts[0].startswith("layer-") and rel.parts[0][6:].isdigit():
+            return (0, int(rel.parts[0][6:]), order, str(rel))
+        return (1, 0, order, str(rel))
+
+    return sorted(root.rglob("*.bin"), key=key)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.5g}" if isinstance(v, float) else str(v))
+
+
+def inspect_path(path: Path, as_json: bool) -> None:
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"file not found: {path}")
+    if path.is_dir() and not (path / "config.json").exists():
+        _inspect_dump(path, as_json)
+        return
+    if sniff_format(path) == APRT:
+        row = _file_row(path)
+        if as_json:
+            click.echo(json.dumps(row, indent=2))
+            return
+        for k, v in row.items():
+            click.echo(f"{k:>12}: {_fmt(v)}")
+        return
+    _inspect_model(path, as_json)
+
+
+def _inspect_dump(root: Path, as_json: bool) -> None:
+    files = dump_files_in_order(root)
+    rows = [_file_row(p, root) for p in files]
+    has_manifest = (root / MANIFEST_NAME).exists()
+    if as_json:
+        click.echo(json.dumps({"dir": str(root), "manifest": has_manifest, "files": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{root} ({len(rows)} stage files)")
+    for col in ("file", "layer", "values", "mean", "std", "min", "max", "NaN", "Inf"):
+        table.add_column(col, justify="left" if col == "file" else "right")
+    for r in rows:
+        table.add_row(r["path"], str(r["layer"]), str(r["dim_product"]), _fmt(r["mean"]),
+                      _fmt(r["std"]), _fmt(r["min"]), _fmt(r["max"]), str(r["nan"]), str(r["inf"]))
+    Console(width=140).print(table)
+    if not has_manifest:
+        click.echo("note: no manifest.json: the dump is incomplete (interrupted run) or was "
+                   "written by apr", err=True)
+
+
+def _inspect_model(path: Path, as_json: bool) -> None:
+    from aprtrace.formats import load_model
+
+    model = load_model(path, verify=True)
+    tensors = [
+        {"name": t.name, "type": t.qtype, "shape": list(t.shape)} for t in model.tensors.values()
+    ]
+    info = {
+        "path": str(path),
+        "format": model.format,
+        "config": model.config.to_dict(),
+        "qk_rows_permuted": model.qk_permuted,
+        "tokenizer": model.tokenizer is not None,
+        "tensor_count": len(tensors),
+        "parameters": int(sum(int(np.prod(t["shape"])) for t in tensors)),
+        "tensors": tensors,
+    }
+    if model.format == "apr":
+        try:
+            from aprtrace.formats.apr import describe_apr
+
+            info["apr"] = describe_apr(path)
+        except ImportError:
+            pass
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"{path}: {model.format}, {model.config.architecture}")
+    for k, v in model.config.to_dict().items():
+        click.echo(f"  {k:<24} {v}")
+    click.echo(f"  tokenizer                {'yes' if info['tokenizer'] else 'no'}")
+    click.echo(f"  parameters               {info['parameters']:,}")
+    click.echo(f"  tensors                  {len(tensors)}")
+    for t in tensors:
+        click.echo(f"    {t['name']:<52} {t['type']:<6} {t['shape']}")

@@ -1,0 +1,271 @@
+"""One traced run: model + token ids + plan -> stage files, statistics and a manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aprtrace import __version__
+from aprtrace.capture import CaptureLog, maybe_save_stage
+from aprtrace.errors import OutputError, ValidationError
+from aprtrace.forward import Progress, forward
+from aprtrace.model import Model
+from aprtrace.plan import SavePlan
+from aprtrace.stages import Stage
+
+MANIFEST_NAME = "manifest.json"
+# |x| above this in an activation is flagged: real fp32 LLM activations stay far below it,
+# while fp16 overflow (65504) and exploding residuals exceed it.
+LARGE_VALUE = 1e4
+
+
+@dataclass
+class StageStats:
+    """Summary of one captured buffer, as in ``apr trace --payload``."""
+
+    stage: str
+    layer: int | None
+    shape: list[int]
+    count: int
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    nan: int
+    inf: int
+    anomalies: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def stage_stats(stage: Stage, layer: int | None, values: np.ndarray) -> StageStats:
+    """Mean/std/min/max over finite values (f64 accumulation), NaN/Inf counts, anomaly flags."""
+    flat = np.asarray(values, dtype=np.float32).reshape(-1)
+    nan = int(np.count_nonzero(np.isnan(flat)))
+    inf = int(np.count_nonzero(np.isinf(flat)))
+    finite = flat if nan == 0 and inf == 0 else flat[np.isfinite(flat)]
+    anomalies = []
+    if nan:
+        anomalies.append(f"{nan} NaN")
+    if inf:
+        anomalies.append(f"{inf} Inf")
+    if finite.size:
+        as64 = finite.astype(np.float64)
+        mean, std = as64.mean(), as64.std()
+        lo, hi = float(finite.min()), float(finite.max())
+        if not np.any(finite):
+            anomalies.append("all zero")
+        elif max(abs(lo), abs(hi)) > LARGE_VALUE:
+            anomalies.append(f"|x| > {LARGE_VALUE:g}")
+        return StageStats(
+            stage.value, layer, list(np.shape(values)), int(flat.size),
+            _finite_or_none(mean), _finite_or_none(std), lo, hi, nan, inf, anomalies,
+        )
+    if flat.size and not anomalies:
+        anomalies.append("no finite values")
+    return StageStats(
+        stage.value, layer, list(np.shape(values)), int(flat.size), None, None, None, None,
+        nan, inf, anomalies,
+    )
+
+
+@dataclass
+class TraceResult:
+    token_ids: list[int]
+    logits: np.ndarray
+    log: CaptureLog
+    stats: list[StageStats]
+    first_nonfinite: tuple[str, int | None] | None
+    seconds: float
+    stale_files: list[Path] = field(default_factory=list)
+    manifest_path: Path | None = None
+
+
+class _Sha256InBackground:
+    """Hash the model file on another thread while the forward pass runs (hashlib frees the GIL)."""
+
+    def __init__(self, path: Path):
+        self.digest: str | None = None
+        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        h = hashlib.sha256()
+        try:
+            for file in files:
+                with open(file, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        h.update(chunk)
+        except OSError:
+            return
+        self.digest = h.hexdigest()
+
+    def result(self) -> str | None:
+        self._thread.join()
+        return self.digest
+
+
+def _size_of(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def prepare_out_dir(plan: SavePlan, clean: bool) -> list[Path]:
+    """Make the output directory writable and forget the old manifest; return old .bin files.
+
+    With ``clean``, files listed by an earlier aprtrace manifest are removed (nothing else).
+    """
+    out = plan.out_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".aprtrace-write-test-{np.random.default_rng().integers(1 << 30)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write to output directory {out}: {exc.strerror or exc}",
+            hint="choose another --save-tensor-dir or fix its permissions",
+        ) from exc
+    manifest = out / MANIFEST_NAME
+    if clean and manifest.exists():
+        from aprtrace.manifest import read_manifest
+
+        old = read_manifest(out)
+        if old is not None:
+            for entry in old.files:
+                target = (out / entry.path).resolve()
+                if target.is_file() and out.resolve() in target.parents:
+                    target.unlink()
+    if manifest.exists():
+        try:
+            manifest.unlink()  # a dump without a manifest is known to be incomplete
+        except OSError as exc:
+            raise OutputError(f"cannot remove stale {manifest}: {exc.strerror or exc}") from exc
+    return sorted(out.rglob("*.bin"))
+
+
+def run_trace(
+    model: Model,
+    token_ids: list[int],
+    plan: SavePlan | None,
+    *,
+    prompt: str | None = None,
+    collect_stats: bool = True,
+    progress: Progress | None = None,
+    clean: bool = False,
+) -> TraceResult:
+    """Run the forward pass, write the planned stage files, then the manifest (last)."""
+    if plan is not None:
+        layers = plan.layers.resolve(model.config.num_layers)
+        existing = prepare_out_dir(plan, clean)
+    else:
+        layers, existing = (), []
+    hasher = _Sha256InBackground(model.path) if plan is not None else None
+
+    log = CaptureLog()
+    stats: list[StageStats] = []
+    first_bad: list[tuple[str, int | None]] = []
+
+    def emit(stage: Stage, layer: int | None, values: np.ndarray) -> None:
+        maybe_save_stage(plan, stage, layer, values, log)
+        if collect_stats:
+            stats.append(stage_stats(stage, layer, values))
+            if not first_bad and (stats[-1].nan or stats[-1].inf):
+                first_bad.append((stage.value, layer))
+        elif not first_bad and not np.isfinite(values).all():
+            first_bad.append((stage.value, layer))
+
+    start = time.perf_counter()
+    logits = forward(model, token_ids, emit, progress)
+    seconds = time.perf_counter() - start
+
+    written = {f.path.resolve() for f in log.files}
+    stale = [p for p in existing if p.resolve() not in written]
+    result = TraceResult(
+        token_ids=list(map(int, token_ids)),
+        logits=logits,
+        log=log,
+        stats=stats,
+        first_nonfinite=first_bad[0] if first_bad else None,
+        seconds=seconds,
+        stale_files=stale,
+    )
+    if plan is not None:
+        result.manifest_path = _write_manifest(model, plan, layers, token_ids, prompt, log, hasher)
+    return result
+
+
+def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher) -> Path:
+    from aprtrace.manifest import write_manifest
+
+    data = {
+        "schema": "aprtrace-manifest-v1",
+        "tool": "aprtrace",
+        "version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {
+            "path": str(Path(model.path).resolve()),
+            "size": _size_of(Path(model.path)),
+            "sha256": hasher.result() if hasher else None,
+            "format": model.format,
+        },
+        "architecture": model.config.architecture,
+        "config": model.config.to_dict(),
+        "prompt": prompt,
+        "token_ids": [int(t) for t in token_ids],
+        "stages": [s.value for s in Stage if s in plan.stages],
+        "layers": list(layers),
+        "files": [
+            {
+                "path": f.path.relative_to(plan.out_dir).as_posix(),
+                "stage": f.stage.value,
+                "layer": f.layer if f.stage.per_layer else None,
+                "shape": list(f.shape),
+                "bytes": f.size,
+            }
+            for f in log.files
+        ],
+    }
+    return write_manifest(plan.out_dir, data)
+
+
+def encode_prompt(model: Model, prompt: str, add_bos: bool) -> list[int]:
+    """Token ids of ``prompt`` with the model's own tokenizer (no BOS unless asked, as apr)."""
+    if model.tokenizer is None:
+        raise ValidationError(
+            f"{model.path} has no tokenizer", hint="pass the token ids with --tokens 1,2,3"
+        )
+    ids = list(model.tokenizer.encode(prompt, add_special_tokens=False).ids)
+    if add_bos:
+        bos = model.config.bos_token_id
+        if bos is None:
+            raise ValidationError("--bos given but the model defines no BOS token id")
+        ids.insert(0, bos)
+    return ids
+
+
+def parse_token_list(spec: str) -> list[int]:
+    """``--tokens 1,2,3`` -> [1, 2, 3]."""
+    try:
+        ids = [int(t) for t in spec.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise ValidationError(
+            f"invalid --tokens '{spec}'", hint="give comma-separated integers, e.g. --tokens 3838,374"
+        ) from None
+    if not ids:
+        raise ValidationError("--tokens is empty", hint="give comma-separated integers")
+    if any(i < 0 for i in ids):
+        raise ValidationError(f"invalid --tokens '{spec}': token ids are >= 0")
+    return ids

@@ -1,0 +1,357 @@
+"""Hugging Face transformers as the independent reference for aprtrace's forward pass.
+
+Helpers shared by the reference tests (this is not a test module):
+
+- ``tiny_tokenizer()`` / ``tiny_hf_model(arch, seed)``: a small, deterministic byte-level BPE
+  tokenizer trained in code and a tiny seeded transformers model (llama, qwen2, qwen3).
+- ``hf_stage_activations(model, token_ids)``: transformers' values of the 20 stages of
+  FORMATS.md section 2, in aprtrace's layout, captured with forward hooks plus a wrapped eager
+  attention (q/k after RoPE, scores, softmax).
+- ``cached_reference(key_parts, compute_fn)``: an npz cache outside the repository for slow
+  references (transformers' load of a real GGUF takes minutes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+# Bump when the captured values' meaning or layout changes: invalidates cached references.
+HARNESS_VERSION = "1"
+REF_CACHE_DIR = Path(
+    os.environ.get("APRTRACE_CACHE", Path.home() / ".cache" / "aprtrace")
+).joinpath("ref")
+
+StageKey = tuple[str, "int | None"]
+
+# A fixed corpus for the tiny tokenizer: mixed case, digits, punctuation, spaces, newlines.
+_CORPUS = [
+    "What is 2+2? The answer is 4.",
+    "Hello, world! Hello again, world.",
+    "The quick brown fox jumps over the lazy dog 1234567890 times.",
+    "def forward(model, token_ids):\n    return model(token_ids)\n",
+    "Attention is all you need; RMSNorm, RoPE and SwiGLU are what we trace.",
+    "Numbers: 3.14159, 2.71828, 1e-6 and -42.",
+    "  indented   spaces\tand tabs\n\nnew paragraphs",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    """A deterministic byte-level BPE ``tokenizers.Tokenizer`` trained on a fixed corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        show_progress=False,
+        special_tokens=["<|endoftext|>", "<|im_start|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tok
+
+
+TINY_SIZES = {
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "head_dim": 16,
+}
+
+
+def tiny_hf_model(arch: str, seed: int = 0, vocab_size: int | None = None):
+    """A tiny seeded float32 transformers causal LM of ``arch`` (llama, qwen2, qwen3).
+
+    GQA (4 heads, 2 kv heads), untied lm_head, non-trivial random norm weights and biases so that
+    a wrong norm, bias or layout shows up. ``vocab_size`` defaults to the tiny tokenizer's size.
+    """
+    import torch
+    import transformers
+
+    if vocab_size is None:
+        vocab_size = tiny_tokenizer().get_vocab_size()
+    common = dict(
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        **TINY_SIZES,
+    )
+    if arch == "llama":
+        config = transformers.LlamaConfig(
+            rope_theta=10000.0, attention_bias=False, mlp_bias=False, **common
+        )
+        cls = transformers.LlamaForCausalLM
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(rope_theta=1000000.0, use_sliding_window=False, **common)
+        cls = transformers.Qwen2ForCausalLM
+    elif arch == "qwen3":
+        config = transformers.Qwen3Config(
+            rope_theta=1000000.0, attention_bias=False, use_sliding_window=False, **common
+        )
+        cls = transformers.Qwen3ForCausalLM
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}")
+    _set_rope_theta(config, config_rope_theta(config))
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(config).to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and "norm" in name:
+                # Norm weights around 1 with spread, so a missing or misapplied weight shows.
+                param.copy_(1.0 + 0.5 * torch.randn(param.shape, generator=gen))
+            elif param.ndim == 1:
+                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+            else:
+                std = 1.0 / param.shape[-1] ** 0.5
+                param.copy_(std * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def config_rope_theta(config) -> float:
+    """RoPE base of a transformers config (v5 keeps it in ``rope_parameters``)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
+def _set_rope_theta(config, theta: float) -> None:
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict):
+        params["rope_theta"] = theta
+    else:
+        config.rope_theta = theta
+
+
+# --------------------------------------------------------------------------------------------
+# Stage capture
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().to("cpu").float().numpy().copy()
+
+
+@contextlib.contextmanager
+def _wrapped_eager_attention(model, record: Callable) -> Iterator[None]:
+    """Replace ``eager_attention_forward`` in the model's modeling module with a recording wrapper.
+
+    The attention modules look the function up in their module's globals at call time (through
+    ``ALL_ATTENTION_FUNCTIONS.get_interface(..., eager_attention_forward)``), so patching the
+    module attribute is enough.
+    """
+    module = sys.modules[type(model).__module__]
+    original = module.eager_attention_forward
+
+    def wrapper(attn_module, query, key, value, attention_mask, scaling, *args, **kwargs):
+        out, weights = original(attn_module, query, key, value, attention_mask, scaling, *args, **kwargs)
+        record(attn_module, query, key, weights, scaling)
+        return out, weights
+
+    module.eager_attention_forward = wrapper
+    try:
+        yield
+    finally:
+        module.eager_attention_forward = original
+
+
+def hf_stage_activations(model, token_ids: Sequence[int]) -> dict[StageKey, np.ndarray]:
+    """transformers' value of every stage of FORMATS.md section 2, in aprtrace's layout.
+
+    Keys are ``(stage_name, layer)``; ``layer`` is None for ``final_norm`` and ``lm_head`` and 0
+    for ``embedding``. ``qkv_bias`` is present only when the model has q/k/v biases.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if getattr(model.config, "_attn_implementation", "eager") != "eager":
+        model.config._attn_implementation = "eager"
+    base = model.model
+    n_heads = model.config.num_attention_heads
+    out: dict[StageKey, np.ndarray] = {}
+    handles = []
+
+    def put(stage: str, layer: int | None, value) -> None:
+        out[(stage, layer)] = _np(value)
+
+    def first(value):
+        return value[0] if isinstance(value, tuple) else value
+
+    def hook_output(module, stage: str, layer: int | None) -> None:
+        handles.append(
+            module.register_forward_hook(lambda _m, _i, o: put(stage, layer, first(o)[0]))
+        )
+
+    def hook_input(module, stage: str, layer: int | None) -> None:
+        handles.append(module.register_forward_pre_hook(lambda _m, i: put(stage, layer, i[0][0])))
+
+    hook_output(base.embed_tokens, "embedding", 0)
+    has_bias = False
+    for i, layer in enumerate(base.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        hook_output(layer.input_layernorm, "attn_norm", i)
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        has_bias = attn.q_proj.bias is not None
+        parts: dict[str, list] = {"matmul": [None] * 3, "bias": [None] * 3}
+
+        def qkv_hook(idx, _module, inputs, output, parts=parts, i=i):
+            x = inputs[0][0]
+            parts["matmul"][idx] = F.linear(x, _module.weight)
+            parts["bias"][idx] = output[0]
+            if all(p is not None for p in parts["matmul"]):
+                put("qkv_matmul", i, torch.cat(parts["matmul"], dim=-1))
+                if _module.bias is not None:
+                    put("qkv_bias", i, torch.cat(parts["bias"], dim=-1))
+                parts["matmul"], parts["bias"] = [None] * 3, [None] * 3
+
+        for idx, proj in enumerate(projections):
+            handles.append(
+                proj.register_forward_hook(
+                    lambda m, inp, o, idx=idx, qkv_hook=qkv_hook: qkv_hook(idx, m, inp, o)
+                )
+            )
+        hook_input(attn.o_proj, "attention", i)
+        hook_output(attn.o_proj, "attn_out", i)
+        hook_input(layer.post_attention_layernorm, "post_attn_residual", i)
+        hook_output(layer.post_attention_layernorm, "ffn_norm", i)
+        hook_output(mlp.gate_proj, "ffn_gate", i)
+        hook_output(mlp.up_proj, "ffn_up", i)
+        hook_output(mlp.act_fn, "ffn_silu", i)
+        hook_input(mlp.down_proj, "ffn_swigl", i)
+        hook_output(mlp.down_proj, "ffn_out", i)
+        hook_output(layer, "post_ffn_residual", i)
+    hook_output(base.norm, "final_norm", None)
+
+    def record(attn_module, query, key, weights, scaling) -> None:
+        layer = attn_module.layer_idx
+        q = query[0]  # [heads, seq, d]
+        k = key[0]  # [kv_heads, seq, d]
+        seq = q.shape[1]
+        put("q_post_rope", layer, q.transpose(0, 1).reshape(seq, -1))
+        put("k_post_rope", layer, k.transpose(0, 1).reshape(seq, -1))
+        k_rep = k.repeat_interleave(n_heads // k.shape[0], dim=0)
+        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+        scores = torch.matmul(q, k_rep.transpose(1, 2)) * scaling
+        put("attn_scores", layer, scores.masked_fill(~causal, 0.0))
+        put("attn_softmax", layer, weights[0].masked_fill(~causal, 0.0))
+
+    ids = torch.tensor([list(token_ids)], dtype=torch.long)
+    try:
+        with _wrapped_eager_attention(model, record), torch.no_grad():
+            result = model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out[("lm_head", None)] = _np(result.logits[0, -1])
+    per_layer = 16 + (1 if has_bias else 0)
+    missing = len(base.layers) * per_layer + 3 - len(out)
+    if missing:
+        raise AssertionError(f"hf_stage_activations captured {len(out)} arrays, {missing} missing")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Cache of slow references
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _encode_key(key: StageKey) -> str:
+    stage, layer = key
+    return f"{stage}@{'model' if layer is None else layer}"
+
+
+def _decode_key(text: str) -> StageKey:
+    stage, layer = text.split("@")
+    return stage, None if layer == "model" else int(layer)
+
+
+def reference_cache_key(key_parts: Sequence) -> str:
+    import transformers
+
+    payload = json.dumps(
+        [list(key_parts), transformers.__version__, HARNESS_VERSION], sort_keys=True, default=str
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def cached_reference(
+    key_parts: Sequence, compute_fn: Callable[[], dict], cache_dir: Path | None = None
+) -> dict:
+    """``compute_fn()`` (a dict of stage keys or strings to arrays), cached as an npz file.
+
+    The cache key is the sha256 of ``key_parts`` (e.g. the model file's sha256 and the token ids),
+    the transformers version and ``HARNESS_VERSION``. Only the reference's output is cached.
+    """
+    directory = Path(cache_dir or REF_CACHE_DIR)
+    path = directory / f"{reference_cache_key(key_parts)}.npz"
+    if path.exists():
+        with np.load(path) as data:
+            return {_decode_key(k) if "@" in k else k: data[k] for k in data.files}
+    result = compute_fn()
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {_encode_key(k) if isinstance(k, tuple) else k: np.asarray(v) for k, v in result.items()}
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.partial")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return result
+
+
+def gguf_reference(gguf_path: str | os.PathLike, prompt: str) -> dict:
+    """transformers' stages and token ids for ``prompt`` on a GGUF file, cached.
+
+    transformers dequantizes the GGUF (un-permuting llama Q/K) into a float32 model; the token
+    ids come from its AutoTokenizer on the same file (no special tokens). The result holds the
+    stage arrays under ``(stage, layer)`` keys plus ``"token_ids"``.
+    """
+    gguf_path = Path(gguf_path)
+
+    def compute() -> dict:
+        import time
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        start = time.perf_counter()
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent),
+            gguf_file=gguf_path.name,
+            dtype=torch.float32,
+            attn_implementation="eager",
+        ).eval()
+        load_seconds = time.perf_counter() - start
+        result: dict = hf_stage_activations(model, ids)
+        result["token_ids"] = np.asarray(ids, dtype=np.int64)
+        result["load_seconds"] = np.asarray(load_seconds)
+        return result
+
+    return cached_reference(["gguf", file_sha256(gguf_path), prompt], compute)
