@@ -42,3 +42,20 @@ def fetch_smollm2() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     return fetch_smollm2()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """The demo's seeded Qwen2 model (4 layers, hidden 128, real BPE tokenizer) as F32 GGUF."""
+    from aprtrace.demo import write_demo_models
+
+    f32, _ = write_demo_models(tmp_path_factory.mktemp("tiny"), "Q8_0")
+    return f32
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(F32, Q8_0) GGUF files of the demo model."""
+    from aprtrace.demo import write_demo_models
+
+    return write_demo_models(tmp_path_factory.mktemp("tinypair"), "Q8_0")

@@ -46,16 +46,24 @@ _CORPUS = [
 
 def tiny_tokenizer(vocab_size: int = 384):
     """A deterministic byte-level BPE ``tokenizers.Tokenizer`` trained on a fixed corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from aprtrace.formats.gguf_writer import QWEN2_PATTERN
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Qwen2's pre-tokenizer: its split regex, then the byte-level mapping without GPT-2's regex.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=1,
         show_progress=False,
-        special_tokens=["<|endoftext|>", "<|im_start|>"],
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
@@ -159,7 +167,9 @@ def _wrapped_eager_attention(model, record: Callable) -> Iterator[None]:
     original = module.eager_attention_forward
 
     def wrapper(attn_module, query, key, value, attention_mask, scaling, *args, **kwargs):
-        out, weights = original(attn_module, query, key, value, attention_mask, scaling, *args, **kwargs)
+        out, weights = original(
+            attn_module, query, key, value, attention_mask, scaling, *args, **kwargs
+        )
         record(attn_module, query, key, weights, scaling)
         return out, weights
 
@@ -311,7 +321,9 @@ def cached_reference(
             return {_decode_key(k) if "@" in k else k: data[k] for k in data.files}
     result = compute_fn()
     directory.mkdir(parents=True, exist_ok=True)
-    arrays = {_encode_key(k) if isinstance(k, tuple) else k: np.asarray(v) for k, v in result.items()}
+    arrays = {
+        _encode_key(k) if isinstance(k, tuple) else k: np.asarray(v) for k, v in result.items()
+    }
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.partial")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -355,3 +367,88 @@ def gguf_reference(gguf_path: str | os.PathLike, prompt: str) -> dict:
         return result
 
     return cached_reference(["gguf", file_sha256(gguf_path), prompt], compute)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights of a GGUF file, read with gguf-py (not aprtrace), copied into a transformers model
+
+_HF_OF_GGUF_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_HF_OF_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _hf_name_of(gguf_name: str) -> str:
+    if gguf_name in _HF_OF_GGUF_GLOBAL:
+        return _HF_OF_GGUF_GLOBAL[gguf_name]
+    blk, layer, part, kind = gguf_name.split(".")
+    assert blk == "blk", gguf_name
+    return f"model.layers.{layer}.{_HF_OF_GGUF_LAYER[part]}.{kind}"
+
+
+def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's converter permutation (written here independently of aprtrace)."""
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_weights_hf(gguf_path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray]]:
+    """``(architecture, {hf_name: float32 array})`` decoded by gguf-py's reader and quants.
+
+    Llama Q/K rows are un-permuted back to Hugging Face's split-half layout.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    field = reader.fields["general.architecture"]
+    arch = bytes(field.parts[field.data[0]]).decode()
+
+    def scalar(key: str) -> int:
+        f = reader.fields[f"{arch}.{key}"]
+        return int(f.parts[f.data[0]][0])
+
+    n_heads, n_kv = scalar("attention.head_count"), scalar("attention.head_count_kv")
+    out: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF ne order -> NumPy order
+        values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        values = np.asarray(values, dtype=np.float32).reshape(shape)
+        name = _hf_name_of(t.name)
+        if arch == "llama" and ".q_proj." in name:
+            values = _unpermute_rows(values, n_heads)
+        elif arch == "llama" and ".k_proj." in name:
+            values = _unpermute_rows(values, n_kv)
+        out[name] = values
+    return arch, out
+
+
+def load_weights_into(model, weights: dict[str, np.ndarray]) -> None:
+    """Copy ``weights`` into ``model`` in place; every parameter must be covered (tied ones
+    through the embedding)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            source = weights.get(name)
+            if source is None and name == "lm_head.weight" and model.config.tie_word_embeddings:
+                continue
+            if source is None:
+                raise KeyError(f"GGUF has no tensor for parameter {name}")
+            if tuple(source.shape) != tuple(param.shape):
+                raise ValueError(f"{name}: GGUF shape {source.shape} != model {tuple(param.shape)}")
+            param.copy_(torch.from_numpy(source))

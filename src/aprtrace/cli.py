@@ -2,7 +2,7 @@
 
 Exit codes (as ``apr``): 0 ok, 1 diff found a divergence, 2 usage error, 3 file not found,
 4 invalid format, 5 validation failed, 6 model load failed, 7 I/O error, 8 inference failed,
-130 interrupted.
+70 internal error (a bug in aprtrace), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import click
 import numpy as np
 
 from aprtrace import __version__
-from aprtrace.errors import EXIT_INTERRUPTED, AprtraceError
+from aprtrace.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, AprtraceError
 from aprtrace.stages import Stage
 
 DEFAULT_PROMPT = "What is 2+2?"
@@ -44,6 +44,15 @@ class AprtraceGroup(click.Group):
                 raise
             click.echo("error: out of memory", err=True)
             ctx.exit(8)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # a bug in aprtrace, not in the input
+            if debug:
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {exc}\n"
+                       "  hint: this is a bug in aprtrace; rerun with --debug for the traceback "
+                       "and report it", err=True)
+            ctx.exit(EXIT_INTERNAL)
 
 
 @click.group(cls=AprtraceGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -55,3 +55,4 @@ class InferenceError(AprtraceError):
 
 EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 70  # EX_SOFTWARE: an unexpected exception, i.e. a bug in aprtrace

@@ -147,14 +147,16 @@ def parse_stage_list(spec: str) -> tuple[Stage, ...]:
         raise ValidationError(
             "--save-tensor needs at least one stage name", hint=f"valid names: {valid_names_text()}"
         )
+    tokens = spec.split(",")
+    # The list's shape is checked before its names, so `a,,b` reports the empty name.
+    if any(not token.strip() for token in tokens):
+        raise ValidationError(
+            f"empty stage name in --save-tensor '{spec}'",
+            hint=f"separate names with single commas; valid names: {valid_names_text()}",
+        )
     chosen: set[Stage] = set()
     every = False
-    for token in spec.split(","):
-        if not token.strip():
-            raise ValidationError(
-                f"empty stage name in --save-tensor '{spec}'",
-                hint=f"separate names with single commas; valid names: {valid_names_text()}",
-            )
+    for token in tokens:
         # `all` inside a list still selects everything, but the other names must be valid.
         if token.strip().lower() == "all":
             every = True

@@ -19,9 +19,9 @@ from aprtrace.plan import SavePlan
 from aprtrace.stages import Stage
 
 MANIFEST_NAME = "manifest.json"
-# |x| above this in an activation is flagged: real fp32 LLM activations stay far below it,
-# while fp16 overflow (65504) and exploding residuals exceed it.
-LARGE_VALUE = 1e4
+# |x| above the float16 maximum is flagged: such values overflow any fp16 kernel, and real
+# models stay below it (their "massive activations" in the residual reach about 1e4).
+LARGE_VALUE = 65504.0
 
 
 @dataclass

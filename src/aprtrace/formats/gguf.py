@@ -534,7 +534,14 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
         bos_token_id=_optional_id(meta.get(Keys.Tokenizer.BOS_ID)),
         eos_token_id=_optional_id(meta.get(Keys.Tokenizer.EOS_ID)),
     )
-    return config.validate(where)
+    config.validate(where)
+    if config.num_layers * 9 > len(gf.tensors):  # also bounds the per-layer checks below
+        raise ModelLoadError(
+            f"{where}: {p}block_count = {config.num_layers} but the file holds only "
+            f"{len(gf.tensors)} tensors (each layer needs at least 9)",
+            hint="the file is incomplete or its metadata is wrong",
+        )
+    return config
 
 
 def _optional_id(value: Any) -> int | None:

@@ -1,0 +1,158 @@
+"""``aprtrace demo``: a seeded Qwen2-style model as F32 and quantized GGUF, traced and diffed.
+
+Everything is built locally and deterministically (no download): a byte-level BPE tokenizer
+trained on a fixed text, random weights from a fixed seed, written with ``gguf_writer``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+import numpy as np
+
+from aprtrace.config import ModelConfig
+
+DEMO_SEED = 20261127
+_CORPUS = (
+    "What is 2+2? Two plus two is four. What is 3+5? Three plus five is eight. "
+    "The quick brown fox jumps over the lazy dog. Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100. "
+    "A transformer computes attention, then a feed-forward network, layer after layer. "
+    "Quantization trades precision for memory; tracing finds where the numbers diverge. "
+    "Hello, world! How are you today? I am fine, thank you. "
+)
+
+
+def demo_cache_dir() -> Path:
+    base = os.environ.get("APRTRACE_CACHE") or Path.home() / ".cache" / "aprtrace"
+    return Path(base) / "demo"
+
+
+def build_demo_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2 style pre-tokenizer) trained on a fixed text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        min_frequency=2,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return tok
+
+
+def demo_config(vocab_size: int) -> ModelConfig:
+    return ModelConfig(
+        architecture="qwen2",
+        hidden_size=128,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=2,
+        intermediate_size=352,
+        vocab_size=vocab_size,
+        head_dim=16,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        qkv_bias=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+def demo_weights(cfg: ModelConfig, seed: int = DEMO_SEED) -> dict[str, np.ndarray]:
+    """Seeded weights scaled like a trained model (unit-variance activations)."""
+    rng = np.random.default_rng(seed)
+    h, q, kv, inter = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
+
+    def mat(out_dim: int, in_dim: int) -> np.ndarray:
+        return (rng.standard_normal((out_dim, in_dim)) / np.sqrt(in_dim)).astype(np.float32)
+
+    def vec(n: int, center: float, spread: float) -> np.ndarray:
+        return (center + spread * rng.standard_normal(n)).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": rng.standard_normal((cfg.vocab_size, h)).astype(np.float32)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        tensors[p + "input_layernorm.weight"] = vec(h, 1.0, 0.1)
+        tensors[p + "self_attn.q_proj.weight"] = mat(q, h)
+        tensors[p + "self_attn.k_proj.weight"] = mat(kv, h)
+        tensors[p + "self_attn.v_proj.weight"] = mat(kv, h)
+        tensors[p + "self_attn.q_proj.bias"] = vec(q, 0.0, 0.1)
+        tensors[p + "self_attn.k_proj.bias"] = vec(kv, 0.0, 0.1)
+        tensors[p + "self_attn.v_proj.bias"] = vec(kv, 0.0, 0.1)
+        tensors[p + "self_attn.o_proj.weight"] = mat(h, q)
+        tensors[p + "post_attention_layernorm.weight"] = vec(h, 1.0, 0.1)
+        tensors[p + "mlp.gate_proj.weight"] = mat(inter, h)
+        tensors[p + "mlp.up_proj.weight"] = mat(inter, h)
+        tensors[p + "mlp.down_proj.weight"] = mat(h, inter)
+    tensors["model.norm.weight"] = vec(h, 1.0, 0.1)
+    return tensors
+
+
+def write_demo_models(out_dir: Path, quant: str = "Q8_0") -> tuple[Path, Path]:
+    """Write ``demo-f32.gguf`` and ``demo-<quant>.gguf`` (idempotent, deterministic)."""
+    from aprtrace.formats.gguf_writer import tokenizer_dict_from_hf, write_gguf
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_demo_tokenizer()
+    cfg = demo_config(tok.get_vocab_size())
+    tensors = demo_weights(cfg)
+    tok_meta = tokenizer_dict_from_hf(tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    f32 = out_dir / "demo-f32.gguf"
+    quantized = out_dir / f"demo-{quant.lower()}.gguf"
+    write_gguf(f32, cfg, tensors, tok_meta, qtype="F32")
+    write_gguf(quantized, cfg, tensors, tok_meta, qtype=quant)
+    return f32, quantized
+
+
+@click.command()
+@click.option("--dir", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Where to put the demo models and dumps [default: ~/.cache/aprtrace/demo].")
+@click.option("--quant", type=click.Choice(["Q8_0", "Q4_0"], case_sensitive=False),
+              default="Q8_0", show_default=True, help="Quantization of the second model.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the diff as a self-contained HTML report.")
+@click.pass_context
+def demo_command(ctx: click.Context, out_dir, quant, html_path):
+    """Build a tiny seeded Qwen2 model as F32 and quantized GGUF, trace both, diff them.
+
+    Shows the whole workflow offline in a few seconds: where does quantization first push
+    the activations past tolerance?
+
+    \b
+    Examples:
+      aprtrace demo
+      aprtrace demo --quant Q4_0 --html demo.html
+    """
+    from aprtrace.formats import load_model
+    from aprtrace.plan import make_plan
+    from aprtrace.trace import encode_prompt, run_trace
+
+    out_dir = Path(out_dir) if out_dir else demo_cache_dir()
+    quant = quant.upper()
+    f32_path, q_path = write_demo_models(out_dir, quant)
+    dumps = []
+    for path in (f32_path, q_path):
+        model = load_model(path)
+        plan = make_plan("all", "all", None, path)
+        ids = encode_prompt(model, "What is 2+2?", add_bos=False)
+        result = run_trace(model, ids, plan, prompt="What is 2+2?", collect_stats=False, clean=True)
+        click.echo(f"traced {path.name}: {len(result.log.files)} stage files -> {plan.out_dir} "
+                   f"({result.seconds:.2f} s, tokens {ids})")
+        dumps.append(plan.out_dir)
+    click.echo(f"\n$ aprtrace diff --values {dumps[0]} {dumps[1]}\n")
+    from aprtrace.cli_diff import diff_command
+
+    args = ["--values", str(dumps[0]), str(dumps[1])]
+    if html_path:
+        args += ["--html", str(html_path)]
+    # The demo succeeds when it runs; the divergence verdict is the point of the output.
+    ctx.invoke(diff_command, **diff_command.make_context("diff", args).params)

@@ -1,0 +1,804 @@
+"""Compare APRT stage tensors: one file pair (``apr diff --values``) or two whole dumps.
+
+Data flow: two dumps --> pair files by relative path --> per-pair metrics (streamed in chunks
+through memory maps) --> verdict per pair --> first divergence and error attribution.
+
+Conventions (documented for users in ``aprtrace diff --help`` and docs/diff-json.md):
+
+- ``d = |a - b|`` in f32. **A is the reference**, B the candidate: relative error, SQNR and the
+  ``rtol`` bound are measured against A.
+- File-pair statistics follow apr exactly (NaN propagates into RMS and cosine). Directory mode
+  computes every statistic over the positions where both values are finite and reports
+  NaN/Inf separately (counts per side and positions where the classes differ), so one shared
+  NaN does not hide the rest of the tensor.
+- Verdict: ``pass = no NaN/Inf mismatch and (max|d| <= atol or (cosine >= cos_min and
+  max|d| <= atol + rtol * max|a|))``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import mmap as _mmap
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from aprtrace.aprt import AprtFile, read_aprt
+from aprtrace.errors import NotFoundError, ValidationError
+from aprtrace.manifest import Manifest, read_manifest
+from aprtrace.stages import WHOLE_MODEL_LAYER, Stage, stage_from_file_stem
+
+CHUNK = 1 << 22  # 4 Mi elements (16 MiB per side) per streamed chunk
+_LO_BITS = 16
+_LO_SIZE = 1 << _LO_BITS
+_PAGE = _mmap.PAGESIZE
+
+# ---------------------------------------------------------------------------------------------
+# Tolerances
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass/fail thresholds of one pair (see the module docstring for the rule)."""
+
+    atol: float = 1e-5
+    rtol: float = 0.1
+    cos_min: float = 0.999
+
+    def as_dict(self) -> dict[str, float]:
+        return {"atol": self.atol, "rtol": self.rtol, "cos_min": self.cos_min}
+
+
+DEFAULT_TOLERANCE = Tolerance()
+_TOL_KEYS = {"atol": "atol", "rtol": "rtol", "cos-min": "cos_min", "cos_min": "cos_min"}
+
+
+@dataclass(frozen=True)
+class TolOverride:
+    """A ``--tol PATTERN:key=value,...`` rule. PATTERN with a ``/`` matches ``layer-N/stage``."""
+
+    pattern: str
+    values: dict[str, float]
+
+    def matches(self, stage: str, rel_stem: str) -> bool:
+        target = rel_stem if "/" in self.pattern else stage
+        return fnmatch.fnmatchcase(target, self.pattern)
+
+
+def parse_tol_override(spec: str) -> TolOverride:
+    """Parse ``PATTERN:key=value[,key=value]`` (keys atol, rtol, cos-min)."""
+    hint = "expected PATTERN:key=value[,key=value], e.g. 'ffn_*:cos-min=0.99' or 'layer-3/*:atol=1e-3'"
+    pattern, sep, rest = spec.partition(":")
+    pattern = pattern.strip()
+    if not sep or not pattern or not rest.strip():
+        raise ValidationError(f"invalid --tol '{spec}'", hint=hint)
+    values: dict[str, float] = {}
+    for item in rest.split(","):
+        key, eq, raw = item.partition("=")
+        key = key.strip().lower()
+        if not eq or key not in _TOL_KEYS:
+            raise ValidationError(
+                f"invalid --tol '{spec}': unknown or malformed setting '{item.strip()}'",
+                hint=f"keys are atol, rtol, cos-min; {hint}",
+            )
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValidationError(f"invalid --tol '{spec}': '{raw.strip()}' is not a number") from None
+        check_tolerance_value(_TOL_KEYS[key], value, f"--tol '{spec}'")
+        values[_TOL_KEYS[key]] = value
+    return TolOverride(pattern, values)
+
+
+def check_tolerance_value(key: str, value: float, where: str) -> None:
+    if math.isnan(value) or value < 0:
+        raise ValidationError(f"{where}: {key} = {value} must be a non-negative number")
+    if key == "cos_min" and value > 1:
+        raise ValidationError(f"{where}: cos-min = {value} must be at most 1")
+
+
+def tolerance_for(
+    base: Tolerance, overrides: list[TolOverride], stage: str, rel_stem: str
+) -> Tolerance:
+    """``base`` with every matching override applied in order (later rules win)."""
+    tol = base
+    for rule in overrides:
+        if rule.matches(stage, rel_stem):
+            tol = replace(tol, **rule.values)
+    return tol
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def ulp_keys(x: np.ndarray) -> np.ndarray:
+    """Map f32 values to int64 so that adjacent floats differ by 1 and -0.0 == +0.0 == 0."""
+    bits = np.ascontiguousarray(x, dtype="<f4").view(np.int32).astype(np.int64)
+    return np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+
+
+def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Number of representable f32 steps between ``a`` and ``b`` (int64, elementwise)."""
+    return np.abs(ulp_keys(a) - ulp_keys(b))
+
+
+@dataclass
+class TopDiff:
+    index: int
+    a: float
+    b: float
+    abs_diff: float
+
+
+@dataclass
+class PairStats:
+    """Statistics of one pair. In directory mode over the positions where both are finite."""
+
+    count: int
+    max_abs_diff: float
+    max_abs_diff_index: int
+    rms_diff: float
+    cosine_sim: float
+    top_diffs: list[TopDiff]
+    max_abs_a: float = 0.0
+    rel_l2: float | None = None
+    sqnr_db: float | None = None
+    ulp_max: int | None = None
+    ulp_median: float | None = None
+    nan_a: int = 0
+    nan_b: int = 0
+    inf_a: int = 0
+    inf_b: int = 0
+    nonfinite_mismatch: int = 0
+
+
+def _classes(x: np.ndarray) -> np.ndarray:
+    """0 finite, 1 NaN, 2 +Inf, 3 -Inf."""
+    out = np.zeros(x.shape, dtype=np.int8)
+    out[np.isnan(x)] = 1
+    out[x == np.inf] = 2
+    out[x == -np.inf] = 3
+    return out
+
+
+class _Accumulator:
+    """Accumulates the statistics of one pair chunk by chunk (bounded memory)."""
+
+    def __init__(self, limit: int, extended: bool):
+        self.limit = limit
+        self.extended = extended
+        self.n = 0
+        self.max_d = 0.0
+        self.max_i = 0
+        self.sum_d2 = 0.0
+        self.dot = 0.0
+        self.norm_a = 0.0
+        self.norm_b = 0.0
+        self.max_abs_a = 0.0
+        self.top: list[tuple[float, int, float, float, float]] = []  # (key, index, a, b, d)
+        self.nan_a = self.nan_b = self.inf_a = self.inf_b = self.mismatch = 0
+        self.ulp_max = 0
+        self.ulp_hi = np.zeros(1 << (32 - _LO_BITS), dtype=np.int64)
+        self.ulp_lo0 = np.zeros(_LO_SIZE, dtype=np.int64)
+
+    def _finite_view(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        fa, fb = np.isfinite(a), np.isfinite(b)
+        if fa.all() and fb.all():
+            return a, b
+        ca, cb = _classes(a), _classes(b)
+        self.nan_a += int(np.count_nonzero(ca == 1))
+        self.nan_b += int(np.count_nonzero(cb == 1))
+        self.inf_a += int(np.count_nonzero(ca >= 2))
+        self.inf_b += int(np.count_nonzero(cb >= 2))
+        self.mismatch += int(np.count_nonzero(ca != cb))
+        both = fa & fb
+        # Zeroing both sides keeps indices and adds nothing to any sum.
+        return np.where(both, a, np.float32(0)), np.where(both, b, np.float32(0))
+
+    def update(self, a: np.ndarray, b: np.ndarray, base: int) -> None:
+        a = np.asarray(a, dtype=np.float32)
+        b = np.asarray(b, dtype=np.float32)
+        if self.extended:
+            a, b = self._finite_view(a, b)
+        self.n += a.size
+        if a.size == 0:
+            return
+        d = np.abs(a - b)
+        key = d
+        if np.isnan(d.max()):
+            key = np.where(np.isnan(d), np.float32(-1), d)  # NaN never wins
+        i = int(np.argmax(key))
+        if key[i] > self.max_d:  # strict: the first index wins ties across chunks
+            self.max_d, self.max_i = float(key[i]), base + i
+        a64, b64, d64 = a.astype(np.float64), b.astype(np.float64), d.astype(np.float64)
+        self.sum_d2 += float(d64 @ d64)
+        self.dot += float(a64 @ b64)
+        self.norm_a += float(a64 @ a64)
+        self.norm_b += float(b64 @ b64)
+        if self.extended:
+            self.max_abs_a = max(self.max_abs_a, float(np.abs(a).max()))
+            dist = ulp_distance(a, b)
+            self.ulp_max = max(self.ulp_max, int(dist.max()))
+            self.ulp_hi += np.bincount(dist >> _LO_BITS, minlength=self.ulp_hi.size)
+            small = dist[dist < _LO_SIZE]
+            self.ulp_lo0 += np.bincount(small, minlength=_LO_SIZE)
+        if self.limit > 0:
+            self._update_top(key, a, b, d, base)
+
+    def _update_top(self, key, a, b, d, base) -> None:
+        k = self.limit
+        if len(self.top) >= k:
+            # Later indices lose ties, so only strictly larger values can enter.
+            idx = np.flatnonzero(key > self.top[-1][0])
+        elif key.size > k:
+            kth = np.partition(key, key.size - k)[key.size - k]
+            above = np.flatnonzero(key > kth)
+            ties = np.flatnonzero(key == kth)[: k - above.size]
+            idx = np.concatenate([above, ties])
+        else:
+            idx = np.arange(key.size)
+        if idx.size > 4 * k:  # keep the merge small: exact top-k of the candidates
+            kth = np.partition(key[idx], idx.size - k)[idx.size - k]
+            above = idx[key[idx] > kth]
+            ties = idx[key[idx] == kth][: k - above.size]
+            idx = np.concatenate([above, ties])
+        for j in idx.tolist():
+            self.top.append((float(key[j]), base + j, float(a[j]), float(b[j]), float(d[j])))
+        self.top.sort(key=lambda t: (-t[0], t[1]))
+        del self.top[k:]
+
+    def ulp_median_plan(self) -> tuple[list[int], dict[int, int]]:
+        """Ranks of the median and, per rank, the resolved value or the bucket to refine."""
+        n = self.n
+        ranks = sorted({(n - 1) // 2, n // 2})
+        cum = np.cumsum(self.ulp_hi)
+        need: dict[int, int] = {}
+        for r in ranks:
+            need[r] = int(np.searchsorted(cum, r, side="right"))
+        return ranks, need
+
+    def finish(
+        self, refine: Callable[[set[int]], dict[int, np.ndarray]] | None = None
+    ) -> PairStats:
+        n = self.n
+        rms = math.sqrt(self.sum_d2 / n) if n else 0.0
+        if self.norm_a == 0.0 or self.norm_b == 0.0:
+            cosine = 0.0
+        else:
+            cosine = self.dot / (math.sqrt(self.norm_a) * math.sqrt(self.norm_b))
+        top = [TopDiff(i, av, bv, dv) for _, i, av, bv, dv in self.top]
+        stats = PairStats(n, self.max_d, self.max_i, rms, cosine, top)
+        if not self.extended:
+            return stats
+        stats.max_abs_a = self.max_abs_a
+        stats.nan_a, stats.nan_b, stats.inf_a, stats.inf_b = (
+            self.nan_a,
+            self.nan_b,
+            self.inf_a,
+            self.inf_b,
+        )
+        stats.nonfinite_mismatch = self.mismatch
+        if self.norm_a > 0:
+            stats.rel_l2 = math.sqrt(self.sum_d2) / math.sqrt(self.norm_a)
+        else:
+            stats.rel_l2 = 0.0 if self.sum_d2 == 0 else math.inf
+        if self.sum_d2 > 0:
+            stats.sqnr_db = (
+                10.0 * math.log10(self.norm_a / self.sum_d2) if self.norm_a > 0 else -math.inf
+            )
+        else:
+            stats.sqnr_db = math.inf
+        if n:
+            stats.ulp_max = self.ulp_max
+            stats.ulp_median = self._median(refine)
+        return stats
+
+    def _median(self, refine: Callable[[set[int]], dict[int, np.ndarray]] | None) -> float:
+        ranks, bucket_of = self.ulp_median_plan()
+        cum = np.cumsum(self.ulp_hi)
+        before = {r: (int(cum[bucket_of[r] - 1]) if bucket_of[r] else 0) for r in ranks}
+        wanted = {bucket_of[r] for r in ranks if bucket_of[r] != 0}
+        fine = {0: self.ulp_lo0}
+        if wanted:
+            if refine is None:
+                raise RuntimeError("ULP median needs a second pass but no data source was given")
+            fine.update(refine(wanted))
+        values = []
+        for r in ranks:
+            bucket = bucket_of[r]
+            lo_cum = np.cumsum(fine[bucket])
+            low = int(np.searchsorted(lo_cum, r - before[r], side="right"))
+            values.append((bucket << _LO_BITS) + low)
+        return float(sum(values)) / len(values)
+
+
+def _release(values: np.ndarray, lo: int, hi: int) -> None:
+    """Drop the mapped pages of elements [lo, hi) from this process (they stay page-cached).
+
+    Without this, touched pages of a read-only file mapping stay counted in RSS, so
+    memory would look like it grows with the file size.
+    """
+    mm = getattr(values, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(_mmap, "MADV_DONTNEED"):
+        return
+    map_start = values.offset - values.offset % _mmap.ALLOCATIONGRANULARITY
+    start = values.offset - map_start + 4 * lo
+    end = values.offset - map_start + 4 * hi
+    start -= start % _PAGE
+    end -= end % _PAGE
+    if end > start:
+        try:
+            mm.madvise(_mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass
+
+
+def _chunks(a: np.ndarray, b: np.ndarray, chunk: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    n = a.size
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        yield lo, a[lo:hi], b[lo:hi]
+        _release(a, lo, hi)
+        _release(b, lo, hi)
+
+
+def compare_arrays(
+    a: np.ndarray, b: np.ndarray, limit: int = 10, extended: bool = True, chunk: int = CHUNK
+) -> PairStats:
+    """Statistics of two equally long f32 vectors, streamed ``chunk`` elements at a time.
+
+    ``extended=False`` gives apr's statistics exactly (NaN propagates); ``extended=True`` adds
+    the directory-mode statistics, computed over positions where both values are finite.
+    """
+    a = a.reshape(-1)
+    b = b.reshape(-1)
+    if a.size != b.size:
+        raise ValueError("compare_arrays needs equally long inputs")
+    acc = _Accumulator(limit, extended)
+    for lo, ca, cb in _chunks(a, b, chunk):
+        acc.update(ca, cb, lo)
+
+    def refine(buckets: set[int]) -> dict[int, np.ndarray]:
+        hist = {k: np.zeros(_LO_SIZE, dtype=np.int64) for k in buckets}
+        for _, ca, cb in _chunks(a, b, chunk):
+            ca, cb = np.asarray(ca, np.float32), np.asarray(cb, np.float32)
+            both = np.isfinite(ca) & np.isfinite(cb)
+            if not both.all():
+                ca, cb = np.where(both, ca, np.float32(0)), np.where(both, cb, np.float32(0))
+            dist = ulp_distance(ca, cb)
+            hi = dist >> _LO_BITS
+            for k in buckets:
+                sel = dist[hi == k] & (_LO_SIZE - 1)
+                hist[k] += np.bincount(sel, minlength=_LO_SIZE)
+        return hist
+
+    return acc.finish(refine)
+
+
+# ---------------------------------------------------------------------------------------------
+# File pair mode (apr diff --values)
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_label(layer: int) -> int | str:
+    return "whole-model" if layer == WHOLE_MODEL_LAYER else layer
+
+
+def check_comparable(fa: AprtFile, fb: AprtFile) -> None:
+    """apr's checks: element counts and header layers must match (else exit 5)."""
+    if fa.values.size != fb.values.size:
+        raise ValidationError(
+            f"dim_product mismatch: {fa.path} has {fa.values.size} values, "
+            f"{fb.path} has {fb.values.size}",
+            hint="compare files of the same stage traced on the same prompt and model shape",
+        )
+    if fa.layer != fb.layer:
+        raise ValidationError(
+            f"layer mismatch: {fa.path} is layer {fa.layer_label}, "
+            f"{fb.path} is layer {fb.layer_label}",
+            hint="compare the same stage at the same layer",
+        )
+
+
+@dataclass
+class FilePairResult:
+    path_a: Path
+    path_b: Path
+    layer: int
+    stats: PairStats
+
+
+def diff_files(path_a: Path, path_b: Path, limit: int = 10) -> FilePairResult:
+    """``apr diff --values A B``: apr's checks and statistics for one pair of APRT files."""
+    fa, fb = read_aprt(Path(path_a)), read_aprt(Path(path_b))
+    check_comparable(fa, fb)
+    stats = compare_arrays(fa.values, fb.values, limit=limit, extended=False)
+    return FilePairResult(Path(path_a), Path(path_b), fa.layer, stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Directory mode
+# ---------------------------------------------------------------------------------------------
+
+_LAYER_DIR = re.compile(r"^layer-(\d+)$")
+_STAGE_COUNT = len(Stage)
+
+
+@dataclass(frozen=True)
+class PairKey:
+    """Identity of a stage file inside a dump, from its relative path."""
+
+    rel: str  # posix relative path, e.g. "layer-0/attn_norm.bin"
+    stage: str  # stage name (or the file stem when unknown)
+    layer: int | None  # None for whole-model (top-level) files
+
+    @property
+    def rel_stem(self) -> str:
+        return self.rel[: -len(".bin")] if self.rel.endswith(".bin") else self.rel
+
+    def sort_key(self) -> tuple:
+        known = stage_from_file_stem(self.stage)
+        order = known.order if known is not None else _STAGE_COUNT
+        if self.layer is None:
+            return (1, 0, order, self.rel)
+        return (0, self.layer, order, self.rel)
+
+    @property
+    def label(self) -> str:
+        return self.stage if self.layer is None else f"layer {self.layer} {self.stage}"
+
+
+def key_for(rel: str) -> PairKey:
+    parts = rel.split("/")
+    stem = parts[-1][: -len(".bin")]
+    known = stage_from_file_stem(stem)
+    stage = known.value if known is not None else stem
+    layer = None
+    if len(parts) == 2:
+        m = _LAYER_DIR.match(parts[0])
+        if m:
+            layer = int(m.group(1))
+    return PairKey(rel, stage, layer)
+
+
+def list_stage_files(dump: Path) -> dict[str, PairKey]:
+    """Every ``*.bin`` under ``dump`` (hidden temp files skipped), by relative posix path."""
+    out = {}
+    for path in sorted(dump.rglob("*.bin")):
+        rel = path.relative_to(dump).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")) or not path.is_file():
+            continue
+        out[rel] = key_for(rel)
+    return out
+
+
+@dataclass
+class LmHeadStats:
+    top1_a: int
+    top1_b: int
+    top1_agree: bool
+    top5_overlap: int
+    kl_divergence: float | None
+
+
+@dataclass
+class PairResult:
+    """One compared pair of a directory diff."""
+
+    key: PairKey
+    tolerance: Tolerance
+    layer_header: int | None = None
+    shape: tuple[int, ...] | None = None
+    stats: PairStats | None = None
+    lm_head: LmHeadStats | None = None
+    passed: bool | None = None  # None when incomparable
+    reason: str = ""
+    error: str | None = None  # incomparable: why
+    attribution: float | None = None
+    predecessor: str | None = None
+
+    @property
+    def max_position(self) -> str | None:
+        if self.stats is None or self.shape is None:
+            return None
+        return decode_position(self.key.stage, self.shape, self.stats.max_abs_diff_index)
+
+
+@dataclass
+class DumpInfo:
+    path: Path
+    manifest: Manifest | None
+    files: dict[str, PairKey]
+
+
+@dataclass
+class DirDiff:
+    """The whole result of a directory diff, ready for rendering."""
+
+    a: DumpInfo
+    b: DumpInfo
+    base_tolerance: Tolerance
+    pairs: list[PairResult]
+    only_a: list[str]
+    only_b: list[str]
+    warnings: list[str] = field(default_factory=list)
+    first_divergence: PairResult | None = None
+    stopped_early: bool = False
+
+    @property
+    def passed(self) -> int:
+        return sum(1 for p in self.pairs if p.passed)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for p in self.pairs if p.passed is False)
+
+    @property
+    def incomparable(self) -> list[PairResult]:
+        return [p for p in self.pairs if p.error is not None]
+
+    def amplifiers(self, threshold: float = 2.0, top: int = 5) -> list[PairResult]:
+        """Pairs whose relative error is at least ``threshold`` times their input's, worst first.
+
+        Pairs that create error from an identical input (ratio = inf) come first.
+        """
+        hits = [
+            p
+            for p in self.pairs
+            if p.attribution is not None
+            and p.attribution >= threshold
+            and p.stats is not None
+            and (p.stats.rel_l2 or 0) > 0
+        ]
+        hits.sort(key=lambda p: -p.attribution)  # type: ignore[operator]
+        return hits[:top]
+
+
+def decode_position(stage: str, shape: tuple[int, ...], index: int) -> str | None:
+    """Flat index -> named coordinates; None when the shape does not cover the index."""
+    total = int(np.prod(shape)) if shape else 0
+    if not shape or index >= total:
+        return None
+    coords = np.unravel_index(index, shape)
+    c = [int(x) for x in coords]
+    if stage in (Stage.ATTN_SCORES.value, Stage.ATTN_SOFTMAX.value) and len(shape) == 3:
+        return f"head {c[0]}, query {c[1]}, key {c[2]}"
+    if len(shape) == 2:
+        return f"token {c[0]}, channel {c[1]}"
+    if stage == Stage.LM_HEAD.value and len(shape) == 1:
+        return f"vocab id {c[0]}"
+    return "[" + ", ".join(str(x) for x in c) + "]"
+
+
+def infer_shape(key: PairKey, count: int, manifests: list[Manifest]) -> tuple[int, ...] | None:
+    """Shape from either manifest, else from a manifest config (seq from its token ids)."""
+    for m in manifests:
+        shape = m.shape_of(key.rel)
+        if shape is not None and int(np.prod(shape)) == count:
+            return tuple(shape)
+    if key.stage == Stage.LM_HEAD.value:
+        return (count,)
+    for m in manifests:
+        seq = len(m.token_ids)
+        if seq <= 0:
+            continue
+        if key.stage in (Stage.ATTN_SCORES.value, Stage.ATTN_SOFTMAX.value):
+            heads = count // (seq * seq)
+            if heads * seq * seq == count:
+                return (heads, seq, seq)
+        elif count % seq == 0:
+            return (seq, count // seq)
+    return None
+
+
+def verdict(stats: PairStats, tol: Tolerance) -> tuple[bool, str]:
+    """Apply the pass rule; the reason names the failing statistic and its bound."""
+    if stats.nonfinite_mismatch:
+        return False, f"{stats.nonfinite_mismatch} NaN/Inf positions differ"
+    if stats.max_abs_diff <= tol.atol:
+        return True, f"max|d| {stats.max_abs_diff:.3g} <= atol {tol.atol:g}"
+    if not stats.cosine_sim >= tol.cos_min:
+        return False, f"cosine {stats.cosine_sim:.6f} < {tol.cos_min:g}"
+    bound = tol.atol + tol.rtol * stats.max_abs_a
+    if not stats.max_abs_diff <= bound:
+        return False, f"max|d| {stats.max_abs_diff:.3g} > atol + rtol*max|a| = {bound:.3g}"
+    return True, "within tolerance"
+
+
+def _softmax_log(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    shifted = x - x.max()
+    return shifted - math.log(float(np.exp(shifted).sum()))
+
+
+def lm_head_stats(a: np.ndarray, b: np.ndarray) -> LmHeadStats:
+    """Top-1 agreement, top-5 overlap and KL(softmax(a) || softmax(b)) in f64."""
+    a = np.asarray(a, dtype=np.float32).reshape(-1)
+    b = np.asarray(b, dtype=np.float32).reshape(-1)
+    k = min(5, a.size)
+    # Stable sort: among equal logits the lower token id ranks first.
+    top_a = np.argsort(-a.astype(np.float64), kind="stable")[:k]
+    top_b = np.argsort(-b.astype(np.float64), kind="stable")[:k]
+    kl = None
+    if a.size and np.isfinite(a).all() and np.isfinite(b).all():
+        la, lb = _softmax_log(a), _softmax_log(b)
+        kl = float(np.sum(np.exp(la) * (la - lb)))
+        kl = max(kl, 0.0)  # rounding can leave -1e-17 for identical inputs
+    t1a = int(top_a[0]) if k else -1
+    t1b = int(top_b[0]) if k else -1
+    return LmHeadStats(t1a, t1b, t1a == t1b, len(set(top_a.tolist()) & set(top_b.tolist())), kl)
+
+
+def _check_dir(path: Path, side: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"{side}: {path} does not exist")
+    return path
+
+
+def _predecessor(key: PairKey, present: dict[tuple[int | None, str], PairResult], last_layer: int | None):
+    """The pair whose output ``key``'s stage consumes (the fixed map in docs/diff-json.md)."""
+    s, layer = key.stage, key.layer
+
+    def get(lyr, stage):
+        return present.get((lyr, stage))
+
+    def layer_input(lyr):
+        if lyr is None:
+            return None
+        if lyr == 0:
+            return get(0, "embedding")
+        return get(lyr - 1, "post_ffn_residual")
+
+    table = {
+        "attn_norm": lambda: layer_input(layer),
+        "qkv_matmul": lambda: get(layer, "attn_norm"),
+        "qkv_bias": lambda: get(layer, "qkv_matmul"),
+        "q_post_rope": lambda: get(layer, "qkv_bias") or get(layer, "qkv_matmul"),
+        "k_post_rope": lambda: get(layer, "qkv_bias") or get(layer, "qkv_matmul"),
+        "attn_scores": lambda: get(layer, "q_post_rope"),
+        "attn_softmax": lambda: get(layer, "attn_scores"),
+        "attention": lambda: get(layer, "attn_softmax"),
+        "attn_out": lambda: get(layer, "attention"),
+        "post_attn_residual": lambda: layer_input(layer),
+        "ffn_norm": lambda: get(layer, "post_attn_residual"),
+        "ffn_gate": lambda: get(layer, "ffn_norm"),
+        "ffn_up": lambda: get(layer, "ffn_norm"),
+        "ffn_silu": lambda: get(layer, "ffn_gate"),
+        "ffn_swigl": lambda: get(layer, "ffn_silu"),
+        "ffn_out": lambda: get(layer, "ffn_swigl"),
+        "post_ffn_residual": lambda: get(layer, "post_attn_residual"),
+        "final_norm": lambda: get(last_layer, "post_ffn_residual") if last_layer is not None else None,
+        "lm_head": lambda: get(None, "final_norm"),
+    }
+    fn = table.get(s)
+    return fn() if fn else None
+
+
+def attribute(pairs: list[PairResult]) -> None:
+    """Set ``attribution`` = rel_l2(stage) / rel_l2(predecessor) on every pair that has both.
+
+    inf when the stage creates error from an identical input; None when unknown.
+    """
+    present = {(p.key.layer, p.key.stage): p for p in pairs if p.stats is not None}
+    layers = [p.key.layer for p in pairs if p.key.layer is not None and p.key.stage == "post_ffn_residual"]
+    last_layer = max(layers) if layers else None
+    for p in pairs:
+        if p.stats is None or p.stats.rel_l2 is None:
+            continue
+        pred = _predecessor(p.key, present, last_layer)
+        if pred is None or pred.stats is None or pred.stats.rel_l2 is None:
+            continue
+        p.predecessor = pred.key.label
+        own, inherited = p.stats.rel_l2, pred.stats.rel_l2
+        if not (math.isfinite(own) and math.isfinite(inherited)):
+            continue
+        if inherited == 0:
+            p.attribution = math.inf if own > 0 else None
+        else:
+            p.attribution = own / inherited
+
+
+def load_dump(path: Path, side: str) -> DumpInfo:
+    path = _check_dir(path, side)
+    return DumpInfo(path, read_manifest(path), list_stage_files(path))
+
+
+def dump_warnings(a: DumpInfo, b: DumpInfo) -> list[str]:
+    """Loud warnings: missing manifests, incomplete dumps, different token ids."""
+    out = []
+    for side, dump in (("A", a), ("B", b)):
+        if dump.manifest is None:
+            out.append(
+                f"{side} ({dump.path}): no manifest.json: the dump may be incomplete or "
+                "written by apr; shapes are inferred where possible"
+            )
+            continue
+        missing = [f.path for f in dump.manifest.files if f.path not in dump.files]
+        if missing:
+            out.append(
+                f"{side} ({dump.path}): {len(missing)} file(s) listed in manifest.json are "
+                f"missing, e.g. {missing[0]}"
+            )
+    ma, mb = a.manifest, b.manifest
+    if ma is not None and mb is not None and ma.token_ids != mb.token_ids:
+        out.append(
+            "A and B were traced on DIFFERENT token ids "
+            f"(A {list(ma.token_ids)[:16]}, B {list(mb.token_ids)[:16]}): "
+            "activations are not comparable position by position"
+        )
+    return out
+
+
+def compare_pair(
+    key: PairKey,
+    a: DumpInfo,
+    b: DumpInfo,
+    tol: Tolerance,
+    limit: int,
+    chunk: int = CHUNK,
+) -> PairResult:
+    result = PairResult(key, tol)
+    fa = read_aprt(a.path / key.rel)
+    fb = read_aprt(b.path / key.rel)
+    try:
+        check_comparable(fa, fb)
+    except ValidationError as exc:
+        result.error = exc.message
+        result.reason = "incomparable"
+        return result
+    result.layer_header = fa.layer
+    manifests = [m for m in (a.manifest, b.manifest) if m is not None]
+    result.shape = infer_shape(key, fa.values.size, manifests)
+    result.stats = compare_arrays(fa.values, fb.values, limit=limit, extended=True, chunk=chunk)
+    if key.stage == Stage.LM_HEAD.value:
+        result.lm_head = lm_head_stats(fa.values, fb.values)
+    result.passed, result.reason = verdict(result.stats, tol)
+    return result
+
+
+def diff_dirs(
+    path_a: Path,
+    path_b: Path,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
+    overrides: list[TolOverride] | None = None,
+    limit: int = 10,
+    fail_fast: bool = False,
+    chunk: int = CHUNK,
+    on_pair: Callable[[PairResult], None] | None = None,
+) -> DirDiff:
+    """Compare two dump directories pair by pair in forward order."""
+    a, b = load_dump(path_a, "A"), load_dump(path_b, "B")
+    overrides = overrides or []
+    common = sorted(
+        (a.files[rel] for rel in a.files.keys() & b.files.keys()), key=PairKey.sort_key
+    )
+    only_a = sorted(a.files.keys() - b.files.keys(), key=lambda r: a.files[r].sort_key())
+    only_b = sorted(b.files.keys() - a.files.keys(), key=lambda r: b.files[r].sort_key())
+    result = DirDiff(a, b, tolerance, [], only_a, only_b, dump_warnings(a, b))
+    if not common:
+        raise ValidationError(
+            f"no stage files in common between {a.path} ({len(a.files)} files) and "
+            f"{b.path} ({len(b.files)} files)",
+            hint="pass two dump directories written by aprtrace trace or apr trace --save-tensor",
+        )
+    for key in common:
+        tol = tolerance_for(tolerance, overrides, key.stage, key.rel_stem)
+        pair = compare_pair(key, a, b, tol, limit, chunk)
+        result.pairs.append(pair)
+        if on_pair is not None:
+            on_pair(pair)
+        if pair.passed is False and result.first_divergence is None:
+            result.first_divergence = pair
+            if fail_fast:
+                result.stopped_early = key is not common[-1]
+                break
+    attribute(result.pairs)
+    return result

@@ -1,0 +1,334 @@
+"""Write a Llama / Qwen2 / Qwen3 model as a GGUF file, the way llama.cpp's converter does.
+
+Used by the test fixtures and by ``aprtrace demo``. Input tensors use Hugging Face names and
+layout (float32 ``[out, in]``); they are renamed to GGUF names, llama Q/K rows are permuted for
+llama.cpp's adjacent-pair RoPE, 2-D weights are encoded with ``gguf.quants.quantize`` and 1-D
+norms and biases stay F32. The file is written atomically and its bytes are deterministic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aprtrace.config import ModelConfig
+from aprtrace.errors import ModelLoadError, OutputError, ValidationError
+from aprtrace.model import permute_llama_qk
+
+# Types write_gguf encodes 2-D weights to, with the llama.cpp file type they make.
+WRITE_TYPES = {
+    "F32": "ALL_F32",
+    "F16": "MOSTLY_F16",
+    "BF16": "MOSTLY_BF16",
+    "Q8_0": "MOSTLY_Q8_0",
+    "Q4_0": "MOSTLY_Q4_0",
+    "Q4_1": "MOSTLY_Q4_1",
+    "Q5_0": "MOSTLY_Q5_0",
+    "Q5_1": "MOSTLY_Q5_1",
+}
+
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """GGUF name of a Hugging Face tensor name (``model.layers.3.mlp.up_proj.weight`` ->
+    ``blk.3.ffn_up.weight``)."""
+    if hf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[hf_name]
+    match = _LAYER_RE.fullmatch(hf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        layer, module, kind = match.groups()
+        return f"blk.{layer}.{_LAYER_NAMES[module]}.{kind}"
+    raise ValidationError(
+        f"cannot map tensor '{hf_name}' to a GGUF name",
+        hint="write_gguf takes Llama/Qwen2/Qwen3 tensors with Hugging Face names",
+    )
+
+
+def _sort_key(hf_name: str) -> tuple[int, int, str]:
+    """llama.cpp's order: embeddings, blocks by index, then output norm and output."""
+    match = _LAYER_RE.fullmatch(hf_name)
+    if match:
+        return (1, int(match.group(1)), hf_name)
+    return (0 if "embed_tokens" in hf_name else 2, 0, hf_name)
+
+
+def _encode(name: str, values: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
+    """``(array to write, raw GGML type or None)`` for one tensor."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import quants as gguf_quants
+
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.ndim < 2 or qtype == "F32":
+        return values, None
+    if qtype == "F16":
+        return values.astype(np.float16), None
+    gtype = GGMLQuantizationType[qtype]
+    block, _ = GGML_QUANT_SIZES[gtype]
+    if values.shape[-1] % block:
+        # As llama.cpp's converter: a row that does not fill whole blocks falls back to F16.
+        return values.astype(np.float16), None
+    return gguf_quants.quantize(values, gtype), gtype
+
+
+def write_gguf(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    tensors: Mapping[str, np.ndarray],
+    tokenizer: Mapping[str, Any] | None = None,
+    qtype: str = "F32",
+) -> Path:
+    """Write ``tensors`` (Hugging Face names and layout, float32) as a GGUF model at ``path``.
+
+    ``qtype`` is the type of the 2-D weights (see ``WRITE_TYPES``); 1-D norms and biases stay
+    F32. ``tokenizer`` is a dict as made by ``tokenizer_dict_from_hf``. Returns ``path``.
+    """
+    import gguf
+
+    path = Path(path)
+    qtype = qtype.upper()
+    if qtype not in WRITE_TYPES:
+        raise ValidationError(
+            f"cannot write GGUF tensors as {qtype}", hint=f"choose one of {', '.join(WRITE_TYPES)}"
+        )
+    config.validate("write_gguf")
+    arch = config.architecture
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise ModelLoadError(f"write_gguf: unsupported architecture '{arch}'")
+
+    names = sorted(tensors, key=_sort_key)
+    if config.tie_word_embeddings:
+        names = [n for n in names if n != "lm_head.weight"]
+    elif "lm_head.weight" not in tensors:
+        raise ValidationError(
+            "write_gguf: lm_head.weight is missing and the config does not tie embeddings",
+            hint="pass lm_head.weight or set tie_word_embeddings=True",
+        )
+
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=directory)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"cannot create {path}: {exc.strerror or exc}") from exc
+    try:
+        writer = gguf.GGUFWriter(tmp_name, arch)
+        _add_metadata(writer, config, qtype)
+        if tokenizer is not None:
+            _add_tokenizer(writer, tokenizer, config.vocab_size)
+        for hf_name in names:
+            values = np.asarray(tensors[hf_name], dtype=np.float32)
+            if arch == "llama" and ".self_attn.q_proj." in hf_name:
+                values = permute_llama_qk(values, config.num_heads)
+            elif arch == "llama" and ".self_attn.k_proj." in hf_name:
+                values = permute_llama_qk(values, config.num_kv_heads)
+            data, raw_dtype = _encode(hf_name, values, qtype)
+            writer.add_tensor(gguf_tensor_name(hf_name), data, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a model file is an ordinary file
+        os.replace(tmp_name, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    return path
+
+
+def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
+    import gguf
+
+    writer.add_name(f"aprtrace {config.architecture}")
+    writer.add_file_type(int(gguf.LlamaFileType[WRITE_TYPES[qtype]]))
+    if qtype not in ("F32", "F16", "BF16"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_block_count(config.num_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_freq_base(float(config.rope_theta))
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _add_tokenizer(writer: Any, tok: Mapping[str, Any], vocab_size: int) -> None:
+    import gguf
+
+    tokens = list(tok["tokens"])
+    types = list(tok.get("token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens))
+    if len(types) != len(tokens):
+        raise ValidationError(
+            f"tokenizer has {len(tokens)} tokens but {len(types)} token types",
+            hint="token_type must give one type per token",
+        )
+    if len(tokens) > vocab_size:
+        raise ValidationError(
+            f"tokenizer has {len(tokens)} tokens, more than the model's vocabulary {vocab_size}",
+            hint="set ModelConfig.vocab_size to at least the tokenizer's size",
+        )
+    # As llama.cpp's converter: pad the vocabulary up to the embedding's rows.
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]")
+        types.append(int(gguf.TokenType.UNUSED))
+    writer.add_tokenizer_model(tok.get("model", "gpt2"))
+    if tok.get("pre"):
+        writer.add_tokenizer_pre(tok["pre"])
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    if tok.get("scores") is not None:
+        writer.add_token_scores([float(s) for s in tok["scores"]])
+    if tok.get("merges"):
+        writer.add_token_merges(list(tok["merges"]))
+    if tok.get("bos_token_id") is not None:
+        writer.add_bos_token_id(int(tok["bos_token_id"]))
+    if tok.get("eos_token_id") is not None:
+        writer.add_eos_token_id(int(tok["eos_token_id"]))
+    if tok.get("padding_token_id") is not None:
+        writer.add_pad_token_id(int(tok["padding_token_id"]))
+    if tok.get("add_bos_token") is not None:
+        writer.add_add_bos_token(bool(tok["add_bos_token"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer metadata from a Hugging Face tokenizer.json
+
+# Pre-tokenizer split patterns of the byte-level BPE families llama.cpp names in
+# ``tokenizer.ggml.pre``.
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLIT_PRE_TYPES = {_LLAMA3_PATTERN: "llama-bpe", QWEN2_PATTERN: "qwen2"}
+
+
+def _pre_type(pre: Mapping[str, Any] | None) -> str | None:
+    """llama.cpp's ``tokenizer.ggml.pre`` name for a tokenizer.json pre_tokenizer, or None."""
+    if not pre:
+        return None
+    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2"
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and steps[1].get("use_regex", True)
+    ):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        pattern = steps[0].get("pattern", {}).get("Regex")
+        return _SPLIT_PRE_TYPES.get(pattern)
+    return None
+
+
+def tokenizer_dict_from_hf(
+    source: Any,
+    *,
+    pre: str | None = None,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    add_bos_token: bool | None = None,
+) -> dict[str, Any]:
+    """GGUF tokenizer metadata (``tokenizer.ggml.*``) of a byte-level BPE tokenizer.
+
+    ``source`` is a ``tokenizer.json`` path or a ``tokenizers.Tokenizer``. Returns a dict with
+    ``model`` ("gpt2"), ``pre``, ``tokens`` (ordered by id), ``token_type``, ``merges``
+    (``"a b"`` strings) and, when the named tokens exist, ``bos_token_id`` / ``eos_token_id``.
+    ``pre`` overrides the detected pre-tokenizer type.
+    """
+    import gguf
+    from tokenizers import Tokenizer
+
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            tokenizer = Tokenizer.from_file(str(source))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read tokenizer {source}: {exc}") from exc
+        where = str(source)
+    else:
+        tokenizer, where = source, "tokenizer"
+    data = json.loads(tokenizer.to_str())
+    model = data.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ModelLoadError(
+            f"{where}: a {model.get('type')} tokenizer, not byte-level BPE",
+            hint="tokenizer_dict_from_hf handles GPT-2 style byte-level BPE tokenizers",
+        )
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    size = max(vocab.values()) + 1 if vocab else 0
+    tokens: list[str | None] = [None] * size
+    for text, idx in vocab.items():
+        tokens[idx] = text
+    types = [int(gguf.TokenType.NORMAL)] * size
+    for added in data.get("added_tokens") or []:
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        types[added["id"]] = int(kind)
+    for idx, text in enumerate(tokens):
+        if text is None:
+            tokens[idx] = f"[PAD{idx}]"
+            types[idx] = int(gguf.TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    pre_name = pre or _pre_type(data.get("pre_tokenizer"))
+    if pre_name is None:
+        raise ModelLoadError(
+            f"{where}: cannot tell the llama.cpp pre-tokenizer type of "
+            f"{json.dumps(data.get('pre_tokenizer'))[:200]}",
+            hint="pass pre= (for example 'llama-bpe', 'qwen2', 'smollm' or 'gpt2')",
+        )
+    result: dict[str, Any] = {
+        "model": "gpt2",
+        "pre": pre_name,
+        "tokens": tokens,
+        "token_type": types,
+        "merges": merges,
+    }
+    for key, text in (("bos_token_id", bos_token), ("eos_token_id", eos_token)):
+        if text is not None:
+            if text not in vocab:
+                raise ModelLoadError(f"{where}: token {text!r} is not in the vocabulary")
+            result[key] = vocab[text]
+    if add_bos_token is not None:
+        result["add_bos_token"] = add_bos_token
+    return result

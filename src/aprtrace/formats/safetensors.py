@@ -1,0 +1,235 @@
+"""Hugging Face checkpoints: ``config.json`` + safetensors weights (+ ``tokenizer.json``).
+
+The safetensors header is parsed here with strict bounds checks and every F32/F16/BF16 tensor
+becomes a zero-copy view of a memory map. Weights are in Hugging Face layout (no Q/K
+permutation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aprtrace.config import ModelConfig, normalize_architecture
+from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
+from aprtrace.formats.gguf import check_tensors
+from aprtrace.model import LazyTensor, Model
+
+MAX_HEADER_SIZE = 100 * 1024 * 1024
+_DTYPES = {"F32": ("F32", 4), "F16": ("F16", 2), "BF16": ("BF16", 2)}
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _bad(path: Path, what: str) -> InvalidFormatError:
+    return InvalidFormatError(
+        f"{path}: {what}", hint="the safetensors file is corrupt or truncated; re-download it"
+    )
+
+
+def read_safetensors(path: Path) -> dict[str, LazyTensor]:
+    """Every tensor of one ``.safetensors`` file as a LazyTensor over a memory map."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _bad(path, f"truncated: {size} bytes, no header length")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, MAX_HEADER_SIZE):
+                raise _bad(path, f"header length {header_len} exceeds the file ({size} bytes)")
+            header_raw = f.read(header_len)
+    except OSError as exc:
+        raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        header = json.loads(header_raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(path, f"header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "header is not a JSON object")
+    data_start = 8 + header_len
+    data_len = size - data_start
+    data = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    tensors: dict[str, LazyTensor] = {}
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise _bad(path, f"tensor '{name}': entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise _bad(path, f"tensor '{name}': malformed shape or data_offsets")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise _bad(path, f"tensor '{name}': bytes [{begin}, {end}) lie outside the data")
+        if dtype not in _DTYPES:
+            raise ModelLoadError(
+                f"{path}: tensor '{name}' has dtype {dtype}",
+                hint="aprtrace reads F32, F16 and BF16 safetensors checkpoints",
+            )
+        qtype, width = _DTYPES[dtype]
+        if end - begin != math.prod(shape) * width:
+            raise _bad(
+                path, f"tensor '{name}': {end - begin} bytes for {dtype} {shape} (expected "
+                f"{math.prod(shape) * width})"
+            )
+        spans.append((begin, end, name))
+        raw = data[data_start + begin : data_start + end]
+        tensors[name] = LazyTensor(name, tuple(shape), qtype, raw, where=str(path))
+    spans.sort()
+    for (_, a_end, a), (b_begin, _, b) in zip(spans, spans[1:], strict=False):
+        if a_end > b_begin:
+            raise _bad(path, f"tensors '{a}' and '{b}' overlap")
+    return tensors
+
+
+def _weight_files(path: Path) -> tuple[Path, list[Path]]:
+    """(model directory, safetensors files) of a directory or a lone ``.safetensors`` file."""
+    if path.is_file():
+        return path.parent, [path]
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InvalidFormatError(f"{index}: not a valid safetensors index ({exc})") from None
+        files = [path / shard for shard in shards]
+        for f in files:
+            if not f.exists() or f.parent != path:
+                raise NotFoundError(f"{index}: shard {f.name} is missing")
+        return path, files
+    if (path / WEIGHTS_NAME).exists():
+        return path, [path / WEIGHTS_NAME]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise NotFoundError(
+            f"{path}: no model.safetensors, {INDEX_NAME} or *.safetensors file",
+            hint="pass a Hugging Face model directory",
+        )
+    return path, files
+
+
+def _read_config(directory: Path) -> dict:
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise NotFoundError(
+            f"{config_path}: missing", hint="a safetensors model needs its config.json next to it"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidFormatError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise InvalidFormatError(f"{config_path}: not a JSON object")
+    return config
+
+
+def hf_config(
+    raw: dict, tensors: dict[str, LazyTensor], where: str
+) -> ModelConfig:
+    """ModelConfig from a transformers ``config.json`` (v4 or v5 layout) and the tensors."""
+    arch_name = raw.get("model_type")
+    if not arch_name and isinstance(raw.get("architectures"), list) and raw["architectures"]:
+        arch_name = raw["architectures"][0]
+    architecture = normalize_architecture(arch_name, where)
+
+    def integer(key: str, default: int | None = None) -> int:
+        value = raw.get(key, default)
+        if value is None:
+            value = default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ModelLoadError(f"{where}: config.json {key} = {value!r} must be an integer")
+        return value
+
+    def number(key: str, default: float) -> float:
+        value = raw.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ModelLoadError(f"{where}: config.json {key} = {value!r} must be a number")
+        return float(value)
+
+    hidden = integer("hidden_size")
+    heads = integer("num_attention_heads")
+    rope = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    rope_theta = rope.get("rope_theta", raw.get("rope_theta"))
+    scaling = raw.get("rope_scaling") or {}
+    rope_kind = rope.get("rope_type") or (scaling.get("rope_type") if isinstance(scaling, dict)
+                                          else None)
+    if rope_kind not in (None, "default"):
+        raise ModelLoadError(
+            f"{where}: RoPE scaling '{rope_kind}' is not supported",
+            hint="aprtrace implements plain RoPE (rope_type 'default')",
+        )
+    tied = "lm_head.weight" not in tensors or bool(raw.get("tie_word_embeddings", False))
+    return ModelConfig(
+        architecture=architecture,
+        hidden_size=hidden,
+        num_layers=integer("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=integer("num_key_value_heads", heads),
+        intermediate_size=integer("intermediate_size"),
+        vocab_size=integer("vocab_size"),
+        head_dim=integer("head_dim", hidden // heads if heads else 0),
+        rope_theta=float(rope_theta) if rope_theta is not None else 10000.0,
+        rms_norm_eps=number("rms_norm_eps", 1e-6),
+        max_position_embeddings=integer("max_position_embeddings", 2048),
+        tie_word_embeddings=tied,
+        qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
+        qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
+        bos_token_id=_token_id(raw.get("bos_token_id")),
+        eos_token_id=_token_id(raw.get("eos_token_id")),
+    ).validate(where)
+
+
+def _token_id(value: Any) -> int | None:
+    if isinstance(value, list) and value:
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def load_safetensors(path: Path) -> Model:
+    """Open a Hugging Face model directory (or a lone ``.safetensors`` beside config.json)."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"file not found: {path}")
+    directory, files = _weight_files(path)
+    raw_config = _read_config(directory)
+    tensors: dict[str, LazyTensor] = {}
+    for file in files:
+        for name, tensor in read_safetensors(file).items():
+            if name in tensors:
+                raise InvalidFormatError(f"{file}: tensor '{name}' also appears in another shard")
+            tensors[name] = tensor
+    config = hf_config(raw_config, tensors, str(path))
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    check_tensors(tensors, config, str(path))
+    tokenizer = None
+    if (directory / "tokenizer.json").exists():
+        from aprtrace.tokenizer import load_tokenizer_json
+
+        tokenizer = load_tokenizer_json(directory / "tokenizer.json")
+    return Model(
+        path=path,
+        format="safetensors",
+        config=config,
+        tensors=tensors,
+        tokenizer=tokenizer,
+        qk_permuted=False,
+        metadata=raw_config,
+    )
