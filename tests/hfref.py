@@ -451,4 +451,4 @@ def load_weights_into(model, weights: dict[str, np.ndarray]) -> None:
                 raise KeyError(f"GGUF has no tensor for parameter {name}")
             if tuple(source.shape) != tuple(param.shape):
                 raise ValueError(f"{name}: GGUF shape {source.shape} != model {tuple(param.shape)}")
-            param.copy_(torch.from_numpy(source))
+            param.copy_(torch.from_numpy(np.array(source, dtype=np.float32)))

@@ -26,12 +26,22 @@ def header(path: Path) -> tuple[bytes, int, int]:
 
 def test_trace_writes_selected_stages_at_apr_paths(tiny_gguf, tmp_path):
     out = tmp_path / "dump"
-    result = run("trace", "--save-tensor", "embedding,ATTN_NORM, lm_head,layer_output",
-                 "--save-tensor-dir", str(out), str(tiny_gguf))
+    result = run(
+        "trace",
+        "--save-tensor",
+        "embedding,ATTN_NORM, lm_head,layer_output",
+        "--save-tensor-dir",
+        str(out),
+        str(tiny_gguf),
+    )
     assert result.exit_code == 0, result.output
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.bin"))
-    assert files == ["layer-0/attn_norm.bin", "layer-0/embedding.bin",
-                     "layer-0/post_ffn_residual.bin", "lm_head.bin"]
+    assert files == [
+        "layer-0/attn_norm.bin",
+        "layer-0/embedding.bin",
+        "layer-0/post_ffn_residual.bin",
+        "lm_head.bin",
+    ]
     magic, layer, count = header(out / "layer-0" / "attn_norm.bin")
     assert (magic, layer) == (b"APRT", 0)
     seq = len(json.loads((out / "manifest.json").read_text())["token_ids"])
@@ -53,8 +63,16 @@ def test_trace_default_out_dir_is_model_stem_trace(tiny_gguf, tmp_path):
 
 def test_embedding_not_written_when_layer_zero_excluded(tiny_gguf, tmp_path):
     out = tmp_path / "d"
-    result = run("trace", "--save-tensor", "embedding,attn_norm,final_norm",
-                 "--save-tensor-layers", "2..4", "--save-tensor-dir", str(out), str(tiny_gguf))
+    result = run(
+        "trace",
+        "--save-tensor",
+        "embedding,attn_norm,final_norm",
+        "--save-tensor-layers",
+        "2..4",
+        "--save-tensor-dir",
+        str(out),
+        str(tiny_gguf),
+    )
     assert result.exit_code == 0, result.output
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.bin"))
     assert files == ["final_norm.bin", "layer-2/attn_norm.bin", "layer-3/attn_norm.bin"]
@@ -63,8 +81,16 @@ def test_embedding_not_written_when_layer_zero_excluded(tiny_gguf, tmp_path):
 
 def test_all_stages_all_layers_counts(tiny_gguf, tmp_path):
     out = tmp_path / "all"
-    result = run("trace", "--save-tensor", "all", "--save-tensor-layers", "all",
-                 "--save-tensor-dir", str(out), str(tiny_gguf))
+    result = run(
+        "trace",
+        "--save-tensor",
+        "all",
+        "--save-tensor-layers",
+        "all",
+        "--save-tensor-dir",
+        str(out),
+        str(tiny_gguf),
+    )
     assert result.exit_code == 0, result.output
     # qwen2 has a qkv bias: 17 stages per layer, embedding once (layer 0), 2 whole-model.
     expected = 1 + 17 * DEMO_LAYERS + 2
@@ -78,8 +104,19 @@ def test_two_runs_are_byte_identical(tiny_gguf, tmp_path):
     dumps = []
     for name in ("a", "b"):
         out = tmp_path / name
-        assert run("trace", "--save-tensor", "all", "--save-tensor-layers", "all",
-                   "--save-tensor-dir", str(out), str(tiny_gguf)).exit_code == 0
+        assert (
+            run(
+                "trace",
+                "--save-tensor",
+                "all",
+                "--save-tensor-layers",
+                "all",
+                "--save-tensor-dir",
+                str(out),
+                str(tiny_gguf),
+            ).exit_code
+            == 0
+        )
         dumps.append(out)
     files = sorted(p.relative_to(dumps[0]) for p in dumps[0].rglob("*.bin"))
     assert files
@@ -112,8 +149,16 @@ def test_unknown_stage_message_lists_valid_names(tmp_path):
 
 
 def test_layer_beyond_model_is_exit_5(tiny_gguf, tmp_path):
-    result = run("trace", "--save-tensor", "attn_norm", "--save-tensor-layers", "0..9",
-                 "--save-tensor-dir", str(tmp_path / "o"), str(tiny_gguf))
+    result = run(
+        "trace",
+        "--save-tensor",
+        "attn_norm",
+        "--save-tensor-layers",
+        "0..9",
+        "--save-tensor-dir",
+        str(tmp_path / "o"),
+        str(tiny_gguf),
+    )
     assert result.exit_code == 5, result.output
     assert "4 layers" in result.output
     assert not list((tmp_path).rglob("*.bin"))
@@ -171,7 +216,9 @@ def test_stages_command_lists_20_in_order():
 
 def test_inspect_file_and_dir(tiny_gguf, tmp_path):
     out = tmp_path / "d"
-    run("trace", "--save-tensor", "attn_norm,lm_head", "--save-tensor-dir", str(out), str(tiny_gguf))
+    run(
+        "trace", "--save-tensor", "attn_norm,lm_head", "--save-tensor-dir", str(out), str(tiny_gguf)
+    )
     info = json.loads(run("inspect", "--json", str(out / "layer-0" / "attn_norm.bin")).output)
     values = np.fromfile(out / "layer-0" / "attn_norm.bin", dtype="<f4", offset=12)
     assert info["layer"] == 0 and info["dim_product"] == values.size

@@ -25,7 +25,8 @@ HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 32, 4, 2, 64, 40
 HEAD_DIM = HIDDEN // HEADS
 
 _PIECES = ["a", "b", "c", "ab", "bc", "abc", "Ġ", "Ġa", "Ġab", "Ġabc"]
-TINY_TOKENS = ["<unk>", "<s>", "</s>"] + _PIECES + [f"t{i}" for i in range(VOCAB - 3 - len(_PIECES))]
+_FILLER = [f"t{i}" for i in range(VOCAB - 3 - len(_PIECES))]
+TINY_TOKENS = ["<unk>", "<s>", "</s>"] + _PIECES + _FILLER
 TINY_MERGES = ["Ġ a", "Ġa b", "Ġab c", "a b", "b c", "ab c"]
 
 
@@ -179,7 +180,11 @@ def test_tiny_models_load_with_config_names_and_values(tmp_path, arch, qtype):
     model = load_gguf(path)
     c = model.config
     assert (c.architecture, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads) == (
-        arch, HIDDEN, 2, HEADS, KV_HEADS
+        arch,
+        HIDDEN,
+        2,
+        HEADS,
+        KV_HEADS,
     )
     assert (c.intermediate_size, c.vocab_size, c.head_dim) == (FFN, VOCAB, HEAD_DIM)
     assert c.rope_theta == 1e6 and c.rms_norm_eps == pytest.approx(1e-6)

@@ -1,7 +1,7 @@
 """Every stage of every layer of aprtrace's forward pass against Hugging Face transformers.
 
 Tiny seeded llama, qwen2 (qkv bias) and qwen3 (q/k norm) models are built in transformers,
-written to GGUF (F32, F16, Q8_0) and traced by aprtrace. transformers then computes on exactly
+written to GGUF (F32, F16, Q8_0, Q4_0) and traced by aprtrace. transformers then computes on exactly
 the weights the GGUF holds (decoded by gguf-py, llama Q/K un-permuted here), with forward hooks
 and a wrapped eager attention capturing the same 20 stages. Bound: max abs error <= 1e-4 of the
 stage's largest magnitude.
@@ -9,10 +9,10 @@ stage's largest magnitude.
 
 from __future__ import annotations
 
-import hfref
 import numpy as np
 import pytest
 
+import hfref
 from aprtrace.config import ModelConfig
 from aprtrace.formats import load_model
 from aprtrace.formats.gguf_writer import tokenizer_dict_from_hf, write_gguf
@@ -21,7 +21,7 @@ from aprtrace.forward import forward
 pytestmark = pytest.mark.reference
 
 ARCHS = ("llama", "qwen2", "qwen3")
-QTYPES = ("F32", "F16", "Q8_0")
+QTYPES = ("F32", "F16", "Q8_0", "Q4_0")
 PROMPT = "What is 2+2? The quick brown fox, 1234 times.\n"
 RELATIVE_BOUND = 1e-4
 TOKENIZER_TEXTS = (
@@ -147,3 +147,71 @@ def test_tokenizer_ids_equal_hf_tokenizer(arch, tokenizer, gguf_dir):
     for text in TOKENIZER_TEXTS:
         expected = tokenizer.encode(text, add_special_tokens=False).ids
         assert model.tokenizer.encode(text, add_special_tokens=False).ids == expected, text
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_harness_captures_the_buffers_it_names(arch, tokenizer):
+    """The reference itself: identities between the captured transformers buffers, so a hook on
+    the wrong module cannot pass unnoticed."""
+    model = hfref.tiny_hf_model(arch, seed=3)
+    ids = tokenizer.encode(PROMPT).ids
+    ref = hfref.hf_stage_activations(model, ids)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    seq, last = len(ids), model.config.num_hidden_layers - 1
+    np.testing.assert_array_equal(ref[("embedding", 0)], state["model.embed_tokens.weight"][ids])
+    for layer in range(model.config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        layer_input = ref[("embedding", 0)] if layer == 0 else ref[("post_ffn_residual", layer - 1)]
+        np.testing.assert_allclose(
+            ref[("post_attn_residual", layer)], layer_input + ref[("attn_out", layer)], atol=1e-5
+        )
+        np.testing.assert_allclose(
+            ref[("post_ffn_residual", layer)],
+            ref[("post_attn_residual", layer)] + ref[("ffn_out", layer)],
+            atol=1e-5,
+        )
+        q_dim = state[p + "self_attn.q_proj.weight"].shape[0]
+        np.testing.assert_allclose(
+            ref[("qkv_matmul", layer)][:, :q_dim],
+            ref[("attn_norm", layer)] @ state[p + "self_attn.q_proj.weight"].T,
+            atol=1e-5,
+        )
+        if arch == "qwen2":
+            bias = np.concatenate([state[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+            np.testing.assert_allclose(
+                ref[("qkv_bias", layer)], ref[("qkv_matmul", layer)] + bias, atol=1e-5
+            )
+        np.testing.assert_allclose(
+            ref[("ffn_swigl", layer)], ref[("ffn_silu", layer)] * ref[("ffn_up", layer)], atol=1e-6
+        )
+        probs, scores = ref[("attn_softmax", layer)], ref[("attn_scores", layer)]
+        assert probs.shape == scores.shape == (model.config.num_attention_heads, seq, seq)
+        np.testing.assert_allclose(probs.sum(axis=-1), 1.0, atol=1e-5)
+        assert not np.triu(probs, k=1).any() and not np.triu(scores, k=1).any()
+        # Position 0 is not rotated: q_post_rope row 0 is the (q-normed) projection itself.
+        q0 = ref[("qkv_matmul" if arch != "qwen2" else "qkv_bias", layer)][0, :q_dim]
+        if arch != "qwen3":
+            np.testing.assert_allclose(ref[("q_post_rope", layer)][0], q0, atol=1e-5)
+    np.testing.assert_allclose(
+        ref[("lm_head", None)],
+        state["lm_head.weight"] @ ref[("final_norm", None)][-1],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert ref[("final_norm", None)].shape == ref[("post_ffn_residual", last)].shape
+
+
+def test_cached_reference_stores_once_and_keys_on_every_part(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {("attn_norm", 2): np.arange(6.0).reshape(2, 3), ("lm_head", None): np.ones(4)}
+
+    first = hfref.cached_reference(["file-sha", [1, 2, 3]], compute, cache_dir=tmp_path)
+    again = hfref.cached_reference(["file-sha", [1, 2, 3]], compute, cache_dir=tmp_path)
+    assert len(calls) == 1 and set(again) == set(first)
+    np.testing.assert_array_equal(again[("attn_norm", 2)], first[("attn_norm", 2)])
+    hfref.cached_reference(["file-sha", [1, 2, 4]], compute, cache_dir=tmp_path)
+    assert len(calls) == 2
+    assert len(list(tmp_path.glob("*.npz"))) == 2 and not list(tmp_path.glob("*.partial"))

@@ -36,8 +36,11 @@ class AprtraceGroup(click.Group):
         except KeyboardInterrupt:
             if debug:
                 raise
-            click.echo("interrupted: stopped; files already written are complete, "
-                       "the dump has no manifest.json", err=True)
+            click.echo(
+                "interrupted: stopped; files already written are complete, "
+                "the dump has no manifest.json",
+                err=True,
+            )
             ctx.exit(EXIT_INTERRUPTED)
         except MemoryError:
             if debug:
@@ -49,9 +52,12 @@ class AprtraceGroup(click.Group):
         except Exception as exc:  # a bug in aprtrace, not in the input
             if debug:
                 raise
-            click.echo(f"internal error: {type(exc).__name__}: {exc}\n"
-                       "  hint: this is a bug in aprtrace; rerun with --debug for the traceback "
-                       "and report it", err=True)
+            click.echo(
+                f"internal error: {type(exc).__name__}: {exc}\n"
+                "  hint: this is a bug in aprtrace; rerun with --debug for the traceback "
+                "and report it",
+                err=True,
+            )
             ctx.exit(EXIT_INTERNAL)
 
 
@@ -101,25 +107,59 @@ def _fmt(value) -> str:
 
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
-@click.option("--save-tensor", "save_tensor", metavar="STAGES",
-              help="Comma-separated stages to write as APRT files, or 'all' (see `aprtrace stages`).")
-@click.option("--save-tensor-dir", "save_dir", type=click.Path(path_type=Path), metavar="DIR",
-              help="Output directory [default: <parent>/<model-stem>-trace].")
-@click.option("--save-tensor-layers", "layers", metavar="LAYERS", default=None,
-              help="Layers: START..END (end exclusive), N, a list 0,3,5, 0..4,10 or 'all' "
-              "[default: 0..1].")
-@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True,
-              help="Text encoded with the model's own tokenizer (no BOS, no chat template).")
+@click.option(
+    "--save-tensor",
+    "save_tensor",
+    metavar="STAGES",
+    help="Comma-separated stages to write as APRT files, or 'all' (see `aprtrace stages`).",
+)
+@click.option(
+    "--save-tensor-dir",
+    "save_dir",
+    type=click.Path(path_type=Path),
+    metavar="DIR",
+    help="Output directory [default: <parent>/<model-stem>-trace].",
+)
+@click.option(
+    "--save-tensor-layers",
+    "layers",
+    metavar="LAYERS",
+    default=None,
+    help="Layers: START..END (end exclusive), N, a list 0,3,5, 0..4,10 or 'all' [default: 0..1].",
+)
+@click.option(
+    "--prompt",
+    default=DEFAULT_PROMPT,
+    show_default=True,
+    help="Text encoded with the model's own tokenizer (no BOS, no chat template).",
+)
 @click.option("--tokens", metavar="IDS", help="Comma-separated token ids; bypasses the tokenizer.")
 @click.option("--bos", is_flag=True, help="Prepend the model's BOS token.")
-@click.option("--arch", help="Architecture for files that do not name one (APR): llama, qwen2, qwen3.")
+@click.option(
+    "--arch", help="Architecture for files that do not name one (APR): llama, qwen2, qwen3."
+)
 @click.option("--no-verify", is_flag=True, help="Skip CRC checks of APR files (damaged files).")
-@click.option("--clean", is_flag=True,
-              help="Delete the stage files an earlier aprtrace run listed in DIR's manifest first.")
+@click.option(
+    "--clean",
+    is_flag=True,
+    help="Delete the stage files an earlier aprtrace run listed in DIR's manifest first.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
-def trace(model_path, save_tensor, save_dir, layers, prompt, tokens, bos, arch, no_verify, clean,
-          as_json, quiet):
+def trace(
+    model_path,
+    save_tensor,
+    save_dir,
+    layers,
+    prompt,
+    tokens,
+    bos,
+    arch,
+    no_verify,
+    clean,
+    as_json,
+    quiet,
+):
     """Run one forward pass of MODEL (GGUF, APR or safetensors dir) and capture its stages.
 
     With --save-tensor, every selected stage is written as an APRT file (12-byte header +
@@ -157,8 +197,10 @@ def trace(model_path, save_tensor, save_dir, layers, prompt, tokens, bos, arch, 
     resolved = plan.layers.resolve(cfg.num_layers) if plan is not None else ()
 
     if not as_json:
-        click.echo(f"Model:   {model_path} ({model.format}, {cfg.architecture}, "
-                   f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})")
+        click.echo(
+            f"Model:   {model_path} ({model.format}, {cfg.architecture}, "
+            f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})"
+        )
         if plan is not None:
             names = [s.value for s in Stage if s in plan.stages]
             click.echo(f"Stages:  {', '.join(names)}")
@@ -171,11 +213,24 @@ def trace(model_path, save_tensor, save_dir, layers, prompt, tokens, bos, arch, 
     bar, update = _progress_callback(quiet or as_json)
     if bar is not None:
         with bar:
-            result = run_trace(model, token_ids, plan, prompt=shown_prompt, progress=update,
-                               clean=clean, collect_stats=plan is None or as_json)
+            result = run_trace(
+                model,
+                token_ids,
+                plan,
+                prompt=shown_prompt,
+                progress=update,
+                clean=clean,
+                collect_stats=plan is None or as_json,
+            )
     else:
-        result = run_trace(model, token_ids, plan, prompt=shown_prompt, clean=clean,
-                           collect_stats=plan is None or as_json)
+        result = run_trace(
+            model,
+            token_ids,
+            plan,
+            prompt=shown_prompt,
+            clean=clean,
+            collect_stats=plan is None or as_json,
+        )
 
     top = int(np.argmax(result.logits)) if result.logits.size else None
     if as_json:
@@ -202,11 +257,16 @@ def trace(model_path, save_tensor, save_dir, layers, prompt, tokens, bos, arch, 
     else:
         for f in result.log.files:
             click.echo(f"  wrote {f.path} ({f.size} bytes)")
-        click.echo(f"Wrote {len(result.log.files)} files and {result.manifest_path.name} "
-                   f"to {plan.out_dir} in {result.seconds:.2f} s")
+        click.echo(
+            f"Wrote {len(result.log.files)} files and {result.manifest_path.name} "
+            f"to {plan.out_dir} in {result.seconds:.2f} s"
+        )
         if result.stale_files:
-            click.echo(f"warning: {len(result.stale_files)} .bin files in {plan.out_dir} are not "
-                       "from this run (stale); use --clean or another --save-tensor-dir", err=True)
+            click.echo(
+                f"warning: {len(result.stale_files)} .bin files in {plan.out_dir} are not "
+                "from this run (stale); use --clean or another --save-tensor-dir",
+                err=True,
+            )
             for p in result.stale_files[:10]:
                 click.echo(f"  stale: {p}", err=True)
     if result.first_nonfinite is not None:
@@ -249,9 +309,17 @@ def _print_stats_table(stats) -> None:
     for s in stats:
         style = "bold red" if s.anomalies else None
         table.add_row(
-            "-" if s.layer is None else str(s.layer), s.stage, "x".join(map(str, s.shape)),
-            _fmt(s.mean), _fmt(s.std), _fmt(s.min), _fmt(s.max), str(s.nan), str(s.inf),
-            ", ".join(s.anomalies), style=style,
+            "-" if s.layer is None else str(s.layer),
+            s.stage,
+            "x".join(map(str, s.shape)),
+            _fmt(s.mean),
+            _fmt(s.std),
+            _fmt(s.min),
+            _fmt(s.max),
+            str(s.nan),
+            str(s.inf),
+            ", ".join(s.anomalies),
+            style=style,
         )
     Console(width=140).print(table)
 
@@ -267,15 +335,22 @@ def stages(as_json):
       aprtrace stages --json
     """
     rows = [
-        {"index": i + 1, "name": s.value, "scope": "per-layer" if s.per_layer else "whole-model",
-         "shape": s.info.shape, "holds": s.info.description}
+        {
+            "index": i + 1,
+            "name": s.value,
+            "scope": "per-layer" if s.per_layer else "whole-model",
+            "shape": s.info.shape,
+            "holds": s.info.description,
+        }
         for i, s in enumerate(Stage)
     ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        click.echo(f"{r['index']:>2}  {r['name']:<19} {r['scope']:<12} {r['shape']:<24} {r['holds']}")
+        click.echo(
+            f"{r['index']:>2}  {r['name']:<19} {r['scope']:<12} {r['shape']:<24} {r['holds']}"
+        )
     click.echo("\nAlias: layer_output = post_ffn_residual.  'all' selects every stage.")
 
 

@@ -23,7 +23,7 @@ ARCH_ALIASES = {
 
 
 def normalize_architecture(name: str | None, where: str = "model") -> str:
-    key = (name or "").strip().lower()
+    key = name.strip().lower() if isinstance(name, str) else ""
     for prefix in ("llamaforcausallm", "qwen2forcausallm", "qwen3forcausallm"):
         if key == prefix:
             key = prefix.removesuffix("forcausallm")
@@ -80,7 +80,9 @@ class ModelConfig:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ModelLoadError(f"{where}: config {name} = {value!r} must be a positive integer")
+                raise ModelLoadError(
+                    f"{where}: config {name} = {value!r} must be a positive integer"
+                )
         if not isinstance(self.num_layers, int) or self.num_layers < 0:
             raise ModelLoadError(f"{where}: config num_layers = {self.num_layers!r} is invalid")
         if self.num_heads % self.num_kv_heads:

@@ -78,7 +78,9 @@ def demo_weights(cfg: ModelConfig, seed: int = DEMO_SEED) -> dict[str, np.ndarra
     def vec(n: int, center: float, spread: float) -> np.ndarray:
         return (center + spread * rng.standard_normal(n)).astype(np.float32)
 
-    tensors = {"model.embed_tokens.weight": rng.standard_normal((cfg.vocab_size, h)).astype(np.float32)}
+    tensors = {
+        "model.embed_tokens.weight": rng.standard_normal((cfg.vocab_size, h)).astype(np.float32)
+    }
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         tensors[p + "input_layernorm.weight"] = vec(h, 1.0, 0.1)
@@ -114,12 +116,27 @@ def write_demo_models(out_dir: Path, quant: str = "Q8_0") -> tuple[Path, Path]:
 
 
 @click.command()
-@click.option("--dir", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Where to put the demo models and dumps [default: ~/.cache/aprtrace/demo].")
-@click.option("--quant", type=click.Choice(["Q8_0", "Q4_0"], case_sensitive=False),
-              default="Q8_0", show_default=True, help="Quantization of the second model.")
-@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
-              help="Also write the diff as a self-contained HTML report.")
+@click.option(
+    "--dir",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to put the demo models and dumps [default: ~/.cache/aprtrace/demo].",
+)
+@click.option(
+    "--quant",
+    type=click.Choice(["Q8_0", "Q4_0"], case_sensitive=False),
+    default="Q8_0",
+    show_default=True,
+    help="Quantization of the second model.",
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the diff as a self-contained HTML report.",
+)
 @click.pass_context
 def demo_command(ctx: click.Context, out_dir, quant, html_path):
     """Build a tiny seeded Qwen2 model as F32 and quantized GGUF, trace both, diff them.
@@ -145,8 +162,10 @@ def demo_command(ctx: click.Context, out_dir, quant, html_path):
         plan = make_plan("all", "all", None, path)
         ids = encode_prompt(model, "What is 2+2?", add_bos=False)
         result = run_trace(model, ids, plan, prompt="What is 2+2?", collect_stats=False, clean=True)
-        click.echo(f"traced {path.name}: {len(result.log.files)} stage files -> {plan.out_dir} "
-                   f"({result.seconds:.2f} s, tokens {ids})")
+        click.echo(
+            f"traced {path.name}: {len(result.log.files)} stage files -> {plan.out_dir} "
+            f"({result.seconds:.2f} s, tokens {ids})"
+        )
         dumps.append(plan.out_dir)
     click.echo(f"\n$ aprtrace diff --values {dumps[0]} {dumps[1]}\n")
     from aprtrace.cli_diff import diff_command

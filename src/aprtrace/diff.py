@@ -72,7 +72,9 @@ class TolOverride:
 
 def parse_tol_override(spec: str) -> TolOverride:
     """Parse ``PATTERN:key=value[,key=value]`` (keys atol, rtol, cos-min)."""
-    hint = "expected PATTERN:key=value[,key=value], e.g. 'ffn_*:cos-min=0.99' or 'layer-3/*:atol=1e-3'"
+    hint = (
+        "expected PATTERN:key=value[,key=value], e.g. 'ffn_*:cos-min=0.99' or 'layer-3/*:atol=1e-3'"
+    )
     pattern, sep, rest = spec.partition(":")
     pattern = pattern.strip()
     if not sep or not pattern or not rest.strip():
@@ -89,7 +91,9 @@ def parse_tol_override(spec: str) -> TolOverride:
         try:
             value = float(raw.strip())
         except ValueError:
-            raise ValidationError(f"invalid --tol '{spec}': '{raw.strip()}' is not a number") from None
+            raise ValidationError(
+                f"invalid --tol '{spec}': '{raw.strip()}' is not a number"
+            ) from None
         check_tolerance_value(_TOL_KEYS[key], value, f"--tol '{spec}'")
         values[_TOL_KEYS[key]] = value
     return TolOverride(pattern, values)
@@ -118,15 +122,25 @@ def tolerance_for(
 # ---------------------------------------------------------------------------------------------
 
 
-def ulp_keys(x: np.ndarray) -> np.ndarray:
-    """Map f32 values to int64 so that adjacent floats differ by 1 and -0.0 == +0.0 == 0."""
-    bits = np.ascontiguousarray(x, dtype="<f4").view(np.int32).astype(np.int64)
-    return np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
-
-
 def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Number of representable f32 steps between ``a`` and ``b`` (int64, elementwise)."""
-    return np.abs(ulp_keys(a) - ulp_keys(b))
+    """Number of representable f32 steps between ``a`` and ``b`` (uint32, elementwise).
+
+    Floats are placed on one integer line (sign-magnitude order), on which -0.0 and +0.0 are
+    the same point: same signs give |mag_a - mag_b|, opposite signs mag_a + mag_b. Finite
+    inputs (and Inf) fit uint32; NaN inputs give meaningless values and must be masked first.
+    """
+    ua = np.ascontiguousarray(a, dtype="<f4").view(np.uint32)
+    ub = np.ascontiguousarray(b, dtype="<f4").view(np.uint32)
+    mask = np.uint32(0x7FFFFFFF)
+    ma, mb = ua & mask, ub & mask
+    # Magnitudes are below 2**31, so their difference fits int32.
+    dist = np.subtract(ma.view(np.int32), mb.view(np.int32))
+    np.abs(dist, out=dist)
+    dist = dist.view(np.uint32)
+    opposite = np.flatnonzero((ua ^ ub) > mask)  # sign bits differ: rare outside noise near 0
+    if opposite.size:
+        dist[opposite] = ma[opposite] + mb[opposite]
+    return dist
 
 
 @dataclass
@@ -168,10 +182,21 @@ def _classes(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _dot64(x: np.ndarray, y: np.ndarray) -> float:
+    """Sum of x*y with every product and the sum in f64 (einsum casts in cache-sized buffers)."""
+    return float(np.einsum("i,i->", x, y, dtype=np.float64, casting="safe"))
+
+
+# Up to this many elements the ULP distances of a pair are kept (4 bytes each) and the median
+# is exact by selection; above, a two-level histogram plus a second pass gives it exactly.
+ULP_EXACT_MAX = 1 << 24
+_HI_BUCKETS = 1 << (32 - _LO_BITS)
+
+
 class _Accumulator:
     """Accumulates the statistics of one pair chunk by chunk (bounded memory)."""
 
-    def __init__(self, limit: int, extended: bool):
+    def __init__(self, limit: int, extended: bool, total: int, ulp_exact_max: int = ULP_EXACT_MAX):
         self.limit = limit
         self.extended = extended
         self.n = 0
@@ -185,8 +210,12 @@ class _Accumulator:
         self.top: list[tuple[float, int, float, float, float]] = []  # (key, index, a, b, d)
         self.nan_a = self.nan_b = self.inf_a = self.inf_b = self.mismatch = 0
         self.ulp_max = 0
-        self.ulp_hi = np.zeros(1 << (32 - _LO_BITS), dtype=np.int64)
-        self.ulp_lo0 = np.zeros(_LO_SIZE, dtype=np.int64)
+        self.ulp_all: np.ndarray | None = None
+        self.ulp_hi: np.ndarray | None = None
+        if extended and total <= ulp_exact_max:
+            self.ulp_all = np.empty(total, dtype=np.uint32)
+        elif extended:
+            self.ulp_hi = np.zeros(_HI_BUCKETS, dtype=np.int64)
 
     def _finite_view(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         fa, fb = np.isfinite(a), np.isfinite(b)
@@ -210,25 +239,28 @@ class _Accumulator:
         self.n += a.size
         if a.size == 0:
             return
-        d = np.abs(a - b)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, f32 overflow
+            d = np.subtract(a, b)
+        np.abs(d, out=d)
         key = d
         if np.isnan(d.max()):
             key = np.where(np.isnan(d), np.float32(-1), d)  # NaN never wins
         i = int(np.argmax(key))
         if key[i] > self.max_d:  # strict: the first index wins ties across chunks
             self.max_d, self.max_i = float(key[i]), base + i
-        a64, b64, d64 = a.astype(np.float64), b.astype(np.float64), d.astype(np.float64)
-        self.sum_d2 += float(d64 @ d64)
-        self.dot += float(a64 @ b64)
-        self.norm_a += float(a64 @ a64)
-        self.norm_b += float(b64 @ b64)
+        self.sum_d2 += _dot64(d, d)
+        self.dot += _dot64(a, b)
+        self.norm_a += _dot64(a, a)
+        self.norm_b += _dot64(b, b)
         if self.extended:
             self.max_abs_a = max(self.max_abs_a, float(np.abs(a).max()))
             dist = ulp_distance(a, b)
             self.ulp_max = max(self.ulp_max, int(dist.max()))
-            self.ulp_hi += np.bincount(dist >> _LO_BITS, minlength=self.ulp_hi.size)
-            small = dist[dist < _LO_SIZE]
-            self.ulp_lo0 += np.bincount(small, minlength=_LO_SIZE)
+            if self.ulp_all is not None:
+                self.ulp_all[base : base + dist.size] = dist
+            else:
+                assert self.ulp_hi is not None
+                self.ulp_hi += np.bincount(dist >> _LO_BITS, minlength=_HI_BUCKETS)
         if self.limit > 0:
             self._update_top(key, a, b, d, base)
 
@@ -244,25 +276,16 @@ class _Accumulator:
             idx = np.concatenate([above, ties])
         else:
             idx = np.arange(key.size)
-        if idx.size > 4 * k:  # keep the merge small: exact top-k of the candidates
-            kth = np.partition(key[idx], idx.size - k)[idx.size - k]
-            above = idx[key[idx] > kth]
-            ties = idx[key[idx] == kth][: k - above.size]
+        if idx.size > k:  # exact top-k of the candidates, lower index first among ties
+            vals = key[idx]
+            kth = np.partition(vals, vals.size - k)[vals.size - k]
+            above = idx[vals > kth]
+            ties = idx[vals == kth][: k - above.size]
             idx = np.concatenate([above, ties])
         for j in idx.tolist():
             self.top.append((float(key[j]), base + j, float(a[j]), float(b[j]), float(d[j])))
         self.top.sort(key=lambda t: (-t[0], t[1]))
         del self.top[k:]
-
-    def ulp_median_plan(self) -> tuple[list[int], dict[int, int]]:
-        """Ranks of the median and, per rank, the resolved value or the bucket to refine."""
-        n = self.n
-        ranks = sorted({(n - 1) // 2, n // 2})
-        cum = np.cumsum(self.ulp_hi)
-        need: dict[int, int] = {}
-        for r in ranks:
-            need[r] = int(np.searchsorted(cum, r, side="right"))
-        return ranks, need
 
     def finish(
         self, refine: Callable[[set[int]], dict[int, np.ndarray]] | None = None
@@ -278,21 +301,16 @@ class _Accumulator:
         if not self.extended:
             return stats
         stats.max_abs_a = self.max_abs_a
-        stats.nan_a, stats.nan_b, stats.inf_a, stats.inf_b = (
-            self.nan_a,
-            self.nan_b,
-            self.inf_a,
-            self.inf_b,
-        )
+        stats.nan_a, stats.nan_b = self.nan_a, self.nan_b
+        stats.inf_a, stats.inf_b = self.inf_a, self.inf_b
         stats.nonfinite_mismatch = self.mismatch
         if self.norm_a > 0:
             stats.rel_l2 = math.sqrt(self.sum_d2) / math.sqrt(self.norm_a)
         else:
             stats.rel_l2 = 0.0 if self.sum_d2 == 0 else math.inf
         if self.sum_d2 > 0:
-            stats.sqnr_db = (
-                10.0 * math.log10(self.norm_a / self.sum_d2) if self.norm_a > 0 else -math.inf
-            )
+            ratio = self.norm_a / self.sum_d2
+            stats.sqnr_db = 10.0 * math.log10(ratio) if ratio > 0 else -math.inf
         else:
             stats.sqnr_db = math.inf
         if n:
@@ -301,20 +319,25 @@ class _Accumulator:
         return stats
 
     def _median(self, refine: Callable[[set[int]], dict[int, np.ndarray]] | None) -> float:
-        ranks, bucket_of = self.ulp_median_plan()
+        """Median as numpy defines it (mean of the two middle values for even counts)."""
+        n = self.n
+        ranks = sorted({(n - 1) // 2, n // 2})
+        if self.ulp_all is not None:
+            upper = n // 2
+            part = np.partition(self.ulp_all, upper)
+            values = [int(part[upper])]
+            if len(ranks) == 2:  # even count: the lower middle is the largest value below
+                values.append(int(part[:upper].max()))
+            return float(sum(values)) / len(values)
+        assert self.ulp_hi is not None and refine is not None
         cum = np.cumsum(self.ulp_hi)
-        before = {r: (int(cum[bucket_of[r] - 1]) if bucket_of[r] else 0) for r in ranks}
-        wanted = {bucket_of[r] for r in ranks if bucket_of[r] != 0}
-        fine = {0: self.ulp_lo0}
-        if wanted:
-            if refine is None:
-                raise RuntimeError("ULP median needs a second pass but no data source was given")
-            fine.update(refine(wanted))
+        bucket_of = {r: int(np.searchsorted(cum, r, side="right")) for r in ranks}
+        fine = refine(set(bucket_of.values()))
         values = []
         for r in ranks:
             bucket = bucket_of[r]
-            lo_cum = np.cumsum(fine[bucket])
-            low = int(np.searchsorted(lo_cum, r - before[r], side="right"))
+            before = int(cum[bucket - 1]) if bucket else 0
+            low = int(np.searchsorted(np.cumsum(fine[bucket]), r - before, side="right"))
             values.append((bucket << _LO_BITS) + low)
         return float(sum(values)) / len(values)
 
@@ -340,7 +363,9 @@ def _release(values: np.ndarray, lo: int, hi: int) -> None:
             pass
 
 
-def _chunks(a: np.ndarray, b: np.ndarray, chunk: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def _chunks(
+    a: np.ndarray, b: np.ndarray, chunk: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     n = a.size
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
@@ -350,7 +375,12 @@ def _chunks(a: np.ndarray, b: np.ndarray, chunk: int) -> Iterator[tuple[int, np.
 
 
 def compare_arrays(
-    a: np.ndarray, b: np.ndarray, limit: int = 10, extended: bool = True, chunk: int = CHUNK
+    a: np.ndarray,
+    b: np.ndarray,
+    limit: int = 10,
+    extended: bool = True,
+    chunk: int = CHUNK,
+    ulp_exact_max: int = ULP_EXACT_MAX,
 ) -> PairStats:
     """Statistics of two equally long f32 vectors, streamed ``chunk`` elements at a time.
 
@@ -361,11 +391,12 @@ def compare_arrays(
     b = b.reshape(-1)
     if a.size != b.size:
         raise ValueError("compare_arrays needs equally long inputs")
-    acc = _Accumulator(limit, extended)
+    acc = _Accumulator(limit, extended, a.size, ulp_exact_max)
     for lo, ca, cb in _chunks(a, b, chunk):
         acc.update(ca, cb, lo)
 
     def refine(buckets: set[int]) -> dict[int, np.ndarray]:
+        """Second pass: exact histograms of the low 16 bits inside the median's buckets."""
         hist = {k: np.zeros(_LO_SIZE, dtype=np.int64) for k in buckets}
         for _, ca, cb in _chunks(a, b, chunk):
             ca, cb = np.asarray(ca, np.float32), np.asarray(cb, np.float32)
@@ -375,7 +406,7 @@ def compare_arrays(
             dist = ulp_distance(ca, cb)
             hi = dist >> _LO_BITS
             for k in buckets:
-                sel = dist[hi == k] & (_LO_SIZE - 1)
+                sel = dist[hi == k] & np.uint32(_LO_SIZE - 1)
                 hist[k] += np.bincount(sel, minlength=_LO_SIZE)
         return hist
 
@@ -545,9 +576,10 @@ class DirDiff:
         return [p for p in self.pairs if p.error is not None]
 
     def amplifiers(self, threshold: float = 2.0, top: int = 5) -> list[PairResult]:
-        """Pairs whose relative error is at least ``threshold`` times their input's, worst first.
+        """Pairs whose relative error is at least ``threshold`` times their input's.
 
-        Pairs that create error from an identical input (ratio = inf) come first.
+        Only stages adding at least 1% of the largest added relative error (own minus
+        inherited) are kept; strongest multiplier first, sources (ratio inf) leading.
         """
         hits = [
             p
@@ -557,6 +589,14 @@ class DirDiff:
             and p.stats is not None
             and (p.stats.rel_l2 or 0) > 0
         ]
+
+        def added(p: PairResult) -> float:
+            return p.stats.rel_l2 * (1 - 1 / p.attribution)  # type: ignore[union-attr,operator]
+
+        # Multiplying a negligible error is not news: keep those adding at least 1% of the
+        # largest added error, then show the strongest multipliers first.
+        largest = max((added(p) for p in hits), default=0.0)
+        hits = [p for p in hits if added(p) >= 0.01 * largest]
         hits.sort(key=lambda p: -p.attribution)  # type: ignore[operator]
         return hits[:top]
 
@@ -643,61 +683,75 @@ def _check_dir(path: Path, side: str) -> Path:
     return path
 
 
-def _predecessor(key: PairKey, present: dict[tuple[int | None, str], PairResult], last_layer: int | None):
-    """The pair whose output ``key``'s stage consumes (the fixed map in docs/diff-json.md)."""
-    s, layer = key.stage, key.layer
+def _consumed(
+    key: PairKey, present: dict[tuple[int | None, str], PairResult], last_layer: int | None
+) -> list[PairResult]:
+    """The pairs whose outputs ``key``'s stage consumes (the fixed map of docs/diff-json.md)."""
+    layer = key.layer
 
-    def get(lyr, stage):
-        return present.get((lyr, stage))
+    def get(lyr: int | None, stage: str) -> list[PairResult]:
+        found = present.get((lyr, stage))
+        return [found] if found is not None else []
 
-    def layer_input(lyr):
-        if lyr is None:
-            return None
-        if lyr == 0:
-            return get(0, "embedding")
-        return get(lyr - 1, "post_ffn_residual")
+    def layer_input() -> list[PairResult]:
+        if layer is None:
+            return []
+        return get(0, "embedding") if layer == 0 else get(layer - 1, "post_ffn_residual")
 
-    table = {
-        "attn_norm": lambda: layer_input(layer),
+    def qkv() -> list[PairResult]:
+        return get(layer, "qkv_bias") or get(layer, "qkv_matmul")
+
+    table: dict[str, Callable[[], list[PairResult]]] = {
+        "attn_norm": layer_input,
         "qkv_matmul": lambda: get(layer, "attn_norm"),
         "qkv_bias": lambda: get(layer, "qkv_matmul"),
-        "q_post_rope": lambda: get(layer, "qkv_bias") or get(layer, "qkv_matmul"),
-        "k_post_rope": lambda: get(layer, "qkv_bias") or get(layer, "qkv_matmul"),
+        "q_post_rope": qkv,
+        "k_post_rope": qkv,
         "attn_scores": lambda: get(layer, "q_post_rope"),
         "attn_softmax": lambda: get(layer, "attn_scores"),
         "attention": lambda: get(layer, "attn_softmax"),
         "attn_out": lambda: get(layer, "attention"),
-        "post_attn_residual": lambda: layer_input(layer),
+        # A residual add consumes two tensors; it inherits the larger relative error.
+        "post_attn_residual": lambda: layer_input() + get(layer, "attn_out"),
         "ffn_norm": lambda: get(layer, "post_attn_residual"),
         "ffn_gate": lambda: get(layer, "ffn_norm"),
         "ffn_up": lambda: get(layer, "ffn_norm"),
         "ffn_silu": lambda: get(layer, "ffn_gate"),
         "ffn_swigl": lambda: get(layer, "ffn_silu"),
         "ffn_out": lambda: get(layer, "ffn_swigl"),
-        "post_ffn_residual": lambda: get(layer, "post_attn_residual"),
-        "final_norm": lambda: get(last_layer, "post_ffn_residual") if last_layer is not None else None,
+        "post_ffn_residual": lambda: get(layer, "post_attn_residual") + get(layer, "ffn_out"),
+        "final_norm": lambda: (
+            get(last_layer, "post_ffn_residual") if last_layer is not None else []
+        ),
         "lm_head": lambda: get(None, "final_norm"),
     }
-    fn = table.get(s)
-    return fn() if fn else None
+    fn = table.get(key.stage)
+    return fn() if fn is not None else []
 
 
 def attribute(pairs: list[PairResult]) -> None:
-    """Set ``attribution`` = rel_l2(stage) / rel_l2(predecessor) on every pair that has both.
+    """Set ``attribution`` = rel_l2(stage) / rel_l2(consumed stage) where both are known.
 
     inf when the stage creates error from an identical input; None when unknown.
     """
     present = {(p.key.layer, p.key.stage): p for p in pairs if p.stats is not None}
-    layers = [p.key.layer for p in pairs if p.key.layer is not None and p.key.stage == "post_ffn_residual"]
+    layers = [
+        p.key.layer for p in pairs if p.key.layer is not None and p.key.stage == "post_ffn_residual"
+    ]
     last_layer = max(layers) if layers else None
     for p in pairs:
         if p.stats is None or p.stats.rel_l2 is None:
             continue
-        pred = _predecessor(p.key, present, last_layer)
-        if pred is None or pred.stats is None or pred.stats.rel_l2 is None:
+        inputs = [
+            q
+            for q in _consumed(p.key, present, last_layer)
+            if q.stats is not None and q.stats.rel_l2 is not None
+        ]
+        if not inputs:
             continue
+        pred = max(inputs, key=lambda q: q.stats.rel_l2)  # type: ignore[union-attr,return-value]
         p.predecessor = pred.key.label
-        own, inherited = p.stats.rel_l2, pred.stats.rel_l2
+        own, inherited = p.stats.rel_l2, pred.stats.rel_l2  # type: ignore[union-attr]
         if not (math.isfinite(own) and math.isfinite(inherited)):
             continue
         if inherited == 0:
@@ -777,9 +831,7 @@ def diff_dirs(
     """Compare two dump directories pair by pair in forward order."""
     a, b = load_dump(path_a, "A"), load_dump(path_b, "B")
     overrides = overrides or []
-    common = sorted(
-        (a.files[rel] for rel in a.files.keys() & b.files.keys()), key=PairKey.sort_key
-    )
+    common = sorted((a.files[rel] for rel in a.files.keys() & b.files.keys()), key=PairKey.sort_key)
     only_a = sorted(a.files.keys() - b.files.keys(), key=lambda r: a.files[r].sort_key())
     only_b = sorted(b.files.keys() - a.files.keys(), key=lambda r: b.files[r].sort_key())
     result = DirDiff(a, b, tolerance, [], only_a, only_b, dump_warnings(a, b))

@@ -192,7 +192,9 @@ def attention_block(
     return attn_out
 
 
-def mlp_block(cfg: ModelConfig, w: LayerWeights, x: np.ndarray, layer: int, emit: Emit) -> np.ndarray:
+def mlp_block(
+    cfg: ModelConfig, w: LayerWeights, x: np.ndarray, layer: int, emit: Emit
+) -> np.ndarray:
     """Pre-norm SwiGLU feed-forward; returns the down projection."""
     ffn_norm = rms_norm(x, w.post_attention_layernorm, cfg.rms_norm_eps)
     emit(Stage.FFN_NORM, layer, ffn_norm)
@@ -239,7 +241,9 @@ def lm_head(model: Model, h_last: np.ndarray) -> np.ndarray:
 def check_token_ids(cfg: ModelConfig, token_ids: list[int]) -> np.ndarray:
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     if ids.size == 0:
-        raise ValidationError("the prompt encodes to zero tokens", hint="give a non-empty --prompt or --tokens")
+        raise ValidationError(
+            "the prompt encodes to zero tokens", hint="give a non-empty --prompt or --tokens"
+        )
     bad = ids[(ids < 0) | (ids >= cfg.vocab_size)]
     if bad.size:
         raise ValidationError(
@@ -284,7 +288,9 @@ def forward(
             if progress is not None:
                 progress(layer + 1, cfg.num_layers)
 
-        final = rms_norm(hidden, model.weight("model.norm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps)
+        final = rms_norm(
+            hidden, model.weight("model.norm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps
+        )
         emit(Stage.FINAL_NORM, None, final)
         logits = lm_head(model, final[-1])
         emit(Stage.LM_HEAD, None, logits)

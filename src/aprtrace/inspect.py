@@ -75,7 +75,9 @@ def _inspect_dump(root: Path, as_json: bool) -> None:
     rows = [_file_row(p, root) for p in files]
     has_manifest = (root / MANIFEST_NAME).exists()
     if as_json:
-        click.echo(json.dumps({"dir": str(root), "manifest": has_manifest, "files": rows}, indent=2))
+        click.echo(
+            json.dumps({"dir": str(root), "manifest": has_manifest, "files": rows}, indent=2)
+        )
         return
     from rich.console import Console
     from rich.table import Table
@@ -84,12 +86,24 @@ def _inspect_dump(root: Path, as_json: bool) -> None:
     for col in ("file", "layer", "values", "mean", "std", "min", "max", "NaN", "Inf"):
         table.add_column(col, justify="left" if col == "file" else "right")
     for r in rows:
-        table.add_row(r["path"], str(r["layer"]), str(r["dim_product"]), _fmt(r["mean"]),
-                      _fmt(r["std"]), _fmt(r["min"]), _fmt(r["max"]), str(r["nan"]), str(r["inf"]))
+        table.add_row(
+            r["path"],
+            str(r["layer"]),
+            str(r["dim_product"]),
+            _fmt(r["mean"]),
+            _fmt(r["std"]),
+            _fmt(r["min"]),
+            _fmt(r["max"]),
+            str(r["nan"]),
+            str(r["inf"]),
+        )
     Console(width=140).print(table)
     if not has_manifest:
-        click.echo("note: no manifest.json: the dump is incomplete (interrupted run) or was "
-                   "written by apr", err=True)
+        click.echo(
+            "note: no manifest.json: the dump is incomplete (interrupted run) or was "
+            "written by apr",
+            err=True,
+        )
 
 
 def _inspect_model(path: Path, as_json: bool) -> None:

@@ -1,4 +1,4 @@
-"""``manifest.json``: what a ``trace`` run wrote, written last so its presence marks a complete dump.
+"""``manifest.json``: what a ``trace`` run wrote; written last, so it marks a complete dump.
 
 APRT files carry no shape, stage or provenance; the manifest adds them without touching the
 apr-compatible files. Schema ``aprtrace-manifest-v1``::
@@ -271,7 +271,9 @@ def read_manifest(dump_dir: Path) -> Manifest | None:
     except UnicodeDecodeError as exc:
         raise _bad(path, f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
-        raise _bad(path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        raise _bad(
+            path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
     except RecursionError:
         raise _bad(path, "JSON nested too deeply") from None
     except OSError as exc:

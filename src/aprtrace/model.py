@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class LazyTensor:
             values = quant.dequantize(self.raw, self.qtype, self.n_values)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{self.where}: tensor '{self.name}': {exc.message}") from None
+        release_mapped_pages(self.raw)
         return values.reshape(self.shape)
 
     def rows(self, start: int, stop: int) -> np.ndarray:
@@ -55,13 +57,51 @@ class LazyTensor:
             values = quant.dequantize(chunk, self.qtype, (stop - start) * row_len)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{self.where}: tensor '{self.name}': {exc.message}") from None
+        release_mapped_pages(chunk)
         return values.reshape(stop - start, row_len)
 
     def take(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of a 2-D tensor (embedding lookup), decoding only those rows."""
-        return np.stack([self.rows(int(i), int(i) + 1)[0] for i in ids]) if len(ids) else (
-            np.zeros((0, self.shape[-1]), dtype=np.float32)
+        return (
+            np.stack([self.rows(int(i), int(i) + 1)[0] for i in ids])
+            if len(ids)
+            else (np.zeros((0, self.shape[-1]), dtype=np.float32))
         )
+
+
+def _read_only_mapping(array: np.ndarray) -> mmap.mmap | None:
+    """The read-only memory map ``array`` is a view of, if any."""
+    base = array
+    while True:
+        if isinstance(base, mmap.mmap):
+            return base if memoryview(base).readonly else None
+        if isinstance(base, memoryview):
+            base = base.obj
+        elif isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        else:
+            return None
+
+
+def release_mapped_pages(array: np.ndarray) -> None:
+    """Drop this process's resident pages of a read-only file mapping once they are decoded.
+
+    Pages of a memory-mapped model count in the process's RSS once touched, so a forward pass
+    over an 8 GB file would grow to 8 GB. ``MADV_DONTNEED`` unmaps them from this process; the
+    kernel's page cache keeps them, so reading them again costs no I/O, and the bytes cannot
+    change (the mapping is read-only). Arrays not backed by a read-only map are left alone.
+    """
+    mapping = _read_only_mapping(array)
+    if mapping is None or array.nbytes == 0 or not array.flags.c_contiguous:
+        return
+    if not hasattr(mmap, "MADV_DONTNEED"):  # not on Windows or macOS < 3.8 builds
+        return
+    map_start = np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data
+    offset = array.ctypes.data - map_start
+    first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # only whole pages inside the array
+    last = (offset + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def unpermute_llama_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -91,7 +131,7 @@ def permute_llama_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def layer_name(layer: int, suffix: str) -> str:
-    """Hugging Face name of a per-layer tensor, e.g. ``layer_name(3, "self_attn.q_proj.weight")``."""
+    """Hugging Face name of a per-layer tensor: ``layer_name(3, "mlp.up_proj.weight")``."""
     return f"model.layers.{layer}.{suffix}"
 
 

@@ -58,7 +58,7 @@ def dequantize(raw: np.ndarray, qtype: str, n_values: int) -> np.ndarray:
     """Decode ``raw`` (bytes of ``n_values`` values of ``qtype``) into a 1-D float32 array."""
     raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     if qtype == "F32":
-        _check_size(raw.size, qtype, 4, n_values, 4)
+        _check_size(raw.size, qtype, 4, n_values, 4 * n_values)
         return raw.view("<f4")[:n_values].astype(np.float32, copy=True)
     if qtype == "APR_Q8":
         return _dequantize_apr_q8(raw, n_values)
@@ -126,27 +126,34 @@ def _dequantize_apr_q8(raw: np.ndarray, n_values: int) -> np.ndarray:
 
 
 @cache
-def _pool() -> ThreadPoolExecutor | None:
-    """The shared decoding pool, or None on a single core."""
-    workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-    return ThreadPoolExecutor(workers, thread_name_prefix="aprtrace-dequant") if workers > 1 else None
+def _helpers() -> ThreadPoolExecutor | None:
+    """Threads that help the calling thread decode (one per extra core), or None on one core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    helpers = min(3, (cores or 1) - 1)
+    return ThreadPoolExecutor(helpers, thread_name_prefix="aprtrace-dequant") if helpers else None
 
 
 def _run_chunked(kernel: _Kernel, blocks: np.ndarray, out: np.ndarray, chunk: int) -> None:
-    """Run ``kernel`` over row chunks of ``blocks``/``out``, in parallel when worthwhile."""
+    """Run ``kernel`` over row chunks of ``blocks``/``out``, on all cores when worthwhile.
+
+    The calling thread takes chunks too, from the same queue as the helpers, so on a busy
+    machine where a helper is not scheduled it does the work itself instead of waiting.
+    """
     n = blocks.shape[0]
-    spans = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+    starts = iter(range(0, n, chunk))  # next() on a range iterator is atomic under the GIL
 
-    def work(span: tuple[int, int]) -> None:
+    def drain() -> None:
         with np.errstate(all="ignore"):  # NaN/Inf scales decode to NaN/Inf, as in ggml
-            kernel(blocks[span[0] : span[1]], out[span[0] : span[1]])
+            for start in starts:
+                kernel(blocks[start : start + chunk], out[start : start + chunk])
 
-    pool = _pool() if len(spans) > 1 else None
+    pool = _helpers() if n > chunk else None
     if pool is None:
-        for span in spans:
-            work(span)
+        drain()
         return
-    for future in [pool.submit(work, span) for span in spans]:
+    futures = [pool.submit(drain) for _ in range(min(pool._max_workers, n // chunk))]
+    drain()
+    for future in futures:
         future.result()
 
 
@@ -156,29 +163,36 @@ def _run_chunked(kernel: _Kernel, blocks: np.ndarray, out: np.ndarray, chunk: in
 # are taken in gguf-py's order (which is ggml's), so every rounding step is the same.
 
 
+_F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+"""Every f16 bit pattern widened by NumPy's own cast (as gguf-py does): a table lookup is twice
+as fast as the cast and gives the same bits by construction, NaN payloads included."""
+
+_BYTE_MASKS = {1: 0x01, 2: 0x03, 4: 0x0F}
+
+
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
     """The f16 field at byte ``start`` of each block, widened to f32, shape (n, 1)."""
     return blocks[:, start : start + 2].view(np.float16).astype(np.float32)
 
 
-def _nibbles(qs: np.ndarray, dst: np.ndarray) -> None:
-    """Low nibbles of ``qs`` (n, k, m) into ``dst[:, :, 0]``, high ones into ``dst[:, :, 1]``."""
-    np.bitwise_and(qs, 0x0F, out=dst[:, :, 0])
-    np.right_shift(qs, 4, out=dst[:, :, 1])
+def _bit_fields(fields: np.ndarray, width: int, count: int) -> np.ndarray:
+    """Split bytes into ``width``-bit fields: ``(byte >> width * i) & mask`` for ``i < count``.
 
-
-def _high_bits(bits: np.ndarray, bit: int, width: int, dst: np.ndarray, tmp: np.ndarray) -> None:
-    """OR ``((bits >> bit) & mask(width)) << 4`` into ``dst``."""
-    if bit <= 4:
-        np.left_shift(bits, 4 - bit, out=tmp)
-    else:
-        np.right_shift(bits, bit - 4, out=tmp)
-    np.bitwise_and(tmp, ((1 << width) - 1) << 4, out=tmp)
-    np.bitwise_or(dst, tmp, out=dst)
+    ``fields`` is (n, g, m) bytes, m a multiple of 8; the result is (n, g, count, m) uint8 with
+    field ``i`` of byte ``[b, j, l]`` at ``[b, j, i, l]``. It works on 8-byte words, so each
+    NumPy call handles eight bytes per element.
+    """
+    n, g, m = fields.shape
+    words = np.ascontiguousarray(fields).view(np.uint64)
+    out = np.empty((n, g, count, m // 8), dtype=np.uint64)
+    for i in range(count):
+        np.right_shift(words, np.uint64(width * i), out=out[:, :, i])
+    np.bitwise_and(out, np.uint64(_BYTE_MASKS[width] * 0x0101010101010101), out=out)
+    return out.view(np.uint8).reshape(n, g, count, m)
 
 
 def _f16_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
-    np.copyto(out, blocks.view(np.float16))
+    np.take(_F16_TO_F32, blocks.view(np.uint16).reshape(-1), out=out.reshape(-1), mode="clip")
 
 
 def _bf16_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
@@ -193,45 +207,45 @@ def _q8_0_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     np.multiply(blocks[:, 2:].view(np.int8), d, out=out)  # x * d
 
 
+def _q4_values(qs: np.ndarray, out: np.ndarray) -> None:
+    """The 32 nibbles of each 16-byte ``qs`` row (low ones first) into ``out`` as float32."""
+    np.copyto(out, _bit_fields(qs.reshape(-1, 1, 16), 4, 2).reshape(-1, 32))
+
+
 def _q4_0_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
-    n = blocks.shape[0]
     d = _f16(blocks, 0)
-    q = np.empty((n, 1, 2, 16), dtype=np.uint8)
-    _nibbles(blocks[:, 2:].reshape(n, 1, 16), q)
-    np.subtract(q.reshape(n, 32), np.float32(8), out=out)  # exact: nibble - 8
+    _q4_values(blocks[:, 2:], out)
+    np.subtract(out, np.float32(8), out=out)  # exact: nibble - 8
     np.multiply(d, out, out=out)  # d * q
 
 
 def _q4_1_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
-    n = blocks.shape[0]
     d, m = _f16(blocks, 0), _f16(blocks, 2)
-    q = np.empty((n, 1, 2, 16), dtype=np.uint8)
-    _nibbles(blocks[:, 4:].reshape(n, 1, 16), q)
-    np.multiply(d, q.reshape(n, 32), out=out)  # (d * q) + m
+    _q4_values(blocks[:, 4:], out)
+    np.multiply(d, out, out=out)  # (d * q) + m
     np.add(out, m, out=out)
 
 
-def _q5_values(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
-    """The 5-bit values (n, 32) of Q5_0/Q5_1 blocks: low nibbles from ``qs``, bit 4 from ``qh``."""
-    n = qs.shape[0]
-    q = np.empty((n, 1, 2, 16), dtype=np.uint8)
-    _nibbles(qs.reshape(n, 1, 16), q)
-    q = q.reshape(n, 32)
+def _q5_values(qh: np.ndarray, qs: np.ndarray, out: np.ndarray) -> None:
+    """The 5-bit values of Q5_0/Q5_1 blocks into ``out``: nibbles of ``qs``, bit 4 from ``qh``."""
+    q = _bit_fields(qs.reshape(-1, 1, 16), 4, 2).reshape(-1, 32)
     high = np.unpackbits(qh, axis=1, bitorder="little")  # bit j of the little-endian u32
     np.left_shift(high, 4, out=high)
     np.bitwise_or(q, high, out=q)
-    return q
+    np.copyto(out, q)
 
 
 def _q5_0_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     d = _f16(blocks, 0)
-    np.subtract(_q5_values(blocks[:, 2:6], blocks[:, 6:]), np.float32(16), out=out)
+    _q5_values(blocks[:, 2:6], blocks[:, 6:], out)
+    np.subtract(out, np.float32(16), out=out)  # exact: q - 16
     np.multiply(d, out, out=out)  # d * q
 
 
 def _q5_1_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     d, m = _f16(blocks, 0), _f16(blocks, 2)
-    np.multiply(d, _q5_values(blocks[:, 4:8], blocks[:, 8:]), out=out)  # (d * q) + m
+    _q5_values(blocks[:, 4:8], blocks[:, 8:], out)
+    np.multiply(d, out, out=out)  # (d * q) + m
     np.add(out, m, out=out)
 
 
@@ -241,19 +255,15 @@ def _q2_k_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     d, dmin = _f16(blocks, 80), _f16(blocks, 82)
     dl = d * (scales & 0x0F).astype(np.float32)
     ml = dmin * (scales >> 4).astype(np.float32)
-    qs = blocks[:, 16:80].reshape(n, 2, 32)
-    q = np.empty((n, 2, 4, 32), dtype=np.uint8)
-    for k in range(4):
-        np.right_shift(qs, 2 * k, out=q[:, :, k])
-    np.bitwise_and(q, 3, out=q)
     out16 = out.reshape(n, 16, 16)
-    np.multiply(dl.reshape(n, 16, 1), q.reshape(n, 16, 16), out=out16)  # dl * q - ml
+    np.copyto(out16, _bit_fields(blocks[:, 16:80].reshape(n, 2, 32), 2, 4).reshape(n, 16, 16))
+    np.multiply(dl.reshape(n, 16, 1), out16, out=out16)  # dl * q - ml
     np.subtract(out16, ml.reshape(n, 16, 1), out=out16)
 
 
 def _q3_k_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     n = blocks.shape[0]
-    hmask, qs, packed = blocks[:, :32], blocks[:, 32:96], blocks[:, 96:108]
+    packed = blocks[:, 96:108]
     d = _f16(blocks, 108)
     # 16 six-bit scales: low nibbles from bytes 0..7, top two bits from bytes 8..11.
     sc = np.empty((n, 16), dtype=np.uint8)
@@ -266,37 +276,27 @@ def _q3_k_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     np.left_shift(high, 4, out=high)
     np.bitwise_or(sc, high.reshape(n, 16), out=sc)
     dl = d * (sc.view(np.int8) - np.int8(32)).astype(np.float32)
-    # value = 2-bit low part - 4 where the hmask bit is clear; formed exactly in int8.
-    q = np.empty((n, 2, 4, 32), dtype=np.uint8)
-    qs2 = qs.reshape(n, 2, 32)
-    for s in range(4):
-        np.right_shift(qs2, 2 * s, out=q[:, :, s])
-    np.bitwise_and(q, 3, out=q)
-    q8 = q.reshape(n, 8, 32)
-    missing = np.invert(hmask)
-    tmp = np.empty((n, 32), dtype=np.uint8)
-    for k in range(8):
-        if k <= 2:
-            np.left_shift(missing, 2 - k, out=tmp)
-        else:
-            np.right_shift(missing, k - 2, out=tmp)
-        np.bitwise_and(tmp, 4, out=tmp)
-        np.subtract(q8[:, k], tmp, out=q8[:, k])  # wraps to the int8 value
+    # value = 2-bit low part, minus 4 where the hmask bit is clear; formed exactly in int8.
+    q = _bit_fields(blocks[:, 32:96].reshape(n, 2, 32), 2, 4).reshape(n, 256)
+    missing = _bit_fields(np.invert(blocks[:, :32]).reshape(n, 1, 32), 1, 8).reshape(n, 256)
+    np.left_shift(missing, 2, out=missing)
+    np.subtract(q, missing, out=q)  # wraps to the int8 value
     out16 = out.reshape(n, 16, 16)
-    np.multiply(dl.reshape(n, 16, 1), q.view(np.int8).reshape(n, 16, 16), out=out16)  # dl * q
+    np.copyto(out16, q.view(np.int8).reshape(n, 16, 16))
+    np.multiply(dl.reshape(n, 16, 1), out16, out=out16)  # dl * q
 
 
 def _k_scale_min(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The eight 6-bit scales and mins of a Q4_K/Q5_K block, as float32 (n, 8) each."""
-    d, m, m_d = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
-    n = packed.shape[0]
-    sc = np.empty((n, 8), dtype=np.uint8)
-    mn = np.empty((n, 8), dtype=np.uint8)
-    np.bitwise_and(d, 0x3F, out=sc[:, :4])
-    sc[:, 4:] = (m_d & 0x0F) | ((d >> 2) & 0x30)
-    np.bitwise_and(m, 0x3F, out=mn[:, :4])
-    mn[:, 4:] = (m_d >> 4) | ((m >> 2) & 0x30)
-    return sc.astype(np.float32), mn.astype(np.float32)
+    words = np.ascontiguousarray(packed).view(np.uint32)  # (n, 3): d, m, m_d; 4 fields each
+    d, m, m_d = words[:, 0], words[:, 1], words[:, 2]
+    fields = np.empty((packed.shape[0], 4), dtype=np.uint32)  # scales 0-3, 4-7, mins 0-3, 4-7
+    np.bitwise_and(d, 0x3F3F3F3F, out=fields[:, 0])
+    fields[:, 1] = (m_d & 0x0F0F0F0F) | ((d >> 2) & 0x30303030)
+    np.bitwise_and(m, 0x3F3F3F3F, out=fields[:, 2])
+    fields[:, 3] = ((m_d >> 4) & 0x0F0F0F0F) | ((m >> 2) & 0x30303030)
+    both = fields.view(np.uint8).astype(np.float32)
+    return both[:, :8], both[:, 8:]
 
 
 def _k_affine(blocks: np.ndarray, q: np.ndarray, out: np.ndarray) -> None:
@@ -306,43 +306,35 @@ def _k_affine(blocks: np.ndarray, q: np.ndarray, out: np.ndarray) -> None:
     dsc = _f16(blocks, 0) * sc
     dm = _f16(blocks, 2) * mn
     out8 = out.reshape(n, 8, 32)
-    np.multiply(dsc.reshape(n, 8, 1), q.reshape(n, 8, 32), out=out8)
+    np.copyto(out8, q.reshape(n, 8, 32))
+    np.multiply(dsc.reshape(n, 8, 1), out8, out=out8)
     np.subtract(out8, dm.reshape(n, 8, 1), out=out8)
 
 
 def _q4_k_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     n = blocks.shape[0]
-    q = np.empty((n, 4, 2, 32), dtype=np.uint8)
-    _nibbles(blocks[:, 16:].reshape(n, 4, 32), q)
-    _k_affine(blocks, q, out)
+    _k_affine(blocks, _bit_fields(blocks[:, 16:].reshape(n, 4, 32), 4, 2), out)
 
 
 def _q5_k_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     n = blocks.shape[0]
-    qh = blocks[:, 16:48]
-    q = np.empty((n, 4, 2, 32), dtype=np.uint8)
-    _nibbles(blocks[:, 48:].reshape(n, 4, 32), q)
-    q8 = q.reshape(n, 8, 32)
-    tmp = np.empty((n, 32), dtype=np.uint8)
-    for k in range(8):  # sub-block k takes bit k of each qh byte as its bit 4
-        _high_bits(qh, k, 1, q8[:, k], tmp)
+    q = _bit_fields(blocks[:, 48:].reshape(n, 4, 32), 4, 2).reshape(n, 256)
+    high = _bit_fields(blocks[:, 16:48].reshape(n, 1, 32), 1, 8).reshape(n, 256)
+    np.left_shift(high, 4, out=high)  # sub-block k takes bit k of each qh byte as its bit 4
+    np.bitwise_or(q, high, out=q)
     _k_affine(blocks, q, out)
 
 
 def _q6_k_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     n = blocks.shape[0]
-    ql = blocks[:, :128].reshape(n, 2, 2, 32)
-    qh = blocks[:, 128:192].reshape(n, 2, 32)
     scales = blocks[:, 192:208].view(np.int8).astype(np.float32)
     dsc = _f16(blocks, 208) * scales
-    # value index = half * 128 + k * 32 + l: nibble (k // 2) of ql[half, k % 2, l], and
-    # bits (2k, 2k + 1) of qh[half, l] on top.
-    q = np.empty((n, 2, 4, 32), dtype=np.uint8)
-    np.bitwise_and(ql, 0x0F, out=q[:, :, 0:2])
-    np.right_shift(ql, 4, out=q[:, :, 2:4])
-    tmp = np.empty((n, 2, 32), dtype=np.uint8)
-    for k in range(4):
-        _high_bits(qh, 2 * k, 2, q[:, :, k], tmp)
+    # value index = half * 128 + k * 32 + l: nibble (k // 2) of ql[half * 64 + (k % 2) * 32 + l],
+    # with bits (2k, 2k + 1) of qh[half * 32 + l] on top.
+    q = _bit_fields(blocks[:, :128].reshape(n, 2, 64), 4, 2).reshape(n, 256)
+    high = _bit_fields(blocks[:, 128:192].reshape(n, 2, 32), 2, 4).reshape(n, 256)
+    np.left_shift(high, 4, out=high)
+    np.bitwise_or(q, high, out=q)
     out16 = out.reshape(n, 16, 16)
     np.subtract(q.reshape(n, 16, 16), np.float32(32), out=out16)  # exact: q - 32
     np.multiply(dsc.reshape(n, 16, 1), out16, out=out16)  # (d * scale) * q

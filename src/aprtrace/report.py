@@ -1,4 +1,4 @@
-"""Render diff results: apr-style text and JSON for one pair; table, JSON, HTML, SVG, PNG for dumps."""
+"""Render diffs: apr-style text/JSON for one pair; table, JSON, HTML, SVG, PNG for dumps."""
 
 from __future__ import annotations
 
@@ -289,7 +289,9 @@ def render_dir_table(d: DirDiff, console: Console) -> None:
         s = p.stats
         layer = "-" if p.key.layer is None else str(p.key.layer)
         if s is None:
-            table.add_row(layer, p.key.stage, *(["-"] * 8), Text("INCOMPARABLE", style="bold magenta"))
+            table.add_row(
+                layer, p.key.stage, *(["-"] * 8), Text("INCOMPARABLE", style="bold magenta")
+            )
             continue
         if p.passed:
             verdict = Text("ok", style="green")
@@ -311,7 +313,7 @@ def render_dir_table(d: DirDiff, console: Console) -> None:
             fmt(s.cosine_sim, ".6f"),
             fmt(s.rel_l2, ".3g"),
             fmt(s.sqnr_db, ".1f"),
-            f"{fmt(s.ulp_max, 'd')}/{fmt(s.ulp_median, 'g')}",
+            f"{fmt(s.ulp_max, 'd')}/{fmt(s.ulp_median, '.10g')}",
             ratio_text,
             verdict,
         )
@@ -410,7 +412,7 @@ def _color(t: float | None) -> tuple[int, int, int]:
         return (210, 210, 210)
     stops = [(0.0, (46, 125, 50)), (0.5, (249, 200, 40)), (1.0, (198, 40, 40))]
     t = min(1.0, max(0.0, t))
-    for (t0, c0), (t1, c1) in zip(stops, stops[1:]):
+    for (t0, c0), (t1, c1) in zip(stops, stops[1:], strict=False):
         if t <= t1:
             u = (t - t0) / (t1 - t0)
             return tuple(round(c0[i] + u * (c1[i] - c0[i])) for i in range(3))  # type: ignore[return-value]
@@ -440,8 +442,9 @@ def _tooltip(p: PairResult, metric: str) -> str:
         f"{p.key.rel}: {'PASS' if p.passed else 'FAIL'} ({p.reason})",
         f"{_metric_label(metric)} = {fmt(metric_value(p, metric))}",
         f"max|d| {fmt(s.max_abs_diff)} at {p.max_position or s.max_abs_diff_index}",
-        f"cosine {fmt(s.cosine_sim, '.6f')}  rel L2 {fmt(s.rel_l2)}  SQNR {fmt(s.sqnr_db, '.1f')} dB",
-        f"ULP max {fmt(s.ulp_max, 'd')} median {fmt(s.ulp_median, 'g')}",
+        f"cosine {fmt(s.cosine_sim, '.6f')}  rel L2 {fmt(s.rel_l2)}",
+        f"SQNR {fmt(s.sqnr_db, '.1f')} dB",
+        f"ULP max {fmt(s.ulp_max, 'd')} median {fmt(s.ulp_median, '.10g')}",
     ]
     if p.attribution is not None:
         lines.append(f"x{fmt(p.attribution, '.3g')} vs {p.predecessor}")
@@ -485,7 +488,7 @@ def heatmap_svg(d: DirDiff, metric: str = "rel-l2", interactive: bool = False) -
             rgb = _color(scale(values[idx]))
             attrs = f' class="cell" data-i="{idx}"' if interactive else ""
             out.append(
-                f'<g{attrs}><title>{html.escape(_tooltip(p, metric))}</title>'
+                f"<g{attrs}><title>{html.escape(_tooltip(p, metric))}</title>"
                 f'<rect x="{x}" y="{y}" width="{cw - 2}" height="{ch - 2}" '
                 f'fill="rgb{rgb}"/>'
             )
@@ -554,9 +557,7 @@ def html_report(d: DirDiff, metric: str = "rel-l2") -> str:
         parts.append("</ul>")
     for side, names in (("A", d.only_a), ("B", d.only_b)):
         if names:
-            parts.append(
-                f'<p class="warn">only in {side}: {html.escape(", ".join(names))}</p>'
-            )
+            parts.append(f'<p class="warn">only in {side}: {html.escape(", ".join(names))}</p>')
     parts.append(heatmap_svg(d, metric, interactive=True))
     parts.append("<p>Hover or click a cell for the full statistics of that pair:</p>")
     parts.append('<div id="details">(no cell selected)</div>')

@@ -14,8 +14,10 @@ Control (type 3) and user-defined (type 4) tokens are added whole so they are ne
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,11 @@ def byte_alphabet() -> dict[int, str]:
     return mapping
 
 
+@lru_cache(maxsize=1)
+def _outside_byte_alphabet() -> re.Pattern[str]:
+    return re.compile("[^" + re.escape("".join(byte_alphabet().values())) + "]")
+
+
 def byte_level_pre_tokenizer(pre: str | None) -> Any:
     """The pre-tokenizer of a byte-level vocabulary with llama.cpp pre type ``pre``."""
     key = pre.strip().lower() if isinstance(pre, str) else pre
@@ -108,14 +115,15 @@ def byte_level_pre_tokenizer(pre: str | None) -> Any:
 
 
 def _merge_pairs(merges: Sequence[str], where: str) -> list[tuple[str, str]]:
-    pairs: list[tuple[str, str]] = []
-    for i, merge in enumerate(merges):
-        left, sep, right = merge.partition(" ") if isinstance(merge, str) else ("", "", "")
-        if not sep or not left or not right:
+    """``"left right"`` strings -> pairs (the hot path: ~50k merges per vocabulary)."""
+    if set(map(type, merges)) - {str}:
+        raise InvalidFormatError(f"{where}: the tokenizer merges hold non-string entries")
+    pairs = [(left, right) for left, _, right in map(str.partition, merges, repeat(" "))]
+    for i, (left, right) in enumerate(pairs):
+        if not left or not right:
             raise InvalidFormatError(
-                f"{where}: merge #{i} {merge!r} is not two tokens separated by a space"
+                f"{where}: merge #{i} {merges[i]!r} is not two tokens separated by a space"
             )
-        pairs.append((left, right))
     return pairs
 
 
@@ -127,7 +135,7 @@ def merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[t
     as Hugging Face's ``generate_merges`` does.
     """
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    score_of = dict(zip(tokens, scores))
+    score_of = dict(zip(tokens, scores, strict=True))
     found: list[tuple[float, int, int, int, str, str]] = []
     order = 0
     for tok, score in score_of.items():
@@ -152,7 +160,7 @@ def _add_marked_tokens(
     alphabet = set(byte_alphabet().values()) if byte_level else None
     control = []
     user = []
-    for token, kind in zip(tokens, token_types):
+    for token, kind in zip(tokens, token_types, strict=True):
         if kind == TOKEN_TYPE_CONTROL and token and (alphabet is None or set(token) <= alphabet):
             control.append(AddedToken(token, special=True, normalized=False))
         elif kind == TOKEN_TYPE_USER_DEFINED and token:
@@ -183,7 +191,7 @@ def build_tokenizer(
     """
     if not isinstance(tokens, Sequence) or not tokens:
         raise InvalidFormatError(f"{where}: the tokenizer vocabulary is empty or not a list")
-    if not all(isinstance(t, str) for t in tokens):
+    if set(map(type, tokens)) - {str}:
         raise InvalidFormatError(f"{where}: the tokenizer vocabulary holds non-string entries")
     n = len(tokens)
     for label, seq in (("token_type", token_types), ("scores", scores)):
@@ -194,7 +202,8 @@ def build_tokenizer(
     for label, value in (("bos", bos_id), ("eos", eos_id)):
         if value is not None and not 0 <= value < n:
             raise InvalidFormatError(
-                f"{where}: tokenizer {label} token id {value} is outside the vocabulary (0..{n - 1})"
+                f"{where}: tokenizer {label} token id {value} is outside the vocabulary "
+                f"(0..{n - 1})"
             )
     kind = (model or "").strip().lower()
     try:
@@ -220,14 +229,15 @@ def _byte_level_bpe(
 ) -> Tokenizer:
     if merges is None:
         raise InvalidFormatError(f"{where}: a byte-level BPE (gpt2) tokenizer needs merges")
-    spell = byte_alphabet()
-    alphabet = set(spell.values())
-    vocab: dict[str, int] = {}
-    for i, token in enumerate(tokens):
+    vocab = dict(zip(tokens, range(len(tokens)), strict=True))
+    if _outside_byte_alphabet().search("".join(tokens)):
         # Tokens outside the byte alphabet (rare, e.g. raw UTF-8 specials) are respelled.
-        if not set(token) <= alphabet:
-            token = "".join(spell[b] for b in token.encode("utf-8"))
-        vocab[token] = i
+        spell = byte_alphabet()
+        vocab = {}
+        for i, token in enumerate(tokens):
+            if _outside_byte_alphabet().search(token):
+                token = "".join(spell[b] for b in token.encode("utf-8"))
+            vocab[token] = i
     key = pre.strip().lower() if isinstance(pre, str) else pre
     bpe = models.BPE(
         vocab=vocab,
@@ -307,7 +317,8 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any], where: str = "gguf") -
         merges=merges,
         scores=_as_list(meta.get("tokenizer.ggml.scores")),
         token_types=_as_list(meta.get("tokenizer.ggml.token_type")),
-        pre=meta.get("tokenizer.ggml.pre") if isinstance(meta.get("tokenizer.ggml.pre"), str)
+        pre=meta.get("tokenizer.ggml.pre")
+        if isinstance(meta.get("tokenizer.ggml.pre"), str)
         else None,
         bos_id=_as_id(meta.get("tokenizer.ggml.bos_token_id")),
         eos_id=_as_id(meta.get("tokenizer.ggml.eos_token_id")),

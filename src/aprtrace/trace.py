@@ -68,14 +68,32 @@ def stage_stats(stage: Stage, layer: int | None, values: np.ndarray) -> StageSta
         elif max(abs(lo), abs(hi)) > LARGE_VALUE:
             anomalies.append(f"|x| > {LARGE_VALUE:g}")
         return StageStats(
-            stage.value, layer, list(np.shape(values)), int(flat.size),
-            _finite_or_none(mean), _finite_or_none(std), lo, hi, nan, inf, anomalies,
+            stage.value,
+            layer,
+            list(np.shape(values)),
+            int(flat.size),
+            _finite_or_none(mean),
+            _finite_or_none(std),
+            lo,
+            hi,
+            nan,
+            inf,
+            anomalies,
         )
     if flat.size and not anomalies:
         anomalies.append("no finite values")
     return StageStats(
-        stage.value, layer, list(np.shape(values)), int(flat.size), None, None, None, None,
-        nan, inf, anomalies,
+        stage.value,
+        layer,
+        list(np.shape(values)),
+        int(flat.size),
+        None,
+        None,
+        None,
+        None,
+        nan,
+        inf,
+        anomalies,
     )
 
 
@@ -262,7 +280,8 @@ def parse_token_list(spec: str) -> list[int]:
         ids = [int(t) for t in spec.replace(" ", "").split(",") if t != ""]
     except ValueError:
         raise ValidationError(
-            f"invalid --tokens '{spec}'", hint="give comma-separated integers, e.g. --tokens 3838,374"
+            f"invalid --tokens '{spec}'",
+            hint="give comma-separated integers, e.g. --tokens 3838,374",
         ) from None
     if not ids:
         raise ValidationError("--tokens is empty", hint="give comma-separated integers")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import struct
-import tempfile
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -361,6 +361,13 @@ def _parse_index(path: Path, raw: bytes, count: int, data_len: int) -> list[AprI
                 f"section ({data_len} bytes)",
             )
         entries.append(AprIndexEntry(name, dtype, tuple(int(d) for d in dims), offset, size))
+    data_end = max((align64(e.offset + e.size) for e in entries), default=0)
+    if data_end > data_len:
+        raise _bad(
+            path,
+            f"data section is {data_len} bytes, the tensor index needs {data_end} "
+            "(tensors are padded to 64 bytes)",
+        )
     by_offset = sorted((e for e in entries if e.size), key=lambda e: e.offset)
     for a, b in zip(by_offset, by_offset[1:], strict=False):
         if a.offset + a.size > b.offset:
@@ -685,26 +692,31 @@ def _pad(n: int) -> bytes:
 TensorSpec = tuple[str, int, tuple[int, ...], Any]
 
 
+def _as_bytes(raw: Any) -> memoryview:
+    if isinstance(raw, np.ndarray):
+        return memoryview(np.ascontiguousarray(raw).view(np.uint8).reshape(-1))
+    return memoryview(raw).cast("B")
+
+
 def write_apr(path: Path, metadata: Mapping[str, Any], tensors: Iterable[TensorSpec]) -> int:
     """Write an APR v2 file atomically; return its size in bytes.
 
-    ``tensors`` holds ``(name, dtype_code, shape, raw_bytes)``; raw bytes may be ``bytes``, a
-    ``memoryview`` or a NumPy array (written as its bytes). Deterministic: the same input gives
-    the same file.
+    ``tensors`` holds ``(name, dtype_code, shape, raw)``; ``raw`` is ``bytes``, a
+    ``memoryview``, a NumPy array (written as its bytes) or a zero-argument callable returning
+    one of those, called once while writing (so a converter holds one tensor at a time).
+    Deterministic: the same input gives the same file.
     """
     path = Path(path)
     items = []
     for name, dtype, shape, raw in tensors:
-        data = (
-            memoryview(np.ascontiguousarray(raw).view(np.uint8).reshape(-1))
-            if isinstance(raw, np.ndarray)
-            else memoryview(raw).cast("B")
-        )
         shape = tuple(int(d) for d in shape)
         if len(shape) > MAX_NDIM:
             raise ValueError(f"tensor '{name}': {len(shape)} dims, APR allows {MAX_NDIM}")
-        _check_writer_size(name, dtype, shape, data.nbytes)
-        items.append((name.encode("utf-8"), dtype, shape, data))
+        nbytes = _writer_size(name, dtype, shape)
+        if not callable(raw):
+            raw = _as_bytes(raw)
+            _check_size_matches(name, nbytes, raw.nbytes)
+        items.append((name.encode("utf-8"), dtype, shape, nbytes, raw))
     items.sort(key=lambda item: item[0])
     for a, b in zip(items, items[1:], strict=False):
         if a[0] == b[0]:
@@ -712,9 +724,9 @@ def write_apr(path: Path, metadata: Mapping[str, Any], tensors: Iterable[TensorS
     meta = metadata_json(metadata)
     index = bytearray()
     offset = 0
-    for name, dtype, shape, data in items:
-        index += _index_entry(name, dtype, shape, offset, data.nbytes)
-        offset += align64(data.nbytes)
+    for name, dtype, shape, nbytes, _ in items:
+        index += _index_entry(name, dtype, shape, offset, nbytes)
+        offset += align64(nbytes)
     flags = FLAG_BITS["LAYOUT_ROW_MAJOR"]
     if metadata.get("tokenizer.vocabulary"):
         flags |= FLAG_BITS["HAS_VOCAB"]
@@ -726,43 +738,51 @@ def write_apr(path: Path, metadata: Mapping[str, Any], tensors: Iterable[TensorS
     header = header[:40] + struct.pack("<I", crc) + header[44:]
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as out:
             footer_crc = 0
             total = 0
-            for chunk in (header, meta, _pad(len(meta)), bytes(index), _pad(len(index))):
+
+            def put(chunk: Any) -> None:
+                nonlocal footer_crc, total
                 out.write(chunk)
                 footer_crc = zlib.crc32(chunk, footer_crc)
                 total += len(chunk)
-            for _, _, _, data in items:
-                for chunk in (data, _pad(data.nbytes)):
-                    out.write(chunk)
-                    footer_crc = zlib.crc32(chunk, footer_crc)
-                    total += len(chunk)
+
+            for chunk in (header, meta, _pad(len(meta)), bytes(index), _pad(len(index))):
+                put(chunk)
+            for name, _, _, nbytes, raw in items:
+                data = _as_bytes(raw()) if callable(raw) else raw
+                _check_size_matches(name.decode(), nbytes, data.nbytes)
+                put(data)
+                put(_pad(nbytes))
             out.write(struct.pack("<I", footer_crc))
         os.replace(tmp, path)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return total + FOOTER_SIZE
 
 
-def _check_writer_size(name: str, dtype: int, shape: tuple[int, ...], nbytes: int) -> None:
+def _check_size_matches(name: Any, need: int, nbytes: int) -> None:
+    if nbytes != need:
+        raise ValueError(f"tensor '{name}': {nbytes} bytes given, its dtype and shape need {need}")
+
+
+def _writer_size(name: str, dtype: int, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor aprtrace writes with ``dtype`` and ``shape``."""
     qtypes = {code: qtype for qtype, code in WRITER_DTYPE_CODES.items()}
     if dtype not in qtypes:
         raise ValueError(
             f"tensor '{name}': dtype code {dtype} is not one aprtrace writes "
             f"({sorted(WRITER_DTYPE_CODES.items(), key=lambda kv: kv[1])})"
         )
-    need = expected_size(qtypes[dtype], math.prod(shape))
-    if nbytes != need:
-        raise ValueError(
-            f"tensor '{name}': {nbytes} bytes for {qtypes[dtype]} {list(shape)}, expected {need}"
-        )
+    return expected_size(qtypes[dtype], math.prod(shape))
 
 
 # --------------------------------------------------------------------------------------------

@@ -242,8 +242,9 @@ class _Cursor:
                 width = _SCALAR_FORMATS[item_type].size
                 if count > (self.size - self.pos) // width:
                     raise self.fail(f"{what} claims {count} items, past the end of the file")
-                arr = np.frombuffer(self.buf, dtype=_NUMPY_DTYPES[item_type], count=count,
-                                    offset=self.pos).copy()
+                arr = np.frombuffer(
+                    self.buf, dtype=_NUMPY_DTYPES[item_type], count=count, offset=self.pos
+                ).copy()
                 if item_type == GGUFValueType.BOOL:
                     arr = arr.astype(bool)
                 self.pos += count * width
@@ -301,8 +302,10 @@ def read_gguf(path: str | Path) -> GGUFFile:
     n_tensors = cur.u64("tensor count")
     n_kv = cur.u64("metadata count")
     remaining = size - cur.pos
-    if n_kv > remaining // _MIN_KV_BYTES or n_tensors > remaining // _MIN_TENSOR_INFO_BYTES or (
-        n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > remaining
+    if (
+        n_kv > remaining // _MIN_KV_BYTES
+        or n_tensors > remaining // _MIN_TENSOR_INFO_BYTES
+        or (n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > remaining)
     ):
         raise cur.fail(
             f"header claims {n_tensors} tensors and {n_kv} metadata entries, "
@@ -384,7 +387,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
         tensors[name] = GGUFTensorInfo(name, dims, gtype.name, type_id, begin, nbytes)
 
     ordered = sorted(tensors.values(), key=lambda t: t.offset)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in zip(ordered, ordered[1:], strict=False):
         if a.offset + a.nbytes > b.offset:
             raise InvalidFormatError(
                 f"{path}: tensors '{a.name}' and '{b.name}' overlap in the file",

@@ -83,8 +83,9 @@ def read_safetensors(path: Path) -> dict[str, LazyTensor]:
         qtype, width = _DTYPES[dtype]
         if end - begin != math.prod(shape) * width:
             raise _bad(
-                path, f"tensor '{name}': {end - begin} bytes for {dtype} {shape} (expected "
-                f"{math.prod(shape) * width})"
+                path,
+                f"tensor '{name}': {end - begin} bytes for {dtype} {shape} (expected "
+                f"{math.prod(shape) * width})",
             )
         spans.append((begin, end, name))
         raw = data[data_start + begin : data_start + end]
@@ -138,9 +139,7 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def hf_config(
-    raw: dict, tensors: dict[str, LazyTensor], where: str
-) -> ModelConfig:
+def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelConfig:
     """ModelConfig from a transformers ``config.json`` (v4 or v5 layout) and the tensors."""
     arch_name = raw.get("model_type")
     if not arch_name and isinstance(raw.get("architectures"), list) and raw["architectures"]:
@@ -167,9 +166,14 @@ def hf_config(
     heads = integer("num_attention_heads")
     rope = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
     rope_theta = rope.get("rope_theta", raw.get("rope_theta"))
+    if rope_theta is not None and (
+        isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float))
+    ):
+        raise ModelLoadError(f"{where}: config.json rope_theta = {rope_theta!r} must be a number")
     scaling = raw.get("rope_scaling") or {}
-    rope_kind = rope.get("rope_type") or (scaling.get("rope_type") if isinstance(scaling, dict)
-                                          else None)
+    rope_kind = rope.get("rope_type") or (
+        scaling.get("rope_type") if isinstance(scaling, dict) else None
+    )
     if rope_kind not in (None, "default"):
         raise ModelLoadError(
             f"{where}: RoPE scaling '{rope_kind}' is not supported",

@@ -1,0 +1,234 @@
+"""``aprtrace diff --values``: the click command. Parses, calls aprtrace.diff, renders."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from aprtrace import report
+from aprtrace.aprt import read_aprt
+from aprtrace.diff import (
+    DEFAULT_TOLERANCE,
+    Tolerance,
+    check_tolerance_value,
+    compare_arrays,
+    diff_dirs,
+    diff_files,
+    key_for,
+    parse_tol_override,
+    tolerance_for,
+    verdict,
+)
+from aprtrace.errors import EXIT_DIVERGED, NotFoundError, OutputError, ValidationError
+
+_T = DEFAULT_TOLERANCE
+
+HELP = f"""Compare stage tensors value by value: two APRT files, or two dump directories.
+
+\b
+A is the reference, B the candidate (relative error, SQNR and rtol are measured against A).
+
+\b
+File pair (compatible with `apr diff --values A.bin B.bin`):
+  aprtrace diff --values ref/layer-0/ffn_out.bin q8/layer-0/ffn_out.bin
+  aprtrace diff --values --json --limit 5 a/lm_head.bin b/lm_head.bin
+Directory mode (pairs files by relative path, forward order):
+  aprtrace diff --values f32-trace/ q8-trace/
+  aprtrace diff --values f32-trace/ q4-trace/ --cos-min 0.99 --tol 'attn_softmax:atol=1e-3'
+  aprtrace diff --values a/ b/ --tol 'layer-3/ffn_*:cos-min=0.98,rtol=0.2' --fail-fast
+  aprtrace diff --values a/ b/ --json > diff.json
+  aprtrace diff --values a/ b/ --html report.html --plot heatmap.svg --metric cosine
+
+\b
+Verdict per pair (defaults: --atol {_T.atol:g} --rtol {_T.rtol:g} --cos-min {_T.cos_min:g}):
+  pass  =  no NaN/Inf mismatch  and  ( max|d| <= atol
+           or ( cosine >= cos-min  and  max|d| <= atol + rtol * max|a| ) )
+cos-min 0.999 is aprender's practice (the Q4_K noise floor). The max|d| bound catches a
+localized bug (a few wrong elements) that barely moves the cosine; rtol 0.1 lets each element
+be off by up to 10% of the tensor's largest magnitude, above per-block quantization noise.
+atol {_T.atol:g} passes tensors that are identical or all near zero. In directory mode NaN and
+Inf are counted separately and every other statistic is over positions finite on both sides.
+--tol PATTERN:key=value[,key=value] overrides per stage (keys atol, rtol, cos-min); PATTERN is
+an fnmatch on the stage name, or on layer-N/stage when it contains a '/'; later rules win.
+
+\b
+Exit codes:
+  0  every pair within tolerance
+  1  at least one pair diverged (the report names the first one in forward order)
+  3  an input file or directory does not exist
+  4  an input is not a valid APRT file or manifest
+  5  incomparable inputs: element count or layer mismatch (as apr), a file paired with a
+     directory, no files in common, or a bad option value
+"""
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    try:
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(data, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _console() -> Console:
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=180)
+    return console
+
+
+def _file_pair(ctx, a: Path, b: Path, limit: int, as_json: bool, base: Tolerance, rules) -> None:
+    result = diff_files(a, b, limit=limit)
+    key = key_for(b.name)
+    tol = tolerance_for(base, rules, key.stage, key.rel_stem)
+    extended = compare_arrays(read_aprt(a).values, read_aprt(b).values, limit=0, extended=True)
+    ok, reason = verdict(extended, tol)
+    if as_json:
+        click.echo(report.to_json_text(report.file_pair_json(result)))
+    else:
+        word = "ok" if ok else "DIVERGED"
+        click.echo(report.file_pair_text(result, f"verdict: {word}: {reason}"))
+    ctx.exit(0 if ok else EXIT_DIVERGED)
+
+
+@click.command("diff", help=HELP)
+@click.option(
+    "--values",
+    "values_flag",
+    is_flag=True,
+    help="Compare tensor values (apr's flag; the only mode).",
+)
+@click.argument("path_a", metavar="A", type=click.Path(path_type=Path))
+@click.argument("path_b", metavar="B", type=click.Path(path_type=Path))
+@click.option(
+    "--limit",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Top differences listed per pair.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="JSON on stdout (apr-stage-diff-v1 for a file pair, aprtrace-diff-v1 for dumps).",
+)
+@click.option(
+    "--atol", type=float, default=_T.atol, show_default=True, help="Absolute tolerance on max|a-b|."
+)
+@click.option(
+    "--rtol",
+    type=float,
+    default=_T.rtol,
+    show_default=True,
+    help="Relative tolerance on max|a-b|, times max|a|.",
+)
+@click.option(
+    "--cos-min",
+    "cos_min",
+    type=float,
+    default=_T.cos_min,
+    show_default=True,
+    help="Minimum cosine similarity.",
+)
+@click.option(
+    "--tol",
+    "tol_rules",
+    multiple=True,
+    metavar="PATTERN:K=V[,K=V]",
+    help="Per-stage tolerance override (repeatable).",
+)
+@click.option(
+    "--fail-fast", is_flag=True, help="Stop at the first pair out of tolerance (directory mode)."
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(path_type=Path),
+    help="Write a self-contained HTML report (directory mode).",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path),
+    help="Write the heatmap as .svg or .png (directory mode).",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(report.HEATMAP_METRICS),
+    default="rel-l2",
+    show_default=True,
+    help="Heatmap metric for --html/--plot.",
+)
+@click.pass_context
+def diff_command(
+    ctx: click.Context,
+    values_flag: bool,
+    path_a: Path,
+    path_b: Path,
+    limit: int,
+    as_json: bool,
+    atol: float,
+    rtol: float,
+    cos_min: float,
+    tol_rules: tuple[str, ...],
+    fail_fast: bool,
+    html_path: Path | None,
+    plot_path: Path | None,
+    metric: str,
+) -> None:
+    for name, value in (("atol", atol), ("rtol", rtol), ("cos_min", cos_min)):
+        check_tolerance_value(name, value, f"--{name.replace('_', '-')}")
+    base = Tolerance(atol=atol, rtol=rtol, cos_min=cos_min)
+    rules = [parse_tol_override(spec) for spec in tol_rules]
+    if plot_path is not None and plot_path.suffix.lower() not in (".svg", ".png"):
+        raise ValidationError(
+            f"--plot {plot_path}: unsupported extension", hint="use a .svg or .png file name"
+        )
+    for side, p in (("A", path_a), ("B", path_b)):
+        if not p.exists():
+            raise NotFoundError(f"{side}: {p} does not exist")
+    if path_a.is_file() and path_b.is_file():
+        if html_path or plot_path or fail_fast:
+            raise ValidationError(
+                "--html, --plot and --fail-fast need two dump directories, not two files"
+            )
+        _file_pair(ctx, path_a, path_b, limit, as_json, base, rules)
+        return
+    if path_a.is_dir() != path_b.is_dir():
+        raise ValidationError(
+            f"cannot compare a file with a directory ({path_a}, {path_b})",
+            hint="pass two APRT files or two dump directories",
+        )
+    result = diff_dirs(path_a, path_b, base, rules, limit=limit, fail_fast=fail_fast)
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if as_json:
+        click.echo(report.to_json_text(report.dir_json(result)))
+    else:
+        report.render_dir_table(result, _console())
+    if html_path is not None:
+        _write(html_path, report.html_report(result, metric))
+        click.echo(f"wrote {html_path}", err=True)
+    if plot_path is not None:
+        if plot_path.suffix.lower() == ".png":
+            _write(plot_path, report.heatmap_png(result, metric))
+        else:
+            _write(plot_path, report.heatmap_svg(result, metric))
+        click.echo(f"wrote {plot_path}", err=True)
+    if result.incomparable:
+        first = result.incomparable[0]
+        raise ValidationError(
+            f"{len(result.incomparable)} pair(s) cannot be compared; first: {first.error}",
+            hint="both dumps must come from the same model shape and prompt",
+        )
+    sys.stdout.flush()
+    ctx.exit(EXIT_DIVERGED if result.failed else 0)
+
+
+__all__ = ["diff_command"]
