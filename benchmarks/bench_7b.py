@@ -121,7 +121,10 @@ def synthesize(path: Path, shapes: dict = QWEN25_7B, seed: int = SEED) -> Path:
         else:
             byte_shape = (*shape[:-1], shape[-1] // Q8_0_BLOCK * Q8_0_BYTES)
             writer.add_tensor_info(
-                name, byte_shape, np.dtype(np.uint8), _nbytes(shape, qtype),
+                name,
+                byte_shape,
+                np.dtype(np.uint8),
+                _nbytes(shape, qtype),
                 raw_dtype=gguf.GGMLQuantizationType.Q8_0,
             )
     writer.write_header_to_file()
@@ -160,14 +163,26 @@ class Run7B:
 
 def trace_once(model: Path, layers: str, out_dir: Path) -> Run7B:
     cmd = [
-        *aprtrace_command(), "trace", "-q", "--save-tensor", "all", "--save-tensor-layers",
-        layers, "--tokens", TOKENS, "--save-tensor-dir", str(out_dir), "--clean", str(model),
+        *aprtrace_command(),
+        "trace",
+        "-q",
+        "--save-tensor",
+        "all",
+        "--save-tensor-layers",
+        layers,
+        "--tokens",
+        TOKENS,
+        "--save-tensor-dir",
+        str(out_dir),
+        "--clean",
+        str(model),
     ]
     m = measure_command(cmd)
     files = len(list(out_dir.rglob("*.bin"))) if out_dir.exists() else 0
     error = "" if m.returncode == 0 else (m.stderr.strip().splitlines() or ["?"])[-1][:200]
-    return Run7B(layers, LAYER_SPECS[layers], m.wall_s, m.peak_rss_mb, files, m.returncode == 0,
-                 error)
+    return Run7B(
+        layers, LAYER_SPECS[layers], m.wall_s, m.peak_rss_mb, files, m.returncode == 0, error
+    )
 
 
 def run(quick: bool = False, specs: list[str] | None = None) -> list[Run7B]:

@@ -83,12 +83,16 @@ def transformers_peer(gguf: Path, prompt: str = DEFAULT_PROMPT, quick: bool = Tr
         data = json.loads(cache.read_text())
         if quick:
             return PeerResult(
-                name, data["wall_s"], data["peak_rss_mb"], data["detail"],
+                name,
+                data["wall_s"],
+                data["peak_rss_mb"],
+                data["detail"],
                 source=f"cached {data['measured_at']}",
             )
     elif quick:
         return PeerResult(
-            name, source="skipped",
+            name,
+            source="skipped",
             reason="--quick and no cached figure (run `python -m benchmarks --full` once, ~10 min)",
         )
     result, _ = _run_child(name, gguf, prompt)
@@ -144,9 +148,17 @@ def _transformers_child(gguf: Path, prompt: str) -> dict:
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
         for module in (
-            layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-            layer.post_attention_layernorm, mlp.gate_proj, mlp.up_proj, mlp.act_fn,
-            mlp.down_proj, layer,
+            layer.input_layernorm,
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            layer.post_attention_layernorm,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.act_fn,
+            mlp.down_proj,
+            layer,
         ):
             handles.append(module.register_forward_hook(keep))
         for module in (attn.o_proj, layer.post_attention_layernorm, mlp.down_proj):
@@ -198,7 +210,7 @@ def _cyllama_child(gguf: Path, prompt: str) -> dict:
         "load_s": load_s,
         "forward_s": eval_s,
         "detail": f"load {load_s:.2f} s + eval {eval_s:.3f} s, {len(ids)} tokens, "
-        f"argmax {int(np.argmax(logits[-vocab.n_vocab:]))}, no stage capture",
+        f"argmax {int(np.argmax(logits[-vocab.n_vocab :]))}, no stage capture",
     }
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 # Bump when the captured values' meaning or layout changes: invalidates cached references.
-HARNESS_VERSION = "1"
+HARNESS_VERSION = "2"
 REF_CACHE_DIR = Path(
     os.environ.get("APRTRACE_CACHE", Path.home() / ".cache" / "aprtrace")
 ).joinpath("ref")
@@ -210,31 +210,21 @@ def hf_stage_activations(model, token_ids: Sequence[int]) -> dict[StageKey, np.n
     def hook_input(module, stage: str, layer: int | None) -> None:
         handles.append(module.register_forward_pre_hook(lambda _m, i: put(stage, layer, i[0][0])))
 
+    # q/k/v projections of each layer: (x @ W.T without bias, module output), joined after the run.
+    projected: dict[tuple[int, int], tuple] = {}
+
+    def hook_projection(proj, layer: int, part: int) -> None:
+        def hook(_m, inputs, output) -> None:
+            projected[(layer, part)] = (F.linear(inputs[0][0], proj.weight), output[0])
+
+        handles.append(proj.register_forward_hook(hook))
+
     hook_output(base.embed_tokens, "embedding", 0)
-    has_bias = False
     for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
         hook_output(layer.input_layernorm, "attn_norm", i)
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        has_bias = attn.q_proj.bias is not None
-        parts: dict[str, list] = {"matmul": [None] * 3, "bias": [None] * 3}
-
-        def qkv_hook(idx, _module, inputs, output, parts=parts, i=i):
-            x = inputs[0][0]
-            parts["matmul"][idx] = F.linear(x, _module.weight)
-            parts["bias"][idx] = output[0]
-            if all(p is not None for p in parts["matmul"]):
-                put("qkv_matmul", i, torch.cat(parts["matmul"], dim=-1))
-                if _module.bias is not None:
-                    put("qkv_bias", i, torch.cat(parts["bias"], dim=-1))
-                parts["matmul"], parts["bias"] = [None] * 3, [None] * 3
-
-        for idx, proj in enumerate(projections):
-            handles.append(
-                proj.register_forward_hook(
-                    lambda m, inp, o, idx=idx, qkv_hook=qkv_hook: qkv_hook(idx, m, inp, o)
-                )
-            )
+        for part, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+            hook_projection(proj, i, part)
         hook_input(attn.o_proj, "attention", i)
         hook_output(attn.o_proj, "attn_out", i)
         hook_input(layer.post_attention_layernorm, "post_attn_residual", i)
@@ -268,6 +258,12 @@ def hf_stage_activations(model, token_ids: Sequence[int]) -> dict[StageKey, np.n
         for handle in handles:
             handle.remove()
     out[("lm_head", None)] = _np(result.logits[0, -1])
+    has_bias = base.layers[0].self_attn.q_proj.bias is not None
+    for i in range(len(base.layers)):
+        matmuls, biased = zip(*(projected[(i, part)] for part in range(3)), strict=True)
+        put("qkv_matmul", i, torch.cat(matmuls, dim=-1))
+        if has_bias:
+            put("qkv_bias", i, torch.cat(biased, dim=-1))
     per_layer = 16 + (1 if has_bias else 0)
     missing = len(base.layers) * per_layer + 3 - len(out)
     if missing:

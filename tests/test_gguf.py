@@ -18,7 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aprtrace.errors import AprtraceError, InvalidFormatError, ModelLoadError, NotFoundError
-from aprtrace.formats.gguf import hf_tensor_name, load_gguf, read_gguf
+from aprtrace.formats.gguf import (
+    hf_tensor_name,
+    load_gguf,
+    model_from_gguf,
+    parse_gguf,
+    read_gguf,
+)
 from aprtrace.model import permute_llama_qk
 
 HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 32, 4, 2, 64, 40
@@ -411,17 +417,20 @@ def test_truncated_at_every_offset(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, n_layers=1)
     data = path.read_bytes()
-    cut = tmp_path / "cut.gguf"
     header_end = read_gguf(path).data_offset
-    offsets = list(range(0, header_end + 64)) + list(range(header_end + 64, len(data), 97))
-    for n in offsets:
+    offsets = list(range(0, header_end + 64)) + list(range(header_end + 64, len(data), 31))
+    for n in offsets:  # in memory: the same parser, without a file write per offset
+        with pytest.raises(InvalidFormatError):
+            model_from_gguf(parse_gguf(data[:n], f"cut at {n}"))
+    cut = tmp_path / "cut.gguf"
+    for n in (0, 3, 4, 23, header_end // 2, header_end, len(data) - 1):  # and through files
         cut.write_bytes(data[:n])
         with pytest.raises(InvalidFormatError):
             load_gguf(cut)
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.data())
 def test_mutated_files_fail_cleanly(tmp_path, data):
@@ -433,10 +442,8 @@ def test_mutated_files_fail_cleanly(tmp_path, data):
     for _ in range(data.draw(st.integers(1, 8))):
         at = data.draw(st.integers(0, min(header_end, len(raw)) - 1))
         raw[at] = data.draw(st.integers(0, 255))
-    target = tmp_path / "mut.gguf"
-    target.write_bytes(bytes(raw))
     try:
-        load_gguf(target)
+        model_from_gguf(parse_gguf(bytes(raw), "mutated.gguf"))
     except AprtraceError as exc:
         assert exc.exit_code in (4, 6)
 
@@ -457,4 +464,4 @@ def test_smollm2_open(smollm2_path):
     assert model.tensors["model.layers.0.self_attn.q_proj.weight"].shape == (576, 576)
     assert model.tokenizer is not None
     print(f"\nSmolLM2 open (header + config + tensors + tokenizer): {elapsed * 1000:.0f} ms")
-    assert elapsed < 2.0
+    assert elapsed < 3.0  # "well under a second" unloaded; slack for a busy CI machine

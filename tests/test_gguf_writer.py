@@ -250,7 +250,24 @@ def test_bad_inputs_are_clear_errors(tmp_path):
             make_tensors(small),
             tokenizer_dict_from_hf(small_tokenizer()),
         )
+    wrong = tensors | {"model.layers.0.self_attn.k_proj.weight": np.ones((HIDDEN, HIDDEN))}
+    with pytest.raises(ValidationError, match=r"k_proj.weight' has shape \[64, 64\]"):
+        write_gguf(tmp_path / "m.gguf", cfg, wrong)
     assert not any(tmp_path.iterdir())  # no partial files left behind
+
+
+@pytest.mark.parametrize("qtype", ["BF16", "Q4_1", "Q5_0", "Q5_1"])
+def test_other_types_decode_close_to_the_input(tmp_path, qtype):
+    cfg = make_config("qwen2")
+    tensors = make_tensors(cfg)
+    stored = tensors_by_name(
+        gguf.GGUFReader(write_gguf(tmp_path / "m.gguf", cfg, tensors, qtype=qtype))
+    )
+    t = stored["blk.0.ffn_up.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType[qtype]
+    original = tensors["model.layers.0.mlp.up_proj.weight"]
+    rel = np.abs(decoded(t) - original).max() / np.abs(original).max()
+    assert 0 < rel < 0.1
 
 
 def test_tokenizer_dict_from_json_file_and_pre_types(tmp_path):

@@ -215,3 +215,14 @@ def test_row_bytes() -> None:
     assert quant.row_bytes("APR_Q4", 64) == 36
     with pytest.raises(ModelLoadError, match="not a multiple"):
         quant.row_bytes("Q4_0", 40)
+
+
+def test_read_only_memmap_and_unaligned_bytes(tmp_path, small_chunks: None) -> None:
+    """Tensors come as slices of a read-only memory map, at any byte offset."""
+    raw = random_blocks("Q4_K", 20, seed=8)
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"\0" + raw.tobytes())
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")[1:]  # odd address: unaligned fields
+    assert_bit_identical(quant.dequantize(mapped, "Q4_K", 20 * 256), reference(raw, "Q4_K"))
+    f16 = np.memmap(path, dtype=np.uint8, mode="r")[1 : 1 + 2 * 999]
+    assert_bit_identical(quant.dequantize(f16, "F16", 999), reference(raw[: 2 * 999], "F16"))

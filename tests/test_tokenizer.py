@@ -222,6 +222,7 @@ TINY_TEXTS = [
 ]
 
 
+@pytest.mark.slow  # imports transformers (several seconds)
 @pytest.mark.reference
 @pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "default", "gpt2"])
 def test_byte_level_pre_types_match_transformers(tmp_path, pre):
@@ -311,6 +312,7 @@ SPM_TEXTS = [
 ]
 
 
+@pytest.mark.slow  # imports transformers (several seconds)
 @pytest.mark.reference
 def test_sentencepiece_llama_matches_transformers(tmp_path):
     tokens, scores, types = _sentencepiece_vocab()

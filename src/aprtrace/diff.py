@@ -32,7 +32,7 @@ from aprtrace.errors import NotFoundError, ValidationError
 from aprtrace.manifest import Manifest, read_manifest
 from aprtrace.stages import WHOLE_MODEL_LAYER, Stage, stage_from_file_stem
 
-CHUNK = 1 << 22  # 4 Mi elements (16 MiB per side) per streamed chunk
+CHUNK = 1 << 18  # 256 Ki elements (1 MiB per side) per streamed chunk: cache-sized
 _LO_BITS = 16
 _LO_SIZE = 1 << _LO_BITS
 _PAGE = _mmap.PAGESIZE
@@ -129,15 +129,51 @@ def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     the same point: same signs give |mag_a - mag_b|, opposite signs mag_a + mag_b. Finite
     inputs (and Inf) fit uint32; NaN inputs give meaningless values and must be masked first.
     """
-    ua = np.ascontiguousarray(a, dtype="<f4").view(np.uint32)
-    ub = np.ascontiguousarray(b, dtype="<f4").view(np.uint32)
-    mask = np.uint32(0x7FFFFFFF)
-    ma, mb = ua & mask, ub & mask
+    a = np.ascontiguousarray(a, dtype="<f4").reshape(-1)
+    b = np.ascontiguousarray(b, dtype="<f4").reshape(-1)
+    return _ulp_into(a, b, _Workspace(a.size))
+
+
+class _Workspace:
+    """Scratch buffers reused for every chunk: no page faults from fresh allocations."""
+
+    def __init__(self, size: int):
+        self.d = np.empty(size, dtype=np.float32)
+        self.ma = np.empty(size, dtype=np.uint32)
+        self.mb = np.empty(size, dtype=np.uint32)
+        self.dist = np.empty(size, dtype=np.uint32)
+        self.flags = np.empty(size, dtype=bool)
+
+    def view(self, n: int) -> _Workspace:
+        w = object.__new__(_Workspace)
+        for name, buf in vars(self).items():
+            setattr(w, name, buf[:n])
+        return w
+
+
+_SIGN_OFF = np.uint32(0x7FFFFFFF)
+
+
+def _dot64(x: np.ndarray, y: np.ndarray) -> float:
+    """Sum of x*y with every product and the sum in f64 (einsum casts in small buffers).
+
+    Not BLAS: a threaded ddot on chunk-sized vectors loses to this on a busy machine.
+    """
+    return float(np.einsum("i,i->", x, y, dtype=np.float64))
+
+
+def _ulp_into(a: np.ndarray, b: np.ndarray, w: _Workspace) -> np.ndarray:
+    """``ulp_distance`` into ``w.dist`` (uses ``w.ma``, ``w.mb``, ``w.flags``)."""
+    ua, ub = a.view(np.uint32), b.view(np.uint32)
+    ma, mb = np.bitwise_and(ua, _SIGN_OFF, out=w.ma), np.bitwise_and(ub, _SIGN_OFF, out=w.mb)
+    np.bitwise_xor(ua, ub, out=w.dist)  # sign bits differ <=> xor > 0x7FFFFFFF
+    np.greater(w.dist, _SIGN_OFF, out=w.flags)
     # Magnitudes are below 2**31, so their difference fits int32.
-    dist = np.subtract(ma.view(np.int32), mb.view(np.int32))
-    np.abs(dist, out=dist)
-    dist = dist.view(np.uint32)
-    opposite = np.flatnonzero((ua ^ ub) > mask)  # sign bits differ: rare outside noise near 0
+    signed = w.dist.view(np.int32)
+    np.subtract(ma.view(np.int32), mb.view(np.int32), out=signed)
+    np.abs(signed, out=signed)
+    dist = w.dist
+    opposite = np.flatnonzero(w.flags)  # rare outside noise around zero
     if opposite.size:
         dist[opposite] = ma[opposite] + mb[opposite]
     return dist
@@ -182,11 +218,6 @@ def _classes(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _dot64(x: np.ndarray, y: np.ndarray) -> float:
-    """Sum of x*y with every product and the sum in f64 (einsum casts in cache-sized buffers)."""
-    return float(np.einsum("i,i->", x, y, dtype=np.float64, casting="safe"))
-
-
 # Up to this many elements the ULP distances of a pair are kept (4 bytes each) and the median
 # is exact by selection; above, a two-level histogram plus a second pass gives it exactly.
 ULP_EXACT_MAX = 1 << 24
@@ -210,6 +241,7 @@ class _Accumulator:
         self.top: list[tuple[float, int, float, float, float]] = []  # (key, index, a, b, d)
         self.nan_a = self.nan_b = self.inf_a = self.inf_b = self.mismatch = 0
         self.ulp_max = 0
+        self.work: _Workspace | None = None
         self.ulp_all: np.ndarray | None = None
         self.ulp_hi: np.ndarray | None = None
         if extended and total <= ulp_exact_max:
@@ -217,10 +249,12 @@ class _Accumulator:
         elif extended:
             self.ulp_hi = np.zeros(_HI_BUCKETS, dtype=np.int64)
 
-    def _finite_view(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        fa, fb = np.isfinite(a), np.isfinite(b)
-        if fa.all() and fb.all():
+    def _finite_view(
+        self, a: np.ndarray, b: np.ndarray, scratch: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if np.isfinite(a, out=scratch).all() and np.isfinite(b, out=scratch).all():
             return a, b
+        fa, fb = np.isfinite(a), np.isfinite(b)
         ca, cb = _classes(a), _classes(b)
         self.nan_a += int(np.count_nonzero(ca == 1))
         self.nan_b += int(np.count_nonzero(cb == 1))
@@ -234,13 +268,17 @@ class _Accumulator:
     def update(self, a: np.ndarray, b: np.ndarray, base: int) -> None:
         a = np.asarray(a, dtype=np.float32)
         b = np.asarray(b, dtype=np.float32)
+        m = a.size
+        if self.work is None or self.work.d.size < m:
+            self.work = _Workspace(m)
+        w = self.work.view(m)
         if self.extended:
-            a, b = self._finite_view(a, b)
-        self.n += a.size
-        if a.size == 0:
+            a, b = self._finite_view(a, b, w.flags)
+        self.n += m
+        if m == 0:
             return
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, f32 overflow
-            d = np.subtract(a, b)
+            d = np.subtract(a, b, out=w.d)
         np.abs(d, out=d)
         key = d
         if np.isnan(d.max()):
@@ -253,22 +291,23 @@ class _Accumulator:
         self.norm_a += _dot64(a, a)
         self.norm_b += _dot64(b, b)
         if self.extended:
-            self.max_abs_a = max(self.max_abs_a, float(np.abs(a).max()))
-            dist = ulp_distance(a, b)
+            self.max_abs_a = max(self.max_abs_a, float(a.max()), -float(a.min()))
+            dist = _ulp_into(a, b, w)
             self.ulp_max = max(self.ulp_max, int(dist.max()))
             if self.ulp_all is not None:
-                self.ulp_all[base : base + dist.size] = dist
+                self.ulp_all[base : base + m] = dist
             else:
                 assert self.ulp_hi is not None
-                self.ulp_hi += np.bincount(dist >> _LO_BITS, minlength=_HI_BUCKETS)
+                np.right_shift(dist, _LO_BITS, out=dist)
+                self.ulp_hi += np.bincount(dist, minlength=_HI_BUCKETS)
         if self.limit > 0:
-            self._update_top(key, a, b, d, base)
+            self._update_top(key, a, b, d, base, w.flags)
 
-    def _update_top(self, key, a, b, d, base) -> None:
+    def _update_top(self, key, a, b, d, base, scratch) -> None:
         k = self.limit
         if len(self.top) >= k:
             # Later indices lose ties, so only strictly larger values can enter.
-            idx = np.flatnonzero(key > self.top[-1][0])
+            idx = np.flatnonzero(np.greater(key, self.top[-1][0], out=scratch))
         elif key.size > k:
             kth = np.partition(key, key.size - k)[key.size - k]
             above = np.flatnonzero(key > kth)
@@ -324,7 +363,8 @@ class _Accumulator:
         ranks = sorted({(n - 1) // 2, n // 2})
         if self.ulp_all is not None:
             upper = n // 2
-            part = np.partition(self.ulp_all, upper)
+            part = self.ulp_all
+            part.partition(upper)  # in place: the buffer is ours and no longer needed
             values = [int(part[upper])]
             if len(ranks) == 2:  # even count: the lower middle is the largest value below
                 values.append(int(part[:upper].max()))

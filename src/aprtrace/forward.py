@@ -12,7 +12,8 @@ memory is about one layer of float32 weights plus activations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,24 @@ LM_HEAD_CHUNK = 2048
 
 def _no_emit(stage: Stage, layer: int | None, values: np.ndarray) -> None:
     return None
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run BLAS on one thread (when ``threadpoolctl`` is installed); restore it afterwards.
+
+    Every matmul here has only ``seq`` rows, too small to gain from a second BLAS thread, and
+    OpenBLAS threads spin after each call, taking the cores the dequantization pool needs: one
+    thread makes the SmolLM2 pass about 4x cheaper in CPU time. The results are the same bits
+    (OpenBLAS splits the output between threads, not the sums).
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -277,7 +296,7 @@ def forward(
         raise InferenceError("the model has zero layers; there is nothing to trace")
     cos, sin = rope_tables(len(ids), cfg.head_dim, cfg.rope_theta)
 
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), one_blas_thread():
         hidden = model.tensor("model.embed_tokens.weight").take(ids)
         emit(Stage.EMBEDDING, 0, hidden)
 

@@ -94,7 +94,7 @@ def release_mapped_pages(array: np.ndarray) -> None:
     mapping = _read_only_mapping(array)
     if mapping is None or array.nbytes == 0 or not array.flags.c_contiguous:
         return
-    if not hasattr(mmap, "MADV_DONTNEED"):  # not on Windows or macOS < 3.8 builds
+    if not hasattr(mmap, "MADV_DONTNEED"):  # not every platform has it
         return
     map_start = np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data
     offset = array.ctypes.data - map_start

@@ -125,12 +125,17 @@ def _dequantize_apr_q8(raw: np.ndarray, n_values: int) -> np.ndarray:
 # --- scheduling -----------------------------------------------------------------------------
 
 
+def _n_helpers() -> int:
+    """Threads that help the calling thread decode: one per extra core, at most three."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(3, (cores or 1) - 1)
+
+
 @cache
 def _helpers() -> ThreadPoolExecutor | None:
-    """Threads that help the calling thread decode (one per extra core), or None on one core."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    helpers = min(3, (cores or 1) - 1)
-    return ThreadPoolExecutor(helpers, thread_name_prefix="aprtrace-dequant") if helpers else None
+    """The shared pool of helper threads, created on first use; None on a single core."""
+    n = _n_helpers()
+    return ThreadPoolExecutor(n, thread_name_prefix="aprtrace-dequant") if n else None
 
 
 def _run_chunked(kernel: _Kernel, blocks: np.ndarray, out: np.ndarray, chunk: int) -> None:
@@ -151,7 +156,7 @@ def _run_chunked(kernel: _Kernel, blocks: np.ndarray, out: np.ndarray, chunk: in
     if pool is None:
         drain()
         return
-    futures = [pool.submit(drain) for _ in range(min(pool._max_workers, n // chunk))]
+    futures = [pool.submit(drain) for _ in range(min(_n_helpers(), n // chunk))]
     drain()
     for future in futures:
         future.result()
@@ -204,18 +209,22 @@ def _bf16_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
 
 def _q8_0_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     d = _f16(blocks, 0)
-    np.multiply(blocks[:, 2:].view(np.int8), d, out=out)  # x * d
+    np.copyto(out, blocks[:, 2:].view(np.int8))
+    np.multiply(out, d, out=out)  # x * d
 
 
-def _q4_values(qs: np.ndarray, out: np.ndarray) -> None:
-    """The 32 nibbles of each 16-byte ``qs`` row (low ones first) into ``out`` as float32."""
-    np.copyto(out, _bit_fields(qs.reshape(-1, 1, 16), 4, 2).reshape(-1, 32))
+def _q4_values(qs: np.ndarray, out: np.ndarray, offset: int = 0) -> None:
+    """The 32 nibbles of each 16-byte ``qs`` row (low ones first), minus ``offset``, into
+    ``out`` as float32; the subtraction is exact, done in int8."""
+    q = _bit_fields(qs.reshape(-1, 1, 16), 4, 2).reshape(-1, 32)
+    if offset:
+        np.subtract(q, offset, out=q)  # wraps to the int8 value
+    np.copyto(out, q.view(np.int8) if offset else q)
 
 
 def _q4_0_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     d = _f16(blocks, 0)
-    _q4_values(blocks[:, 2:], out)
-    np.subtract(out, np.float32(8), out=out)  # exact: nibble - 8
+    _q4_values(blocks[:, 2:], out, offset=8)
     np.multiply(d, out, out=out)  # d * q
 
 
@@ -226,19 +235,21 @@ def _q4_1_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     np.add(out, m, out=out)
 
 
-def _q5_values(qh: np.ndarray, qs: np.ndarray, out: np.ndarray) -> None:
-    """The 5-bit values of Q5_0/Q5_1 blocks into ``out``: nibbles of ``qs``, bit 4 from ``qh``."""
+def _q5_values(qh: np.ndarray, qs: np.ndarray, out: np.ndarray, offset: int = 0) -> None:
+    """The 5-bit values of Q5_0/Q5_1 blocks minus ``offset`` into ``out``: nibbles of ``qs``,
+    bit 4 from ``qh``."""
     q = _bit_fields(qs.reshape(-1, 1, 16), 4, 2).reshape(-1, 32)
     high = np.unpackbits(qh, axis=1, bitorder="little")  # bit j of the little-endian u32
     np.left_shift(high, 4, out=high)
     np.bitwise_or(q, high, out=q)
-    np.copyto(out, q)
+    if offset:
+        np.subtract(q, offset, out=q)  # wraps to the int8 value
+    np.copyto(out, q.view(np.int8) if offset else q)
 
 
 def _q5_0_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     d = _f16(blocks, 0)
-    _q5_values(blocks[:, 2:6], blocks[:, 6:], out)
-    np.subtract(out, np.float32(16), out=out)  # exact: q - 16
+    _q5_values(blocks[:, 2:6], blocks[:, 6:], out, offset=16)
     np.multiply(d, out, out=out)  # d * q
 
 
@@ -335,8 +346,9 @@ def _q6_k_kernel(blocks: np.ndarray, out: np.ndarray) -> None:
     high = _bit_fields(blocks[:, 128:192].reshape(n, 2, 32), 2, 4).reshape(n, 256)
     np.left_shift(high, 4, out=high)
     np.bitwise_or(q, high, out=q)
+    np.subtract(q, 32, out=q)  # wraps to the int8 value q - 32
     out16 = out.reshape(n, 16, 16)
-    np.subtract(q.reshape(n, 16, 16), np.float32(32), out=out16)  # exact: q - 32
+    np.copyto(out16, q.view(np.int8).reshape(n, 16, 16))
     np.multiply(dsc.reshape(n, 16, 1), out16, out=out16)  # (d * scale) * q
 
 

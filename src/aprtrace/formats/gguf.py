@@ -206,20 +206,20 @@ class _Cursor:
         buf, size, pos = self.buf, self.size, self.pos
         unpack = _U64.unpack_from
         out: list[str] = [""] * count
-        for i in range(count):
-            if size - pos < 8:
-                self.pos = pos
-                raise self.fail(f"{what}[{i}]: length runs past the end of the file")
-            (n,) = unpack(buf, pos)
-            pos += 8
-            if n > size - pos:
-                raise self.fail(f"{what}[{i}] claims {n} bytes, past the end of the file", pos - 8)
-            raw = buf[pos : pos + n]
-            pos += n
-            try:
-                out[i] = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                out[i] = raw.decode("utf-8", "replace")
+        i = 0
+        try:
+            for i in range(count):
+                (n,) = unpack(buf, pos)  # struct.error past the end
+                pos += 8
+                if n > size - pos:
+                    raise self.fail(
+                        f"{what}[{i}] claims {n} bytes, past the end of the file", pos - 8
+                    )
+                out[i] = buf[pos : pos + n].decode("utf-8", "replace")
+                pos += n
+        except struct.error:
+            self.pos = pos
+            raise self.fail(f"{what}[{i}]: length runs past the end of the file") from None
         self.pos = pos
         return out
 
@@ -283,7 +283,14 @@ def _open_buffer(path: Path) -> tuple[Any, int]:
 def read_gguf(path: str | Path) -> GGUFFile:
     """Parse a GGUF file's header, metadata and tensor table (tensor data stays mapped)."""
     path = Path(path)
-    buf, size = _open_buffer(path)
+    buf, _ = _open_buffer(path)
+    return parse_gguf(buf, path)
+
+
+def parse_gguf(buf: Any, path: str | Path = "<memory>") -> GGUFFile:
+    """Parse GGUF bytes (``bytes``, ``mmap`` or any buffer); ``path`` names it in errors."""
+    path = Path(path)
+    size = len(buf)
     cur = _Cursor(buf, size, str(path))
     if size < 4 or buf[:4] != GGUF_MAGIC:
         raise InvalidFormatError(
@@ -453,11 +460,14 @@ _DECODABLE_CACHE: dict[str, bool] = {}
 
 def is_decodable(qtype: str) -> bool:
     """Whether ``quant.dequantize`` (via ``gguf.quants``) can decode this GGML type."""
-    if qtype in ("F32", "F16", "BF16"):
+    if qtype in ("F32", "F16", "BF16", "APR_Q4", "APR_Q8"):  # decoded by aprtrace.quant itself
         return True
     if qtype not in _DECODABLE_CACHE:
+        try:
+            gtype = GGMLQuantizationType[qtype]
+        except KeyError:
+            return False
         traits = getattr(gguf_quants, "_type_traits", None)
-        gtype = GGMLQuantizationType[qtype]
         if isinstance(traits, dict):
             ok = gtype in traits
         else:  # a gguf version without the registry: try one zero block
@@ -627,8 +637,12 @@ def check_tensors(tensors: dict[str, LazyTensor], config: ModelConfig, where: st
 
 def load_gguf(path: str | Path, with_tokenizer: bool = True) -> Model:
     """Open a GGUF model: config, lazily decoded weights in HF layout, and its tokenizer."""
-    path = Path(path)
-    gf = read_gguf(path)
+    return model_from_gguf(read_gguf(path), with_tokenizer)
+
+
+def model_from_gguf(gf: GGUFFile, with_tokenizer: bool = True) -> Model:
+    """The Model described by a parsed GGUF (checks names, shapes and types up front)."""
+    path = gf.path
     config = gguf_config(gf)
     tensors = gguf_lazy_tensors(gf)
     check_tensors(tensors, config, str(path))

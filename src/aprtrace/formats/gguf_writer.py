@@ -130,6 +130,9 @@ def write_gguf(
             "write_gguf: lm_head.weight is missing and the config does not tie embeddings",
             hint="pass lm_head.weight or set tie_word_embeddings=True",
         )
+    gguf_names = {name: gguf_tensor_name(name) for name in names}
+    for name in names:
+        _check_shape(name, np.shape(tensors[name]), config)
 
     directory = path.parent
     try:
@@ -138,8 +141,8 @@ def write_gguf(
         os.close(fd)
     except OSError as exc:
         raise OutputError(f"cannot create {path}: {exc.strerror or exc}") from exc
+    writer = gguf.GGUFWriter(tmp_name, arch)
     try:
-        writer = gguf.GGUFWriter(tmp_name, arch)
         _add_metadata(writer, config, qtype)
         if tokenizer is not None:
             _add_tokenizer(writer, tokenizer, config.vocab_size)
@@ -150,22 +153,61 @@ def write_gguf(
             elif arch == "llama" and ".self_attn.k_proj." in hf_name:
                 values = permute_llama_qk(values, config.num_kv_heads)
             data, raw_dtype = _encode(hf_name, values, qtype)
-            writer.add_tensor(gguf_tensor_name(hf_name), data, raw_dtype=raw_dtype)
+            writer.add_tensor(gguf_names[hf_name], data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
         os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a model file is an ordinary file
         os.replace(tmp_name, path)
-    except OSError as exc:
+    except BaseException as exc:
+        writer.close()
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
     return path
+
+
+def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None:
+    """Reject a tensor whose shape does not fit ``config`` (it would make an unreadable file)."""
+    h, q, kv, inter = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
+    expected = {
+        "model.embed_tokens.weight": (config.vocab_size, h),
+        "lm_head.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+    }.get(name)
+    match = _LAYER_RE.fullmatch(name)
+    if match:
+        if int(match.group(1)) >= config.num_layers:
+            raise ValidationError(
+                f"write_gguf: tensor '{name}' is beyond the config's {config.num_layers} layers"
+            )
+        expected = {
+            "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (q, h),
+            "self_attn.k_proj.weight": (kv, h),
+            "self_attn.v_proj.weight": (kv, h),
+            "self_attn.q_proj.bias": (q,),
+            "self_attn.k_proj.bias": (kv,),
+            "self_attn.v_proj.bias": (kv,),
+            "self_attn.o_proj.weight": (h, q),
+            "self_attn.o_proj.bias": (h,),
+            "self_attn.q_norm.weight": (config.head_dim,),
+            "self_attn.k_norm.weight": (config.head_dim,),
+            "mlp.gate_proj.weight": (inter, h),
+            "mlp.up_proj.weight": (inter, h),
+            "mlp.down_proj.weight": (h, inter),
+            "mlp.down_proj.bias": (h,),
+        }.get(f"{match.group(2)}.{match.group(3)}")
+    if expected is not None and tuple(shape) != expected:
+        raise ValidationError(
+            f"write_gguf: tensor '{name}' has shape {list(shape)}, "
+            f"the config needs {list(expected)}",
+            hint="make ModelConfig agree with the tensors (sizes, heads, head_dim)",
+        )
 
 
 def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
