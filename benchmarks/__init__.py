@@ -37,18 +37,29 @@ def measure_command(
 ) -> Measured:
     """Run ``cmd`` and return its wall time and peak RSS.
 
-    The RSS comes from ``os.wait4`` on that one child (the kernel's ``ru_maxrss``), so earlier
-    children of this process do not leak into the figure as with ``RUSAGE_CHILDREN``.
+    The RSS is the kernel's ``ru_maxrss`` of that child, read through GNU ``/usr/bin/time``
+    when present. Not from ``os.wait4`` on a child of this process: Linux records the RSS of
+    the image a process replaces at ``exec`` (with ``vfork``, this Python's own), so a child of
+    a large parent would report at least the parent's RSS.
     """
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return Measured(wall, usage.ru_maxrss / 1024.0, proc.returncode, out.read(), err.read())
+    time_bin = Path("/usr/bin/time")
+    with tempfile.TemporaryDirectory(prefix="aprtrace-measure-") as tmp:
+        rss_file = Path(tmp) / "rss"
+        full = [str(time_bin), "-f", "%M", "-o", str(rss_file), *cmd] if time_bin.exists() else cmd
+        with open(Path(tmp) / "out", "w+") as out, open(Path(tmp) / "err", "w+") as err:
+            start = time.perf_counter()
+            proc = subprocess.Popen(full, cwd=cwd, env=env, stdout=out, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - start
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        max_rss_kb = usage.ru_maxrss
+        if time_bin.exists():
+            lines = rss_file.read_text().split() if rss_file.exists() else []
+            max_rss_kb = int(lines[-1]) if lines and lines[-1].isdigit() else max_rss_kb
+        return Measured(wall, max_rss_kb / 1024.0, proc.returncode, stdout, stderr)
 
 
 def python_env() -> dict:

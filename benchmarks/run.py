@@ -270,32 +270,32 @@ def bench_diff(report: Report, quick: bool) -> None:
     if mod is None:
         report.skipped.append("diff: benchmarks/bench_diff.py is not present")
         return
-    result = mod.run(quick=quick)
-    rows = result if isinstance(result, list) else result.get("rows", [result])
+    result = mod.run(large=not quick)
+    if quick:
+        report.skipped.append("diff of the 2 GB synthetic pair (--quick; runs with --full)")
+    rows = result["rows"]
     for r in rows:
-        report.rows.append(_diff_row(r))
-    if hasattr(mod, "format_table"):
-        report.details.append(mod.format_table(result))
-
-
-def _diff_row(r: dict) -> Row:
-    """Generic rendering of one bench_diff figure dict."""
-    name = str(r.get("name") or r.get("case") or r.get("dump") or "diff --values")
-    parts = []
-    for key, unit in (("gb_per_s", "GB/s"), ("wall_s", "s"), ("peak_rss_mb", "MB RSS")):
-        if r.get(key) is not None:
-            parts.append(f"{r[key]:.2f} {unit}" if unit != "MB RSS" else f"{r[key]:.0f} {unit}")
-    rest = {
-        k: v
-        for k, v in r.items()
-        if k not in ("name", "case", "dump", "gb_per_s", "wall_s", "peak_rss_mb")
-    }
-    return Row(
-        f"diff: {name}",
-        ", ".join(parts) or json.dumps(r),
-        note=json.dumps(rest)[:120],
-        verdict="info",
-    )
+        report.rows.append(
+            Row(
+                f"diff --values, synthetic dumps {r['size_mb_per_side']} MB/side, "
+                f"{r['files']} files (largest {r['largest_file_mb']} MB)",
+                f"{r['gb_per_s']:.2f} GB/s, {r['peak_rss_mb']:.0f} MB peak RSS",
+                target="RSS flat in dump size",
+                verdict="info",
+                note=f"wall {r['wall_s']:.2f} s incl. CLI startup {result['startup_s']:.2f} s",
+            )
+        )
+    if len(rows) > 1:
+        growth = rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]
+        report.rows.append(
+            Row(
+                f"diff: peak RSS growth {rows[0]['size_mb_per_side']} -> "
+                f"{rows[-1]['size_mb_per_side']} MB/side",
+                f"{growth:+.0f} MB",
+                target="no growth with dump size",
+                verdict=_verdict(growth <= 50),
+            )
+        )
 
 
 # --- the report ------------------------------------------------------------------------------

@@ -579,3 +579,19 @@ def test_main_cli_maps_errors_to_exit_codes(tmp_path):
     assert runner.invoke(main, ["diff", "--values", str(a), str(tmp_path / "x")]).exit_code == 3
     r = runner.invoke(main, ["diff", "--values", str(a), str(a), "--tol", "bad"])
     assert r.exit_code == 5
+
+
+def test_memory_mapped_files_stream_in_chunks(tmp_path):
+    # Bodies over 1 MiB are memory-mapped by read_aprt; CHUNK splits them into several chunks.
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal(700_001).astype(F32)
+    b = (a + F32(1e-3) * rng.standard_normal(a.size)).astype(F32)
+    write_aprt(tmp_path / "a.bin", 3, a)
+    write_aprt(tmp_path / "b.bin", 3, b)
+    r = diff_files(tmp_path / "a.bin", tmp_path / "b.bin", limit=3)
+    d = np.abs(a - b)
+    assert r.layer == 3 and r.stats.count == a.size
+    assert r.stats.max_abs_diff_index == int(np.argmax(d))
+    assert [t.index for t in r.stats.top_diffs] == list(np.argsort(-d, kind="stable")[:3])
+    d64 = d.astype(np.float64)
+    assert r.stats.rms_diff == pytest.approx(math.sqrt(float(d64 @ d64) / a.size), rel=1e-12)

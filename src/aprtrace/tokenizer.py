@@ -293,7 +293,7 @@ def _as_id(value: Any) -> int | None:
         return None
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a float id of +-inf
         return None
 
 

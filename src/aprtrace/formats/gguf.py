@@ -26,7 +26,7 @@ from gguf import quants as gguf_quants
 
 from aprtrace.config import ModelConfig, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
-from aprtrace.model import LazyTensor, Model
+from aprtrace.model import LazyTensor, Model, layer_name
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -613,6 +613,18 @@ def gguf_lazy_tensors(gf: GGUFFile) -> dict[str, LazyTensor]:
 
 def check_tensors(tensors: dict[str, LazyTensor], config: ModelConfig, where: str) -> None:
     """Every tensor the architecture needs is present, decodable and of the right shape."""
+    # Each layer has several tensors: a layer count beyond the tensor count (say 2^40 from a
+    # corrupt header) is reported at the first missing layer, before listing expected names.
+    if config.num_layers > len(tensors):
+        first = next(
+            i for i in range(config.num_layers)
+            if layer_name(i, "input_layernorm.weight") not in tensors
+        )
+        raise ModelLoadError(
+            f"{where}: the config says {config.num_layers} layers, but the tensors of layer "
+            f"{first} are missing ({len(tensors)} tensors in the file)",
+            hint="the file is incomplete or its layer count is corrupt",
+        )
     for name, shape in _expected_shapes(config).items():
         t = tensors.get(name)
         if t is None:
