@@ -30,6 +30,7 @@ class Measured:
     returncode: int
     stdout: str
     stderr: str
+    cpu_s: float = 0.0  # user + system CPU seconds: less sensitive than wall to other jobs
 
 
 def measure_command(
@@ -45,7 +46,8 @@ def measure_command(
     time_bin = Path("/usr/bin/time")
     with tempfile.TemporaryDirectory(prefix="aprtrace-measure-") as tmp:
         rss_file = Path(tmp) / "rss"
-        full = [str(time_bin), "-f", "%M", "-o", str(rss_file), *cmd] if time_bin.exists() else cmd
+        timed = [str(time_bin), "-f", "%M %U %S", "-o", str(rss_file)]
+        full = [*timed, *cmd] if time_bin.exists() else cmd
         with open(Path(tmp) / "out", "w+") as out, open(Path(tmp) / "err", "w+") as err:
             start = time.perf_counter()
             proc = subprocess.Popen(full, cwd=cwd, env=env, stdout=out, stderr=err)
@@ -55,11 +57,12 @@ def measure_command(
             out.seek(0)
             err.seek(0)
             stdout, stderr = out.read(), err.read()
-        max_rss_kb = usage.ru_maxrss
-        if time_bin.exists():
-            lines = rss_file.read_text().split() if rss_file.exists() else []
-            max_rss_kb = int(lines[-1]) if lines and lines[-1].isdigit() else max_rss_kb
-        return Measured(wall, max_rss_kb / 1024.0, proc.returncode, stdout, stderr)
+        max_rss_kb, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
+        if time_bin.exists() and rss_file.exists():
+            fields = rss_file.read_text().splitlines()[-1].split()
+            if len(fields) == 3 and fields[0].isdigit():
+                max_rss_kb, cpu = int(fields[0]), float(fields[1]) + float(fields[2])
+        return Measured(wall, max_rss_kb / 1024.0, proc.returncode, stdout, stderr, cpu)
 
 
 def python_env() -> dict:

@@ -132,14 +132,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     result = run(args.mb, args.large, args.repeats)
-    print(f"CLI startup (tiny dump): {result['startup_s']:.2f} s")
     print(
-        f"{'MB/side':>8} {'files':>6} {'big MB':>7} {'wall s':>8} {'peak RSS MB':>12} {'GB/s':>6}"
+        f"{'MB/side':>8} {'files':>6} {'big MB':>7} {'CLI wall s':>11} {'CLI peak RSS MB':>16} "
+        f"{'diff s':>7} {'GB/s':>6}"
     )
     for r in result["rows"]:
         print(
             f"{r['size_mb_per_side']:>8} {r['files']:>6} {r['largest_file_mb']:>7} "
-            f"{r['wall_s']:>8.2f} {r['peak_rss_mb']:>12.1f} {r['gb_per_s']:>6.2f}"
+            f"{r['cli_wall_s']:>11.2f} {r['peak_rss_mb']:>16.1f} {r['diff_s']:>7.2f} "
+            f"{r['gb_per_s']:>6.2f}"
         )
 
 

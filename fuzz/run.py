@@ -62,8 +62,15 @@ def _save_crash(target: str, data: bytes, exc: BaseException) -> Path:
     return path
 
 
-def worker(worker_id: int, seed: int, n_inputs: int, deadline: float, names: list[str],
-           rlimit_mb: int, timeout_s: float) -> dict:
+def worker(
+    worker_id: int,
+    seed: int,
+    n_inputs: int,
+    deadline: float,
+    names: list[str],
+    rlimit_mb: int,
+    timeout_s: float,
+) -> dict:
     """Run ``n_inputs`` inputs (targets in turn) until ``deadline``; return the tallies."""
     if rlimit_mb:
         limit = rlimit_mb << 20
@@ -96,8 +103,14 @@ def worker(worker_id: int, seed: int, n_inputs: int, deadline: float, names: lis
             if sig not in signatures:
                 signatures.add(sig)
                 saved = _save_crash(target.name, data, exc)
-                crashes.append({"target": target.name, "error": f"{type(exc).__name__}: {exc}"[:300],
-                                "where": f"{frame.filename}:{frame.lineno}", "file": str(saved)})
+                crashes.append(
+                    {
+                        "target": target.name,
+                        "error": f"{type(exc).__name__}: {exc}"[:300],
+                        "where": f"{frame.filename}:{frame.lineno}",
+                        "file": str(saved),
+                    }
+                )
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
         done += 1
@@ -140,12 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         names = wanted
     start = time.time()
     deadline = start + args.seconds
-    per_worker = [args.inputs // args.workers + (w < args.inputs % args.workers)
-                  for w in range(args.workers)]
+    per_worker = [
+        args.inputs // args.workers + (w < args.inputs % args.workers) for w in range(args.workers)
+    ]
     ctx = get_context("fork")
     with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        futures = [pool.submit(worker, w, args.seed, n, deadline, names, args.rlimit_mb,
-                               args.timeout) for w, n in enumerate(per_worker)]
+        futures = [
+            pool.submit(worker, w, args.seed, n, deadline, names, args.rlimit_mb, args.timeout)
+            for w, n in enumerate(per_worker)
+        ]
         results = [f.result() for f in futures]
     elapsed = time.time() - start
 
@@ -157,15 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     done = sum(r["done"] for r in results)
     crashes = [c for r in results for c in r["crashes"]]
     peak = max(r["peak_rss_mb"] for r in results)
-    print(f"fuzz campaign: {done} inputs in {elapsed:.1f} s with {args.workers} workers "
-          f"(seed {args.seed}, RLIMIT_AS {args.rlimit_mb} MiB per worker)")
+    print(
+        f"fuzz campaign: {done} inputs in {elapsed:.1f} s with {args.workers} workers "
+        f"(seed {args.seed}, RLIMIT_AS {args.rlimit_mb} MiB per worker)"
+    )
     print(f"{'target':<14}{'inputs':>9}{'ok':>9}{'rejected':>10}{'crashes':>9}")
     for n in names:
         c = total[n]
         print(f"{n:<14}{sum(c.values()):>9}{c['ok']:>9}{c['rejected']:>10}{c['crash']:>9}")
     print(f"peak RSS of a worker: {peak:.1f} MiB")
-    print(f"uncaught exceptions: {sum(c['crash'] for c in total.values())} "
-          f"({len(crashes)} distinct)")
+    print(
+        f"uncaught exceptions: {sum(c['crash'] for c in total.values())} ({len(crashes)} distinct)"
+    )
     for c in crashes:
         print(f"  {c['target']}: {c['error']}\n    at {c['where']}\n    saved {c['file']}")
     return 1 if crashes else 0

@@ -106,7 +106,9 @@ def write_tiny_apr(path: Path, cfg: ModelConfig | None = None) -> Path:
         "tokenizer.bos_token_id": 0,
         "tokenizer.eos_token_id": 0,
     }
-    specs = [(name, 0, arr.shape, np.ascontiguousarray(arr, "<f4")) for name, arr in weights.items()]
+    specs = [
+        (name, 0, arr.shape, np.ascontiguousarray(arr, "<f4")) for name, arr in weights.items()
+    ]
     write_apr(path, metadata, specs)
     return Path(path)
 
@@ -159,10 +161,20 @@ def manifest_seed() -> bytes:
         "stages": ["embedding", "lm_head"],
         "layers": [0],
         "files": [
-            {"path": "layer-0/embedding.bin", "stage": "embedding", "layer": 0,
-             "shape": [3, 8], "bytes": 108},
-            {"path": "lm_head.bin", "stage": "lm_head", "layer": None, "shape": [104],
-             "bytes": 428},
+            {
+                "path": "layer-0/embedding.bin",
+                "stage": "embedding",
+                "layer": 0,
+                "shape": [3, 8],
+                "bytes": 108,
+            },
+            {
+                "path": "lm_head.bin",
+                "stage": "lm_head",
+                "layer": None,
+                "shape": [104],
+                "bytes": 428,
+            },
         ],
     }
     return json.dumps(doc, indent=1).encode()

@@ -595,3 +595,17 @@ def test_memory_mapped_files_stream_in_chunks(tmp_path):
     assert [t.index for t in r.stats.top_diffs] == list(np.argsort(-d, kind="stable")[:3])
     d64 = d.astype(np.float64)
     assert r.stats.rms_diff == pytest.approx(math.sqrt(float(d64 @ d64) / a.size), rel=1e-12)
+
+
+def test_cli_file_pair_layer_tolerance_pattern(tmp_path):
+    for side, last in (("a", 3.0), ("b", 3.5)):
+        write_aprt(tmp_path / side / "layer-3" / "ffn_up.bin", 3, f32(1, 2, last))
+    args = [
+        "--values",
+        str(tmp_path / "a/layer-3/ffn_up.bin"),
+        str(tmp_path / "b/layer-3/ffn_up.bin"),
+    ]
+    runner = CliRunner()
+    assert runner.invoke(diff_command, args).exit_code == 1
+    assert runner.invoke(diff_command, args + ["--tol", "layer-3/ffn_*:atol=1"]).exit_code == 0
+    assert runner.invoke(diff_command, args + ["--tol", "layer-4/ffn_*:atol=1"]).exit_code == 1

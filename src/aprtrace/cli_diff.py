@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from aprtrace.diff import (
 from aprtrace.errors import EXIT_DIVERGED, NotFoundError, OutputError, ValidationError
 
 _T = DEFAULT_TOLERANCE
+_LAYER_DIR = re.compile(r"^layer-\d+$")
 
 HELP = f"""Compare stage tensors value by value: two APRT files, or two dump directories.
 
@@ -84,7 +86,8 @@ def _console() -> Console:
 
 def _file_pair(ctx, a: Path, b: Path, limit: int, as_json: bool, base: Tolerance, rules) -> None:
     result = diff_files(a, b, limit=limit)
-    key = key_for(b.name)
+    # `layer-N/stage` patterns of --tol need the layer directory, as in directory mode.
+    key = key_for(f"{b.parent.name}/{b.name}" if _LAYER_DIR.match(b.parent.name) else b.name)
     tol = tolerance_for(base, rules, key.stage, key.rel_stem)
     extended = compare_arrays(read_aprt(a).values, read_aprt(b).values, limit=0, extended=True)
     ok, reason = verdict(extended, tol)

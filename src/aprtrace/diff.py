@@ -747,17 +747,17 @@ def _consumed(
         "qkv_bias": lambda: get(layer, "qkv_matmul"),
         "q_post_rope": qkv,
         "k_post_rope": qkv,
-        "attn_scores": lambda: get(layer, "q_post_rope"),
+        "attn_scores": lambda: get(layer, "q_post_rope") + get(layer, "k_post_rope"),
         "attn_softmax": lambda: get(layer, "attn_scores"),
-        "attention": lambda: get(layer, "attn_softmax"),
+        "attention": lambda: get(layer, "attn_softmax") + qkv(),  # softmax . V
         "attn_out": lambda: get(layer, "attention"),
-        # A residual add consumes two tensors; it inherits the larger relative error.
+        # A stage with two inputs inherits the larger relative error of the two.
         "post_attn_residual": lambda: layer_input() + get(layer, "attn_out"),
         "ffn_norm": lambda: get(layer, "post_attn_residual"),
         "ffn_gate": lambda: get(layer, "ffn_norm"),
         "ffn_up": lambda: get(layer, "ffn_norm"),
         "ffn_silu": lambda: get(layer, "ffn_gate"),
-        "ffn_swigl": lambda: get(layer, "ffn_silu"),
+        "ffn_swigl": lambda: get(layer, "ffn_silu") + get(layer, "ffn_up"),
         "ffn_out": lambda: get(layer, "ffn_swigl"),
         "post_ffn_residual": lambda: get(layer, "post_attn_residual") + get(layer, "ffn_out"),
         "final_norm": lambda: (
