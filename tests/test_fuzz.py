@@ -47,9 +47,7 @@ ops_strategy = st.lists(
     min_size=1,
     max_size=4,
 )
-# Peak RSS of this process must stay below this while fuzzing (the bar is 200 MB
-# per run; the test process also holds pytest, numpy, tokenizers and hypothesis).
-RSS_CEILING_MB = 600
+RSS_GROWTH_CEILING = 200 << 20
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +78,13 @@ def test_mutated_inputs_raise_only_aprtrace_errors(targets, name, tmp_path):
         except AprtraceError:
             pass  # a clean, classified error is the expected outcome for most mutations
 
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     check()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    assert peak_mb < RSS_CEILING_MB
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    # The process's peak RSS did not grow by the bar. (tracemalloc per input would
+    # make this test ten times slower; fuzz/run.py records the real per-worker peak and
+    # tests/test_reliability.py measures allocations of the hostile cases with tracemalloc.)
+    assert grown < RSS_GROWTH_CEILING
     assert [p for p in tmp_path.iterdir()] == []  # the target cleaned up its inputs
 
 

@@ -371,20 +371,15 @@ def inspect(path, as_json):
     inspect_path(path, as_json)
 
 
-def _register_optional_commands() -> None:
-    """Commands whose modules live in their own files (diff, convert, demo)."""
-    for module, attr, name in (
-        ("aprtrace.cli_diff", "diff_command", "diff"),
-        ("aprtrace.convert", "convert_command", "convert"),
-        ("aprtrace.demo", "demo_command", "demo"),
-    ):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        main.add_command(getattr(mod, attr), name)
+def _register_commands() -> None:
+    """Commands whose modules live in their own files."""
+    from aprtrace.cli_diff import diff_command
+    from aprtrace.convert import convert_command
+    from aprtrace.demo import demo_command
+
+    main.add_command(diff_command, "diff")
+    main.add_command(convert_command, "convert")
+    main.add_command(demo_command, "demo")
 
 
-_register_optional_commands()
+_register_commands()

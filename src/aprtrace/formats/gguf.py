@@ -617,7 +617,8 @@ def check_tensors(tensors: dict[str, LazyTensor], config: ModelConfig, where: st
     # corrupt header) is reported at the first missing layer, before listing expected names.
     if config.num_layers > len(tensors):
         first = next(
-            i for i in range(config.num_layers)
+            i
+            for i in range(config.num_layers)
             if layer_name(i, "input_layernorm.weight") not in tensors
         )
         raise ModelLoadError(
