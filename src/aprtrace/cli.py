@@ -7,6 +7,7 @@ Exit codes (as ``apr``): 0 ok, 1 diff found a divergence, 2 usage error, 3 file 
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -21,8 +22,25 @@ from aprtrace.stages import Stage
 DEFAULT_PROMPT = "What is 2+2?"
 
 
+# Commands in their own modules, imported only when used (keeps `trace` start-up short).
+LAZY_COMMANDS = {
+    "convert": ("aprtrace.convert", "convert_command"),
+    "demo": ("aprtrace.demo", "demo_command"),
+    "diff": ("aprtrace.cli_diff", "diff_command"),
+}
+
+
 class AprtraceGroup(click.Group):
     """Maps AprtraceError to its exit code in one place; tracebacks only with --debug."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS:
+            module, attr = LAZY_COMMANDS[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         debug = "--debug" in sys.argv[1:] or bool(ctx.params.get("debug"))
@@ -369,17 +387,3 @@ def inspect(path, as_json):
     from aprtrace.inspect import inspect_path
 
     inspect_path(path, as_json)
-
-
-def _register_commands() -> None:
-    """Commands whose modules live in their own files."""
-    from aprtrace.cli_diff import diff_command
-    from aprtrace.convert import convert_command
-    from aprtrace.demo import demo_command
-
-    main.add_command(diff_command, "diff")
-    main.add_command(convert_command, "convert")
-    main.add_command(demo_command, "demo")
-
-
-_register_commands()

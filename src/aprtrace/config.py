@@ -36,6 +36,42 @@ def normalize_architecture(name: str | None, where: str = "model") -> str:
     return ARCH_ALIASES[key]
 
 
+# Name of the optional per-frequency RoPE divisor (GGUF `rope_freqs.weight`, Llama 3.1+
+# "llama3" scaling): the forward pass uses inv_freq[i] / rope_freqs[i], as llama.cpp does.
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def llama3_rope_factors(
+    head_dim: int,
+    theta: float,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_context: int,
+) -> list[float]:
+    """Per-frequency divisors of Llama 3.1 "llama3" RoPE scaling (what llama.cpp's converter
+    stores as ``rope_freqs.weight``): 1 for short wavelengths, ``factor`` for long ones, a
+    smooth blend in between."""
+    import math
+
+    low_wavelen = original_context / low_freq_factor
+    high_wavelen = original_context / high_freq_factor
+    out = []
+    for i in range(head_dim // 2):
+        freq = 1.0 / theta ** (2 * i / head_dim)
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (original_context / wavelen - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return out
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Sizes and switches of a Llama/Qwen-family decoder. Differences are flags, not copies."""
@@ -49,6 +85,8 @@ class ModelConfig:
     vocab_size: int
     head_dim: int
     rope_theta: float = 10000.0
+    # Linear RoPE scaling ("linear" rope_type): positions are divided by this factor.
+    rope_linear_factor: float = 1.0
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
@@ -92,7 +130,7 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ModelLoadError(f"{where}: head_dim {self.head_dim} must be even for RoPE")
-        for name in ("rope_theta", "rms_norm_eps"):
+        for name in ("rope_theta", "rms_norm_eps", "rope_linear_factor"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ModelLoadError(f"{where}: config {name} = {value!r} must be finite and > 0")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aprtrace.config import ModelConfig
+from aprtrace.config import ROPE_FREQS, ModelConfig
 from aprtrace.errors import InferenceError, ValidationError
 from aprtrace.model import Model, layer_name
 from aprtrace.stages import Stage
@@ -29,6 +29,8 @@ Progress = Callable[[int, int], None]
 # Rows of the output projection decoded at once: bounds the transient f32 copy of lm_head
 # to LM_HEAD_CHUNK * hidden * 4 bytes (about 37 MB for hidden 4608).
 LM_HEAD_CHUNK = 2048
+# Up to this many tokens the matmuls run on one BLAS thread (see one_blas_thread).
+SHORT_PROMPT = 64
 
 
 def _no_emit(stage: Stage, layer: int | None, values: np.ndarray) -> None:
@@ -36,19 +38,19 @@ def _no_emit(stage: Stage, layer: int | None, values: np.ndarray) -> None:
 
 
 @contextlib.contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """Run BLAS on one thread (when ``threadpoolctl`` is installed); restore it afterwards.
+def one_blas_thread(enabled: bool = True) -> Iterator[None]:
+    """Run BLAS on one thread while ``enabled``; restore it afterwards.
 
-    Every matmul here has only ``seq`` rows, too small to gain from a second BLAS thread, and
-    OpenBLAS threads spin after each call, taking the cores the dequantization pool needs: one
-    thread makes the SmolLM2 pass about 4x cheaper in CPU time. The results are the same bits
-    (OpenBLAS splits the output between threads, not the sums).
+    A short prompt's matmuls have only ``seq`` rows, too small to gain from a second BLAS
+    thread, and OpenBLAS threads spin after each call, taking the cores the dequantization
+    pool needs: one thread makes the SmolLM2 pass about 4x cheaper in CPU time. The results
+    are the same bits (OpenBLAS splits the output between threads, not the sums).
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
+    if not enabled:
         yield
         return
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(limits=1, user_api="blas"):
         yield
 
@@ -59,11 +61,24 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x * (np.float32(1.0) / np.sqrt(variance + np.float32(eps)))) * weight
 
 
-def rope_tables(seq: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin ``[seq, head_dim/2]`` for positions 0..seq-1 (computed in f64, stored f32)."""
+def rope_tables(
+    seq: int,
+    head_dim: int,
+    theta: float,
+    freq_divisors: np.ndarray | None = None,
+    linear_factor: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin ``[seq, head_dim/2]`` for positions 0..seq-1 (computed in f64, stored f32).
+
+    ``freq_divisors`` (Llama 3 ``rope_freqs``) divide each frequency; ``linear_factor``
+    divides the positions (linear RoPE scaling).
+    """
     half = head_dim // 2
     inv_freq = 1.0 / (theta ** (np.arange(half, dtype=np.float64) * 2.0 / head_dim))
-    angles = np.arange(seq, dtype=np.float64)[:, None] * inv_freq[None, :]
+    if freq_divisors is not None:
+        inv_freq = inv_freq / np.asarray(freq_divisors, dtype=np.float64)
+    positions = np.arange(seq, dtype=np.float64) / linear_factor
+    angles = positions[:, None] * inv_freq[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
@@ -294,9 +309,10 @@ def forward(
     ids = check_token_ids(cfg, token_ids)
     if cfg.num_layers <= 0:
         raise InferenceError("the model has zero layers; there is nothing to trace")
-    cos, sin = rope_tables(len(ids), cfg.head_dim, cfg.rope_theta)
+    divisors = model.optional_weight(ROPE_FREQS, (cfg.head_dim // 2,))
+    cos, sin = rope_tables(len(ids), cfg.head_dim, cfg.rope_theta, divisors, cfg.rope_linear_factor)
 
-    with np.errstate(all="ignore"), one_blas_thread():
+    with np.errstate(all="ignore"), one_blas_thread(len(ids) <= SHORT_PROMPT):
         hidden = model.tensor("model.embed_tokens.weight").take(ids)
         emit(Stage.EMBEDDING, 0, hidden)
 

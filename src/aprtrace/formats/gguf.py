@@ -529,6 +529,16 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
     gate = gf.tensors.get("blk.0.ffn_gate.weight")
     if ffn is None and gate is not None:
         ffn = gate.shape[0]
+    scaling = meta.get(p + "rope.scaling.type")
+    linear_factor = 1.0
+    if scaling == "linear":
+        linear_factor = _float_key(meta, p + "rope.scaling.factor", where, 1.0)
+    elif scaling not in (None, "none"):
+        raise ModelLoadError(
+            f"{where}: RoPE scaling {scaling!r} ({p}rope.scaling.type) is not supported",
+            hint="aprtrace implements plain RoPE, linear scaling and Llama 3 frequency "
+            "factors (rope_freqs.weight)",
+        )
     config = ModelConfig(
         architecture=arch,
         hidden_size=hidden,
@@ -539,6 +549,7 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
         vocab_size=vocab or 0,
         head_dim=head_dim,
         rope_theta=_float_key(meta, p + "rope.freq_base", where, 10000.0),
+        rope_linear_factor=linear_factor,
         rms_norm_eps=_float_key(meta, p + "attention.layer_norm_rms_epsilon", where, 1e-6),
         max_position_embeddings=_int_key(meta, p + "context_length", where, default=2048),
         tie_word_embeddings="output.weight" not in gf.tensors,

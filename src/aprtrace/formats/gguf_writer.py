@@ -39,6 +39,7 @@ _GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
+    "rope_freqs.weight": "rope_freqs.weight",  # Llama 3 RoPE frequency divisors
 }
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm",
@@ -228,6 +229,9 @@ def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_freq_base(float(config.rope_theta))
+    if config.rope_linear_factor != 1.0:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(config.rope_linear_factor))
     writer.add_vocab_size(config.vocab_size)
 
 

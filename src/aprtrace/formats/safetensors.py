@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from aprtrace.config import ModelConfig, normalize_architecture
+from aprtrace.config import ROPE_FREQS, ModelConfig, llama3_rope_factors, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.formats.gguf import check_tensors
 from aprtrace.model import LazyTensor, Model
@@ -174,11 +174,13 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
     rope_kind = rope.get("rope_type") or (
         scaling.get("rope_type") if isinstance(scaling, dict) else None
     )
-    if rope_kind not in (None, "default"):
+    rope_args = rope if rope.get("rope_type") else (scaling if isinstance(scaling, dict) else {})
+    if rope_kind not in (None, "default", "linear", "llama3"):
         raise ModelLoadError(
             f"{where}: RoPE scaling '{rope_kind}' is not supported",
-            hint="aprtrace implements plain RoPE (rope_type 'default')",
+            hint="aprtrace implements plain RoPE, 'linear' and 'llama3' scaling",
         )
+    linear_factor = _scaling_number(rope_args, "factor", where) if rope_kind == "linear" else 1.0
     tied = "lm_head.weight" not in tensors or bool(raw.get("tie_word_embeddings", False))
     return ModelConfig(
         architecture=architecture,
@@ -190,6 +192,7 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         vocab_size=integer("vocab_size"),
         head_dim=integer("head_dim", hidden // heads if heads else 0),
         rope_theta=float(rope_theta) if rope_theta is not None else 10000.0,
+        rope_linear_factor=linear_factor,
         rms_norm_eps=number("rms_norm_eps", 1e-6),
         max_position_embeddings=integer("max_position_embeddings", 2048),
         tie_word_embeddings=tied,
@@ -206,6 +209,41 @@ def _token_id(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _scaling_number(args: dict, key: str, where: str) -> float:
+    value = args.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ModelLoadError(f"{where}: config.json RoPE scaling {key} = {value!r} is invalid")
+    return float(value)
+
+
+def _add_llama3_rope_factors(
+    raw: dict, config: ModelConfig, tensors: dict[str, LazyTensor], where: str
+) -> None:
+    """Llama 3.1 "llama3" scaling becomes the per-frequency divisors llama.cpp's converter
+    stores as ``rope_freqs.weight``, so safetensors and GGUF feed the forward pass alike."""
+    rope = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    scaling = raw.get("rope_scaling") if isinstance(raw.get("rope_scaling"), dict) else {}
+    args = rope if rope.get("rope_type") else scaling
+    if args.get("rope_type") != "llama3":
+        return
+    factors = llama3_rope_factors(
+        config.head_dim,
+        config.rope_theta,
+        _scaling_number(args, "factor", where),
+        _scaling_number(args, "low_freq_factor", where),
+        _scaling_number(args, "high_freq_factor", where),
+        int(_scaling_number(args, "original_max_position_embeddings", where)),
+    )
+    values = np.asarray(factors, dtype="<f4")
+    tensors[ROPE_FREQS] = LazyTensor(
+        name=ROPE_FREQS,
+        shape=(values.size,),
+        qtype="F32",
+        raw=values.view(np.uint8),
+        where=f"{where} (config.json rope_scaling)",
+    )
+
+
 def load_safetensors(path: Path) -> Model:
     """Open a Hugging Face model directory (or a lone ``.safetensors`` beside config.json)."""
     path = Path(path)
@@ -220,6 +258,7 @@ def load_safetensors(path: Path) -> Model:
                 raise InvalidFormatError(f"{file}: tensor '{name}' also appears in another shard")
             tensors[name] = tensor
     config = hf_config(raw_config, tensors, str(path))
+    _add_llama3_rope_factors(raw_config, config, tensors, str(path))
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     check_tensors(tensors, config, str(path))
