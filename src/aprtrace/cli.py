@@ -292,7 +292,7 @@ def trace(
         where = f"layer {layer} {stage}" if layer is not None else stage
         click.echo(f"warning: first NaN/Inf appears at {where}", err=True)
     if top is not None and model.tokenizer is not None:
-        click.echo(f"Next token (argmax): {top} {model.tokenizer.decode([top])!r}")
+        click.echo(f"Next token (argmax): {top} {model.tokenizer.decode([top], skip_special_tokens=False)!r}")
     elif top is not None:
         click.echo(f"Next token (argmax): {top}")
 

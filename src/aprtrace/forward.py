@@ -82,6 +82,13 @@ def rope_tables(
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
+def model_rope_tables(model: Model, seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """``rope_tables`` with the model's theta, scaling and optional ``rope_freqs`` divisors."""
+    cfg = model.config
+    divisors = model.optional_weight(ROPE_FREQS, (cfg.head_dim // 2,))
+    return rope_tables(seq, cfg.head_dim, cfg.rope_theta, divisors, cfg.rope_linear_factor)
+
+
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """NeoX split-half rotation of ``x`` ``[seq, heads, head_dim]`` (Hugging Face layout)."""
     half = x.shape[-1] // 2
@@ -157,6 +164,74 @@ def load_layer(model: Model, layer: int) -> LayerWeights:
     )
 
 
+def qkv_projection(w: LayerWeights, attn_norm: np.ndarray) -> np.ndarray:
+    """The fused ``[Q|K|V]`` projection ``[seq, q_dim + 2*kv_dim]``, before any bias."""
+    return np.concatenate(
+        [linear(attn_norm, w.q_proj), linear(attn_norm, w.k_proj), linear(attn_norm, w.v_proj)],
+        axis=1,
+    )
+
+
+def add_qkv_bias(cfg: ModelConfig, w: LayerWeights, qkv: np.ndarray) -> np.ndarray:
+    """``qkv + [b_q|b_k|b_v]``; a missing part of the bias counts as zeros."""
+    zeros = np.zeros
+    return qkv + np.concatenate(
+        [
+            w.q_bias if w.q_bias is not None else zeros(cfg.q_dim, np.float32),
+            w.k_bias if w.k_bias is not None else zeros(cfg.kv_dim, np.float32),
+            w.v_bias if w.v_bias is not None else zeros(cfg.kv_dim, np.float32),
+        ]
+    )
+
+
+def split_qkv(cfg: ModelConfig, qkv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views ``q [seq, heads, d]``, ``k`` and ``v [seq, kv_heads, d]`` of a fused buffer."""
+    seq, d = qkv.shape[0], cfg.head_dim
+    q = qkv[:, : cfg.q_dim].reshape(seq, cfg.num_heads, d)
+    k = qkv[:, cfg.q_dim : cfg.q_dim + cfg.kv_dim].reshape(seq, cfg.num_kv_heads, d)
+    v = qkv[:, cfg.q_dim + cfg.kv_dim :].reshape(seq, cfg.num_kv_heads, d)
+    return q, k, v
+
+
+def norm_and_rope(
+    x: np.ndarray, norm: np.ndarray | None, eps: float, cos: np.ndarray, sin: np.ndarray
+) -> np.ndarray:
+    """Per-head QK-norm (Qwen3, when ``norm`` is given), then RoPE; ``x`` is ``[seq, heads, d]``."""
+    if norm is not None:
+        x = rms_norm(x, norm, eps)
+    return apply_rope(x, cos, sin)
+
+
+def attention_scores(cfg: ModelConfig, q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """``q.k * scale`` ``[heads, seq, seq]`` with GQA; masked entries (key > query) are 0."""
+    seq = q.shape[0]
+    # Grouped-query attention: query head h reads kv head h // (n_heads / n_kv).
+    group = cfg.num_heads // cfg.num_kv_heads
+    q_heads = q.transpose(1, 0, 2)  # [heads, seq, d]
+    k_heads = np.repeat(k.transpose(1, 0, 2), group, axis=0)
+    scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
+    causal = np.tril(np.ones((seq, seq), dtype=bool))
+    scores = (q_heads @ k_heads.transpose(0, 2, 1)) * scale
+    return np.where(causal, scores, np.float32(0.0))
+
+
+def causal_softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax over keys 0..query of ``[heads, seq, seq]``; masked entries are 0."""
+    seq = scores.shape[-1]
+    causal = np.tril(np.ones((seq, seq), dtype=bool))
+    shifted = scores - np.max(np.where(causal, scores, -np.inf), axis=-1, keepdims=True)
+    weights = np.where(causal, np.exp(np.where(causal, shifted, 0.0)), np.float32(0.0))
+    return weights / np.sum(weights, axis=-1, keepdims=True)
+
+
+def attend(cfg: ModelConfig, probs: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``probs . V`` back in token-major ``[seq, q_dim]``; ``v`` is ``[seq, kv_heads, d]``."""
+    seq = v.shape[0]
+    group = cfg.num_heads // cfg.num_kv_heads
+    v_heads = np.repeat(v.transpose(1, 0, 2), group, axis=0)
+    return (probs @ v_heads).transpose(1, 0, 2).reshape(seq, cfg.q_dim)
+
+
 def attention_block(
     cfg: ModelConfig,
     w: LayerWeights,
@@ -168,57 +243,27 @@ def attention_block(
 ) -> np.ndarray:
     """Pre-norm causal self-attention with GQA; returns the output projection."""
     seq = x.shape[0]
-    n_heads, n_kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
     attn_norm = rms_norm(x, w.input_layernorm, cfg.rms_norm_eps)
     emit(Stage.ATTN_NORM, layer, attn_norm)
 
-    qkv = np.concatenate(
-        [linear(attn_norm, w.q_proj), linear(attn_norm, w.k_proj), linear(attn_norm, w.v_proj)],
-        axis=1,
-    )
+    qkv = qkv_projection(w, attn_norm)
     emit(Stage.QKV_MATMUL, layer, qkv)
     if w.has_qkv_bias:
-        zeros = np.zeros
-        qkv = qkv + np.concatenate(
-            [
-                w.q_bias if w.q_bias is not None else zeros(cfg.q_dim, np.float32),
-                w.k_bias if w.k_bias is not None else zeros(cfg.kv_dim, np.float32),
-                w.v_bias if w.v_bias is not None else zeros(cfg.kv_dim, np.float32),
-            ]
-        )
+        qkv = add_qkv_bias(cfg, w, qkv)
         emit(Stage.QKV_BIAS, layer, qkv)
 
-    q = qkv[:, : cfg.q_dim].reshape(seq, n_heads, d)
-    k = qkv[:, cfg.q_dim : cfg.q_dim + cfg.kv_dim].reshape(seq, n_kv, d)
-    v = qkv[:, cfg.q_dim + cfg.kv_dim :].reshape(seq, n_kv, d)
-    if w.q_norm is not None:
-        q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
-    if w.k_norm is not None:
-        k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
-    q = apply_rope(q, cos, sin)
+    q, k, v = split_qkv(cfg, qkv)
+    q = norm_and_rope(q, w.q_norm, cfg.rms_norm_eps, cos, sin)
     emit(Stage.Q_POST_ROPE, layer, q.reshape(seq, cfg.q_dim))
-    k = apply_rope(k, cos, sin)
+    k = norm_and_rope(k, w.k_norm, cfg.rms_norm_eps, cos, sin)
     emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim))
 
-    # Grouped-query attention: query head h reads kv head h // (n_heads / n_kv).
-    group = n_heads // n_kv
-    q_heads = q.transpose(1, 0, 2)  # [heads, seq, d]
-    k_heads = np.repeat(k.transpose(1, 0, 2), group, axis=0)
-    v_heads = np.repeat(v.transpose(1, 0, 2), group, axis=0)
-    scale = np.float32(1.0 / np.sqrt(d))
-    causal = np.tril(np.ones((seq, seq), dtype=bool))
-
-    scores = (q_heads @ k_heads.transpose(0, 2, 1)) * scale
-    scores = np.where(causal, scores, np.float32(0.0))
+    scores = attention_scores(cfg, q, k)
     emit(Stage.ATTN_SCORES, layer, scores)
-
-    shifted = scores - np.max(np.where(causal, scores, -np.inf), axis=-1, keepdims=True)
-    weights = np.where(causal, np.exp(np.where(causal, shifted, 0.0)), np.float32(0.0))
-    probs = weights / np.sum(weights, axis=-1, keepdims=True)
+    probs = causal_softmax(scores)
     emit(Stage.ATTN_SOFTMAX, layer, probs)
-
-    context = (probs @ v_heads).transpose(1, 0, 2).reshape(seq, cfg.q_dim)
+    context = attend(cfg, probs, v)
     emit(Stage.ATTENTION, layer, context)
 
     attn_out = linear(context, w.o_proj, w.o_bias)
@@ -259,6 +304,17 @@ def decoder_layer(
     hidden = hidden + mlp_block(cfg, w, hidden, layer, emit)
     emit(Stage.POST_FFN_RESIDUAL, layer, hidden)
     return hidden
+
+
+def final_norm(model: Model, hidden: np.ndarray) -> np.ndarray:
+    """The output RMSNorm (``model.norm``) over every position."""
+    cfg = model.config
+    return rms_norm(hidden, model.weight("model.norm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps)
+
+
+def embed(model: Model, ids: np.ndarray) -> np.ndarray:
+    """Embedding rows of ``ids`` ``[seq, hidden]``, decoding only those rows."""
+    return model.tensor("model.embed_tokens.weight").take(ids)
 
 
 def lm_head(model: Model, h_last: np.ndarray) -> np.ndarray:
@@ -309,11 +365,10 @@ def forward(
     ids = check_token_ids(cfg, token_ids)
     if cfg.num_layers <= 0:
         raise InferenceError("the model has zero layers; there is nothing to trace")
-    divisors = model.optional_weight(ROPE_FREQS, (cfg.head_dim // 2,))
-    cos, sin = rope_tables(len(ids), cfg.head_dim, cfg.rope_theta, divisors, cfg.rope_linear_factor)
+    cos, sin = model_rope_tables(model, len(ids))
 
     with np.errstate(all="ignore"), one_blas_thread(len(ids) <= SHORT_PROMPT):
-        hidden = model.tensor("model.embed_tokens.weight").take(ids)
+        hidden = embed(model, ids)
         emit(Stage.EMBEDDING, 0, hidden)
 
         for layer in range(cfg.num_layers):
@@ -323,9 +378,7 @@ def forward(
             if progress is not None:
                 progress(layer + 1, cfg.num_layers)
 
-        final = rms_norm(
-            hidden, model.weight("model.norm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps
-        )
+        final = final_norm(model, hidden)
         emit(Stage.FINAL_NORM, None, final)
         logits = lm_head(model, final[-1])
         emit(Stage.LM_HEAD, None, logits)
