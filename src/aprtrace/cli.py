@@ -7,6 +7,7 @@ Exit codes (as ``apr``): 0 ok, 1 diff found a divergence, 2 usage error, 3 file 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
@@ -154,6 +155,15 @@ def _fmt(value) -> str:
 @click.option("--tokens", metavar="IDS", help="Comma-separated token ids; bypasses the tokenizer.")
 @click.option("--bos", is_flag=True, help="Prepend the model's BOS token.")
 @click.option(
+    "--engine",
+    type=click.Choice(["numpy", "transformers"]),
+    default="numpy",
+    show_default=True,
+    help="numpy: aprtrace's forward pass. transformers: Hugging Face transformers on the same "
+    "decoded weights, a reference dump in the same layout (needs the `ref` extra; default "
+    "DIR <parent>/<model-stem>-trace-transformers).",
+)
+@click.option(
     "--arch", help="Architecture for files that do not name one (APR): llama, qwen2, qwen3."
 )
 @click.option("--no-verify", is_flag=True, help="Skip CRC checks of APR files (damaged files).")
@@ -172,6 +182,7 @@ def trace(
     prompt,
     tokens,
     bos,
+    engine,
     arch,
     no_verify,
     clean,
@@ -194,13 +205,19 @@ def trace(
       aprtrace trace --save-tensor attn_norm,ffn_out --save-tensor-layers 0..4,10 \\
           --save-tensor-dir /tmp/q4 model.gguf
       aprtrace trace --tokens 3838,374,220,17 --json model.gguf
+      aprtrace trace --engine transformers --save-tensor all --save-tensor-layers all model.gguf
     """
     from aprtrace.formats import load_model
     from aprtrace.plan import make_plan, parse_layers
-    from aprtrace.trace import encode_prompt, parse_token_list, run_trace
+    from aprtrace.trace import ENGINE_DIR_SUFFIX, encode_prompt, parse_token_list, run_trace
 
     # Every argument error is reported before the model is loaded.
-    plan = make_plan(save_tensor, layers, save_dir, model_path) if save_tensor is not None else None
+
+    plan = (
+        make_plan(save_tensor, layers, save_dir, model_path, ENGINE_DIR_SUFFIX[engine])
+        if save_tensor is not None
+        else None
+    )
     if plan is None and layers is not None:
         parse_layers(layers)
     token_ids = parse_token_list(tokens) if tokens is not None else None
@@ -229,26 +246,15 @@ def trace(
         click.echo(f"Tokens:  {token_ids}")
 
     bar, update = _progress_callback(quiet or as_json)
-    if bar is not None:
-        with bar:
-            result = run_trace(
-                model,
-                token_ids,
-                plan,
-                prompt=shown_prompt,
-                progress=update,
-                clean=clean,
-                collect_stats=plan is None or as_json,
-            )
-    else:
-        result = run_trace(
-            model,
-            token_ids,
-            plan,
-            prompt=shown_prompt,
-            clean=clean,
-            collect_stats=plan is None or as_json,
-        )
+    options = dict(
+        prompt=shown_prompt,
+        progress=update,
+        clean=clean,
+        collect_stats=plan is None or as_json,
+        engine=engine,
+    )
+    with bar if bar is not None else contextlib.nullcontext():
+        result = run_trace(model, token_ids, plan, **options)
 
     top = int(np.argmax(result.logits)) if result.logits.size else None
     if as_json:
@@ -292,7 +298,8 @@ def trace(
         where = f"layer {layer} {stage}" if layer is not None else stage
         click.echo(f"warning: first NaN/Inf appears at {where}", err=True)
     if top is not None and model.tokenizer is not None:
-        click.echo(f"Next token (argmax): {top} {model.tokenizer.decode([top], skip_special_tokens=False)!r}")
+        text = model.tokenizer.decode([top], skip_special_tokens=False)
+        click.echo(f"Next token (argmax): {top} {text!r}")
     elif top is not None:
         click.echo(f"Next token (argmax): {top}")
 

@@ -116,15 +116,20 @@ class SavePlan:
         return self.out_dir / f"{stage.value}.bin"
 
 
-def default_out_dir(model_path: Path) -> Path:
-    """``<parent>/<model-stem>-trace`` as ``apr`` does."""
+def default_out_dir(model_path: Path, suffix: str = "") -> Path:
+    """``<parent>/<model-stem>-trace`` as ``apr`` does (``suffix`` is appended for other
+    engines, so a reference dump never overwrites aprtrace's own)."""
     model_path = Path(model_path)
     stem = model_path.name if model_path.is_dir() else model_path.stem
-    return model_path.parent / f"{stem}-trace"
+    return model_path.parent / f"{stem}-trace{suffix}"
 
 
 def make_plan(
-    stages_spec: str, layers_spec: str | None, out_dir: Path | None, model_path: Path
+    stages_spec: str,
+    layers_spec: str | None,
+    out_dir: Path | None,
+    model_path: Path,
+    dir_suffix: str = "",
 ) -> SavePlan:
     """Build a SavePlan from CLI strings; every error here is raised before loading."""
     stages = parse_stage_list(stages_spec)
@@ -132,5 +137,5 @@ def make_plan(
     return SavePlan(
         stages=frozenset(stages),
         layers=layers,
-        out_dir=Path(out_dir) if out_dir is not None else default_out_dir(model_path),
+        out_dir=Path(out_dir) if out_dir is not None else default_out_dir(model_path, dir_suffix),
     )

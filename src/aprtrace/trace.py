@@ -200,6 +200,22 @@ def prepare_out_dir(plan: SavePlan, clean: bool) -> list[Path]:
     return sorted(out.rglob("*.bin"))
 
 
+ENGINES = ("numpy", "transformers")
+# Suffix of the default output directory per engine (numpy keeps apr's `<stem>-trace`).
+ENGINE_DIR_SUFFIX = {"numpy": "", "transformers": "-transformers"}
+
+
+def engine_forward(engine: str):
+    """The forward function of an engine; all share ``forward``'s signature and emit contract."""
+    if engine == "numpy":
+        return forward
+    if engine == "transformers":
+        from aprtrace.engines.transformers import hf_forward
+
+        return hf_forward
+    raise ValidationError(f"unknown engine '{engine}'", hint=f"choose one of {', '.join(ENGINES)}")
+
+
 def run_trace(
     model: Model,
     token_ids: list[int],
@@ -209,8 +225,14 @@ def run_trace(
     collect_stats: bool = True,
     progress: Progress | None = None,
     clean: bool = False,
+    engine: str = "numpy",
 ) -> TraceResult:
-    """Run the forward pass, write the planned stage files, then the manifest (last)."""
+    """Run the forward pass, write the planned stage files, then the manifest (last).
+
+    ``engine`` is ``numpy`` (aprtrace's own forward pass) or ``transformers`` (Hugging Face
+    transformers on the same decoded weights, as a reference dump in the same layout).
+    """
+    run_forward = engine_forward(engine)
     if plan is not None:
         layers = plan.layers.resolve(model.config.num_layers)
         existing = prepare_out_dir(plan, clean)
@@ -232,7 +254,7 @@ def run_trace(
             first_bad.append((stage.value, layer))
 
     start = time.perf_counter()
-    logits = forward(model, token_ids, emit, progress)
+    logits = run_forward(model, token_ids, emit, progress)
     seconds = time.perf_counter() - start
 
     written = {f.path.resolve() for f in log.files}
@@ -247,17 +269,20 @@ def run_trace(
         stale_files=stale,
     )
     if plan is not None:
-        result.manifest_path = _write_manifest(model, plan, layers, token_ids, prompt, log, hasher)
+        result.manifest_path = _write_manifest(
+            model, plan, layers, token_ids, prompt, log, hasher, engine
+        )
     return result
 
 
-def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher) -> Path:
+def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine) -> Path:
     from aprtrace.manifest import write_manifest
 
     data = {
         "schema": "aprtrace-manifest-v1",
         "tool": "aprtrace",
         "version": __version__,
+        "engine": engine,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {
             "path": str(Path(model.path).resolve()),
