@@ -61,12 +61,24 @@ class LazyTensor:
         return values.reshape(stop - start, row_len)
 
     def take(self, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` of a 2-D tensor (embedding lookup), decoding only those rows."""
-        return (
-            np.stack([self.rows(int(i), int(i) + 1)[0] for i in ids])
-            if len(ids)
-            else (np.zeros((0, self.shape[-1]), dtype=np.float32))
-        )
+        """Rows ``ids`` of a 2-D tensor (embedding lookup), decoding only those rows.
+
+        The rows' encoded bytes are gathered first and decoded in one call, so a long prompt
+        costs one dequantization, not one per token.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(self.shape) != 2 or self.qtype == "APR_Q8":
+            return self.load()[ids]
+        n_rows, row_len = self.shape
+        if ids.size == 0:
+            return np.zeros((0, row_len), dtype=np.float32)
+        nbytes = quant.row_bytes(self.qtype, row_len)
+        encoded = self.raw.reshape(-1).view(np.uint8)[: n_rows * nbytes].reshape(n_rows, nbytes)
+        try:
+            values = quant.dequantize(encoded[ids], self.qtype, ids.size * row_len)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{self.where}: tensor '{self.name}': {exc.message}") from None
+        return values.reshape(ids.size, row_len)
 
 
 def _read_only_mapping(array: np.ndarray) -> mmap.mmap | None:
