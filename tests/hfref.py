@@ -5,8 +5,7 @@ Helpers shared by the reference tests (this is not a test module):
 - ``tiny_tokenizer()`` / ``tiny_hf_model(arch, seed)``: a small, deterministic byte-level BPE
   tokenizer trained in code and a tiny seeded transformers model (llama, qwen2, qwen3).
 - ``hf_stage_activations(model, token_ids)``: transformers' values of the 20 stages of
-  FORMATS.md section 2, in aprtrace's layout, captured with forward hooks plus a wrapped eager
-  attention (q/k after RoPE, scores, softmax).
+  FORMATS.md section 2, in aprtrace's layout (delegates to ``aprtrace.engines.transformers``).
 - ``cached_reference(key_parts, compute_fn)``: an npz cache outside the repository for slow
   references (transformers' load of a real GGUF takes minutes).
 """
@@ -17,9 +16,8 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +78,14 @@ TINY_SIZES = {
 }
 
 
-def tiny_hf_model(arch: str, seed: int = 0, vocab_size: int | None = None):
+def tiny_hf_model(
+    arch: str, seed: int = 0, vocab_size: int | None = None, rope_scaling: dict | None = None
+):
     """A tiny seeded float32 transformers causal LM of ``arch`` (llama, qwen2, qwen3).
 
     GQA (4 heads, 2 kv heads), untied lm_head, non-trivial random norm weights and biases so that
     a wrong norm, bias or layout shows up. ``vocab_size`` defaults to the tiny tokenizer's size.
+    ``rope_scaling`` (llama only) is transformers' ``rope_scaling`` dict, e.g. ``"llama3"``.
     """
     import torch
     import transformers
@@ -100,7 +101,11 @@ def tiny_hf_model(arch: str, seed: int = 0, vocab_size: int | None = None):
     )
     if arch == "llama":
         config = transformers.LlamaConfig(
-            rope_theta=10000.0, attention_bias=False, mlp_bias=False, **common
+            rope_theta=10000.0,
+            rope_scaling=rope_scaling,
+            attention_bias=False,
+            mlp_bias=False,
+            **common,
         )
         cls = transformers.LlamaForCausalLM
     elif arch == "qwen2":
@@ -113,6 +118,8 @@ def tiny_hf_model(arch: str, seed: int = 0, vocab_size: int | None = None):
         cls = transformers.Qwen3ForCausalLM
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
+    if rope_scaling is not None and arch != "llama":
+        raise ValueError("rope_scaling is only wired for the tiny llama")
     _set_rope_theta(config, config_rope_theta(config))
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -148,127 +155,23 @@ def _set_rope_theta(config, theta: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Stage capture
-
-
-def _np(t) -> np.ndarray:
-    return t.detach().to("cpu").float().numpy().copy()
-
-
-@contextlib.contextmanager
-def _wrapped_eager_attention(model, record: Callable) -> Iterator[None]:
-    """Replace ``eager_attention_forward`` in the model's modeling module with a recording wrapper.
-
-    The attention modules look the function up in their module's globals at call time (through
-    ``ALL_ATTENTION_FUNCTIONS.get_interface(..., eager_attention_forward)``), so patching the
-    module attribute is enough.
-    """
-    module = sys.modules[type(model).__module__]
-    original = module.eager_attention_forward
-
-    def wrapper(attn_module, query, key, value, attention_mask, scaling, *args, **kwargs):
-        out, weights = original(
-            attn_module, query, key, value, attention_mask, scaling, *args, **kwargs
-        )
-        record(attn_module, query, key, weights, scaling)
-        return out, weights
-
-    module.eager_attention_forward = wrapper
-    try:
-        yield
-    finally:
-        module.eager_attention_forward = original
+# Stage capture (one implementation: aprtrace's transformers engine)
 
 
 def hf_stage_activations(model, token_ids: Sequence[int]) -> dict[StageKey, np.ndarray]:
     """transformers' value of every stage of FORMATS.md section 2, in aprtrace's layout.
 
     Keys are ``(stage_name, layer)``; ``layer`` is None for ``final_norm`` and ``lm_head`` and 0
-    for ``embedding``. ``qkv_bias`` is present only when the model has q/k/v biases.
+    for ``embedding``. ``qkv_bias`` is present only when the model has q/k/v biases. Captured by
+    ``aprtrace.engines.transformers.stage_activations`` (forward hooks plus a wrapped eager
+    attention), the code behind ``aprtrace trace --engine transformers``.
     """
-    import torch
-    import torch.nn.functional as F
+    from aprtrace.engines.transformers import stage_activations
 
-    if getattr(model.config, "_attn_implementation", "eager") != "eager":
-        model.config._attn_implementation = "eager"
-    base = model.model
-    n_heads = model.config.num_attention_heads
-    out: dict[StageKey, np.ndarray] = {}
-    handles = []
-
-    def put(stage: str, layer: int | None, value) -> None:
-        out[(stage, layer)] = _np(value)
-
-    def first(value):
-        return value[0] if isinstance(value, tuple) else value
-
-    def hook_output(module, stage: str, layer: int | None) -> None:
-        handles.append(
-            module.register_forward_hook(lambda _m, _i, o: put(stage, layer, first(o)[0]))
-        )
-
-    def hook_input(module, stage: str, layer: int | None) -> None:
-        handles.append(module.register_forward_pre_hook(lambda _m, i: put(stage, layer, i[0][0])))
-
-    # q/k/v projections of each layer: (x @ W.T without bias, module output), joined after the run.
-    projected: dict[tuple[int, int], tuple] = {}
-
-    def hook_projection(proj, layer: int, part: int) -> None:
-        def hook(_m, inputs, output) -> None:
-            projected[(layer, part)] = (F.linear(inputs[0][0], proj.weight), output[0])
-
-        handles.append(proj.register_forward_hook(hook))
-
-    hook_output(base.embed_tokens, "embedding", 0)
-    for i, layer in enumerate(base.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        hook_output(layer.input_layernorm, "attn_norm", i)
-        for part, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
-            hook_projection(proj, i, part)
-        hook_input(attn.o_proj, "attention", i)
-        hook_output(attn.o_proj, "attn_out", i)
-        hook_input(layer.post_attention_layernorm, "post_attn_residual", i)
-        hook_output(layer.post_attention_layernorm, "ffn_norm", i)
-        hook_output(mlp.gate_proj, "ffn_gate", i)
-        hook_output(mlp.up_proj, "ffn_up", i)
-        hook_output(mlp.act_fn, "ffn_silu", i)
-        hook_input(mlp.down_proj, "ffn_swigl", i)
-        hook_output(mlp.down_proj, "ffn_out", i)
-        hook_output(layer, "post_ffn_residual", i)
-    hook_output(base.norm, "final_norm", None)
-
-    def record(attn_module, query, key, weights, scaling) -> None:
-        layer = attn_module.layer_idx
-        q = query[0]  # [heads, seq, d]
-        k = key[0]  # [kv_heads, seq, d]
-        seq = q.shape[1]
-        put("q_post_rope", layer, q.transpose(0, 1).reshape(seq, -1))
-        put("k_post_rope", layer, k.transpose(0, 1).reshape(seq, -1))
-        k_rep = k.repeat_interleave(n_heads // k.shape[0], dim=0)
-        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
-        scores = torch.matmul(q, k_rep.transpose(1, 2)) * scaling
-        put("attn_scores", layer, scores.masked_fill(~causal, 0.0))
-        put("attn_softmax", layer, weights[0].masked_fill(~causal, 0.0))
-
-    ids = torch.tensor([list(token_ids)], dtype=torch.long)
-    try:
-        with _wrapped_eager_attention(model, record), torch.no_grad():
-            result = model(input_ids=ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    out[("lm_head", None)] = _np(result.logits[0, -1])
-    has_bias = base.layers[0].self_attn.q_proj.bias is not None
-    for i in range(len(base.layers)):
-        matmuls, biased = zip(*(projected[(i, part)] for part in range(3)), strict=True)
-        put("qkv_matmul", i, torch.cat(matmuls, dim=-1))
-        if has_bias:
-            put("qkv_bias", i, torch.cat(biased, dim=-1))
-    per_layer = 16 + (1 if has_bias else 0)
-    missing = len(base.layers) * per_layer + 3 - len(out)
-    if missing:
-        raise AssertionError(f"hf_stage_activations captured {len(out)} arrays, {missing} missing")
-    return out
+    return {
+        (stage.value, layer): values
+        for (stage, layer), values in stage_activations(model, token_ids).items()
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -189,3 +189,102 @@ def test_cli_writes_html_and_plots(tmp_path, diverged):
 )
 def test_finite_or_none(value, expected):
     assert report.finite_or_none(value) == expected
+
+
+def _table_text(d, width: int, wide: bool = False) -> str:
+    buf = io.StringIO()
+    report.render_dir_table(d, Console(file=buf, width=width), wide=wide)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("width", [120, 100, 80, 60])
+def test_default_table_fits_the_terminal(diverged, width):
+    text = _table_text(diverged, width)
+    table_lines = [line for line in text.splitlines() if line.startswith("    ")]
+    assert table_lines and all(len(line) <= width for line in table_lines), table_lines
+    # the verdict and the first-divergence marker survive every width; ULP never by default
+    assert "◀ first" in text and "FAIL max|d|" in text and "ULP" not in text
+    assert text.rstrip().splitlines()[-1].startswith("DIVERGED: 1 of 11 pairs")
+    if width == 120:
+        assert "x input" in text and "h0 q" in text and "not shown" not in text
+    if width == 60:
+        assert "max|d|" not in text.splitlines()[2] and "--wide shows all" in text
+
+
+def test_wide_table_has_ulp_and_full_reasons(diverged):
+    text = _table_text(diverged, 250, wide=True)
+    assert "ULP max/med" in text and "rms" in text
+    assert "FAIL max|d| 0.44 > atol + rtol*max|a| = 0.11 ◀ first" in text
+    assert "head 0, query" in text  # positions spelled out
+
+
+def test_cli_wide_option(diverged):
+    a, b = str(diverged.a.path), str(diverged.b.path)
+    narrow = CliRunner().invoke(diff_command, ["--values", a, b, "--rtol", "0.01"])
+    wide = CliRunner().invoke(diff_command, ["--values", a, b, "--rtol", "0.01", "--wide"])
+    assert narrow.exit_code == wide.exit_code == 1
+    assert "ULP max/med" not in narrow.output and "ULP max/med" in wide.output
+    table = [line for line in narrow.output.splitlines() if "attn_norm" in line]
+    assert table and all(len(line) <= 120 for line in table)
+
+
+@pytest.mark.parametrize(
+    ("position", "short"),
+    [
+        ("token 0, channel 121", "t0 c121"),
+        ("head 3, query 5, key 2", "h3 q5 k2"),
+        ("vocab id 267", "id 267"),
+        ("[1, 2, 3]", "[1, 2, 3]"),
+        (None, None),
+    ],
+)
+def test_short_position(position, short):
+    assert report.short_position(position) == short
+
+
+def test_summary_names_the_position_of_the_first_divergence(diverged):
+    first = diverged.first_divergence
+    assert f"at {first.max_position})" in report.summary_line(diverged)
+
+
+def test_color_scale_is_anchored_to_the_tolerance(diverged):
+    # cos-min 0.999 (the fixture's): 1 - cos = 1e-3 and rel L2 = sqrt(2e-3) sit at yellow (0.5),
+    # a thousand times smaller at green (0), an uncorrelated 1 at red (1), on a log axis.
+    cos = report.color_scale(diverged, "cosine")
+    assert cos.position(1e-3) == pytest.approx(0.5)
+    assert cos.position(1e-6) == pytest.approx(0.0) and cos.position(1.0) == pytest.approx(1.0)
+    assert cos.position(10**-4.5) == pytest.approx(0.25)
+    rel = report.color_scale(diverged, "rel-l2")
+    assert rel.position(math.sqrt(2e-3)) == pytest.approx(0.5)
+    assert rel.position(1e-9) == 0.0 and rel.position(5.0) == 1.0 and rel.position(None) is None
+    sqnr = report.color_scale(diverged, "sqnr")  # values are -SQNR dB; bound 10*log10(500)
+    assert sqnr.position(-10 * math.log10(500)) == pytest.approx(0.5)
+    amp = report.color_scale(diverged, "attribution")
+    assert amp.position(2.0) == pytest.approx(0.5) and amp.position(math.inf) == 1.0
+    assert report._color(0.5) == (250, 205, 60)
+
+
+def test_html_has_color_bar_metadata_and_clickable_rows(diverged):
+    page = report.html_report(diverged, "rel-l2")
+    parser = _Collect()
+    parser.feed(page)
+    tags = parser.tags
+    assert any(t == "lineargradient" or t == "linearGradient" for t, _ in tags)
+    rows = [a for t, a in tags if t == "tr" and "data-i" in a]
+    assert [int(a["data-i"]) for a in rows] == list(range(len(diverged.pairs)))
+    text = "".join(parser.data)
+    assert "(~cos-min 0.999)" in text and "first divergence: layer 1 attn_softmax" in text
+    assert "tokens [1, 2, 3]" in text and "(llama)" in text  # from the manifests
+    # the first divergence's row and column labels are bold in the heatmap
+    svg = report.heatmap_svg(diverged, "rel-l2")
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    bold_labels = {e.text for e in root.iter(f"{ns}text") if e.get("font-weight") == "bold"}
+    assert {"layer 1", "attn_softmax"} <= bold_labels
+
+
+def test_html_says_when_a_dump_has_no_manifest(tmp_path):
+    a = make_dump(tmp_path / "a", {0: ["attn_norm"]}, manifest=False)
+    b = make_dump(tmp_path / "b", {0: ["attn_norm"]}, manifest=False)
+    page = report.html_report(diff_dirs(a, b, Tolerance()))
+    assert "no manifest.json: written by apr, or incomplete" in page and "OK: all" in page

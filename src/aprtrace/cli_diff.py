@@ -43,6 +43,8 @@ Directory mode (pairs files by relative path, forward order):
   aprtrace diff --values a/ b/ --tol 'layer-3/ffn_*:cos-min=0.98,rtol=0.2' --fail-fast
   aprtrace diff --values a/ b/ --json > diff.json
   aprtrace diff --values a/ b/ --html report.html --plot heatmap.svg --metric cosine
+Local vs inherited error (teacher forcing; MODEL = the model B ran, e.g. its quantized GGUF):
+  aprtrace diff --values f32-trace/ q4-trace/ --model model-q4_0.gguf
 
 \b
 Verdict per pair (defaults: --atol {_T.atol:g} --rtol {_T.rtol:g} --cos-min {_T.cos_min:g}):
@@ -55,6 +57,11 @@ atol {_T.atol:g} passes tensors that are identical or all near zero. In director
 Inf are counted separately and every other statistic is over positions finite on both sides.
 --tol PATTERN:key=value[,key=value] overrides per stage (keys atol, rtol, cos-min); PATTERN is
 an fnmatch on the stage name, or on layer-N/stage when it contains a '/'; later rules win.
+
+--model MODEL re-runs every stage of B on B's own dumped inputs with aprtrace's float32 math
+and MODEL's weights: local = ||B_k - f_k(B inputs)|| / ||A_k|| is what stage k of B adds
+itself (0 when B is aprtrace on MODEL), inherited = ||A_k - f_k(B inputs)|| / ||A_k|| is what
+it receives. Pass A's model instead to see weight quantization as local error.
 
 \b
 Exit codes:
@@ -77,10 +84,13 @@ def _write(path: Path, data: str | bytes) -> None:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-def _console() -> Console:
+def _console(wide: bool = False) -> Console:
+    """The terminal's width; 120 columns when piped (--wide: 250, nothing is dropped)."""
     console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=180)
+    if wide:
+        console = Console(highlight=False, width=max(console.width, 250))
+    elif not console.is_terminal:
+        console = Console(highlight=False, width=120)
     return console
 
 
@@ -97,6 +107,17 @@ def _file_pair(ctx, a: Path, b: Path, limit: int, as_json: bool, base: Tolerance
         word = "ok" if ok else "DIVERGED"
         click.echo(report.file_pair_text(result, f"verdict: {word}: {reason}"))
     ctx.exit(0 if ok else EXIT_DIVERGED)
+
+
+def _localize(result, model_path: Path, arch: str | None):
+    """Teacher forcing with ``--model`` (aprtrace.localize); warnings go to stderr."""
+    from aprtrace.formats import load_model
+    from aprtrace.localize import localize
+
+    localization = localize(result, load_model(model_path, arch=arch))
+    for w in localization.warnings:
+        click.echo(f"warning: {w}", err=True)
+    return localization
 
 
 @click.command("diff", help=HELP)
@@ -162,6 +183,24 @@ def _file_pair(ctx, a: Path, b: Path, limit: int, as_json: bool, base: Tolerance
     help="Write the heatmap as .svg or .png (directory mode).",
 )
 @click.option(
+    "-w",
+    "--wide",
+    is_flag=True,
+    help="Table with every column (rms, ULP max/median, full verdict reasons); by default "
+    "the least important columns are dropped to fit the terminal.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path),
+    help="Model B was traced from (GGUF, APR or safetensors): adds local/inherited error "
+    "per stage by re-running it on B's inputs (directory mode).",
+)
+@click.option(
+    "--arch",
+    help="Architecture of --model when the file does not name one (APR): llama, qwen2, qwen3.",
+)
+@click.option(
     "--metric",
     type=click.Choice(report.HEATMAP_METRICS),
     default="rel-l2",
@@ -183,6 +222,9 @@ def diff_command(
     fail_fast: bool,
     html_path: Path | None,
     plot_path: Path | None,
+    wide: bool,
+    model_path: Path | None,
+    arch: str | None,
     metric: str,
 ) -> None:
     for name, value in (("atol", atol), ("rtol", rtol), ("cos_min", cos_min)):
@@ -196,10 +238,12 @@ def diff_command(
     for side, p in (("A", path_a), ("B", path_b)):
         if not p.exists():
             raise NotFoundError(f"{side}: {p} does not exist")
+    if model_path is not None and not model_path.exists():
+        raise NotFoundError(f"--model: {model_path} does not exist")
     if path_a.is_file() and path_b.is_file():
-        if html_path or plot_path or fail_fast:
+        if html_path or plot_path or fail_fast or model_path:
             raise ValidationError(
-                "--html, --plot and --fail-fast need two dump directories, not two files"
+                "--html, --plot, --fail-fast and --model need two dump directories, not two files"
             )
         _file_pair(ctx, path_a, path_b, limit, as_json, base, rules)
         return
@@ -209,14 +253,15 @@ def diff_command(
             hint="pass two APRT files or two dump directories",
         )
     result = diff_dirs(path_a, path_b, base, rules, limit=limit, fail_fast=fail_fast)
+    localization = _localize(result, model_path, arch) if model_path is not None else None
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     if as_json:
-        click.echo(report.to_json_text(report.dir_json(result)))
+        click.echo(report.to_json_text(report.dir_json(result, localization)))
     else:
-        report.render_dir_table(result, _console())
+        report.render_dir_table(result, _console(wide), wide=wide, localization=localization)
     if html_path is not None:
-        _write(html_path, report.html_report(result, metric))
+        _write(html_path, report.html_report(result, metric, localization))
         click.echo(f"wrote {html_path}", err=True)
     if plot_path is not None:
         if plot_path.suffix.lower() == ".png":

@@ -5,10 +5,14 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import struct
 import zlib
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -16,6 +20,9 @@ from rich.text import Text
 from aprtrace import __version__
 from aprtrace.diff import DirDiff, FilePairResult, PairResult, layer_label
 from aprtrace.stages import Stage
+
+if TYPE_CHECKING:
+    from aprtrace.localize import Localization
 
 FILE_PAIR_SCHEMA = "apr-stage-diff-v1"
 DIR_SCHEMA = "aprtrace-diff-v1"
@@ -112,7 +119,7 @@ def overall_verdict(d: DirDiff) -> str:
     return "diverged" if d.failed else "pass"
 
 
-def pair_json(p: PairResult) -> dict[str, Any]:
+def pair_json(p: PairResult, localization: Localization | None = None) -> dict[str, Any]:
     s = p.stats
     out: dict[str, Any] = {
         "path": p.key.rel,
@@ -166,6 +173,8 @@ def pair_json(p: PairResult) -> dict[str, Any]:
         }
         for t in (s.top_diffs if s else [])
     ]
+    if localization is not None:
+        out.update(local_json(localization, p))
     return out
 
 
@@ -194,9 +203,14 @@ def _ref(p: PairResult | None) -> dict[str, Any] | None:
     }
 
 
-def dir_json(d: DirDiff) -> dict[str, Any]:
-    """The ``aprtrace-diff-v1`` document (keys in docs/diff-json.md)."""
-    return {
+def dir_json(d: DirDiff, localization: Localization | None = None) -> dict[str, Any]:
+    """The ``aprtrace-diff-v1`` document (keys in docs/diff-json.md).
+
+    With ``localization`` (``diff --model``) each pair gains ``local_rel_l2``,
+    ``inherited_rel_l2``, ``local_share``, ``local_inputs``, ``local_note``, and the
+    document a ``localization`` object; without it those keys are absent.
+    """
+    doc = {
         "schema": DIR_SCHEMA,
         "tool": "aprtrace",
         "version": __version__,
@@ -227,7 +241,43 @@ def dir_json(d: DirDiff) -> dict[str, Any]:
             }
             for p in d.amplifiers(AMPLIFY_THRESHOLD)
         ],
-        "pairs": [pair_json(p) for p in d.pairs],
+        "pairs": [pair_json(p, localization) for p in d.pairs],
+    }
+    if localization is not None:
+        doc["localization"] = localization_json(d, localization)
+    return doc
+
+
+def local_json(localization: Localization, p: PairResult) -> dict[str, Any]:
+    """The per-pair keys of ``diff --model`` (null when the stage could not be re-run)."""
+    loc = localization.get(p)
+    if loc is None:
+        return {
+            "local_rel_l2": None,
+            "inherited_rel_l2": None,
+            "local_share": None,
+            "local_inputs": [],
+            "local_note": "not localized",
+        }
+    return {
+        "local_rel_l2": finite_or_none(loc.local_rel_l2),
+        "inherited_rel_l2": finite_or_none(loc.inherited_rel_l2),
+        "local_share": finite_or_none(loc.local_share),
+        "local_inputs": list(loc.inputs),
+        "local_note": loc.note,
+    }
+
+
+def localization_json(d: DirDiff, localization: Localization) -> dict[str, Any]:
+    return {
+        "model": str(localization.model_path),
+        "architecture": localization.architecture,
+        "warnings": list(localization.warnings),
+        "localized": sum(1 for p in d.pairs if _localized(localization, p)),
+        "sources": [
+            {**_ref(p), **local_json(localization, p)}  # type: ignore[dict-item]
+            for p in localization.sources(d.pairs)
+        ],
     }
 
 
@@ -262,81 +312,281 @@ def summary_line(d: DirDiff) -> str:
     first = d.first_divergence
     assert first is not None
     stop = " (stopped there: --fail-fast)" if d.stopped_early else ""
+    where = ""
+    if first.stats is not None:
+        pos = first.max_position or f"index {first.stats.max_abs_diff_index}"
+        where = f" (max|d| {fmt(first.stats.max_abs_diff, '.3g')} at {pos})"
     return (
         f"DIVERGED: {d.failed} of {n} pairs out of tolerance ({tol_text}); first divergence: "
-        f"{first.key.label} [{first.key.rel}]: {first.reason}{stop}"
+        f"{first.key.label} [{first.key.rel}]: {first.reason}{where}{stop}"
     )
 
 
-def render_dir_table(d: DirDiff, console: Console) -> None:
-    """Rich table, one row per pair in forward order, then findings and the summary line."""
-    table = Table(title=f"aprtrace diff  A={d.a.path}  B={d.b.path}  (A is the reference)")
-    for col, justify in (
-        ("layer", "right"),
-        ("stage", "left"),
-        ("max|d|", "right"),
-        ("at", "left"),
-        ("rms", "right"),
-        ("cosine", "right"),
-        ("rel L2", "right"),
-        ("SQNR dB", "right"),
-        ("ULP max/med", "right"),
-        ("x input", "right"),
-        ("verdict", "left"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for p in d.pairs:
-        s = p.stats
-        layer = "-" if p.key.layer is None else str(p.key.layer)
-        if s is None:
-            table.add_row(
-                layer, p.key.stage, *(["-"] * 8), Text("INCOMPARABLE", style="bold magenta")
-            )
-            continue
-        if p.passed:
-            verdict = Text("ok", style="green")
+_POSITION_SHORT = (
+    (re.compile(r"^token (\d+), channel (\d+)$"), r"t\1 c\2"),
+    (re.compile(r"^head (\d+), query (\d+), key (\d+)$"), r"h\1 q\2 k\3"),
+    (re.compile(r"^vocab id (\d+)$"), r"id \1"),
+)
+POSITION_LEGEND = "at: t = token, c = channel, h = head, q = query, k = key, id = vocab id"
+
+
+def short_position(position: str | None) -> str | None:
+    """'token 0, channel 121' -> 't0 c121' (see POSITION_LEGEND); other text unchanged."""
+    if position is None:
+        return None
+    for pattern, repl in _POSITION_SHORT:
+        if pattern.match(position):
+            return pattern.sub(repl, position)
+    return position
+
+
+def short_reason(p: PairResult) -> str:
+    """The failed check in a word: 'cos', 'max|d|', 'NaN/Inf' (full text in p.reason)."""
+    if p.error is not None:
+        return "incomparable"
+    if p.passed:
+        return ""
+    for prefix, word in (("cosine", "cos"), ("max|d|", "max|d|")):
+        if p.reason.startswith(prefix):
+            return word
+    return "NaN/Inf" if "NaN" in p.reason else p.reason
+
+
+@dataclass(frozen=True)
+class _Column:
+    """One column of the diff table; lower priority numbers are dropped last."""
+
+    header: str
+    justify: str
+    priority: int
+    cell: Callable[[PairResult], str | Text]
+    wide_only: bool = False
+
+
+def _verdict_cell(d: DirDiff, wide: bool) -> Callable[[PairResult], Text]:
+    def cell(p: PairResult) -> Text:
+        if p.error is not None:
+            text = Text("INCOMPARABLE", style="bold magenta")
+        elif p.passed:
+            text = Text("ok", style="green")
         else:
-            verdict = Text("FAIL " + p.reason, style="bold red")
+            text = Text("FAIL " + (p.reason if wide else short_reason(p)), style="bold red")
         if p is d.first_divergence:
-            verdict.append("  <- first divergence", style="bold yellow")
-        at = p.max_position or f"#{s.max_abs_diff_index}"
-        ratio = p.attribution
-        ratio_text = Text(fmt(ratio, ".3g"))
-        if ratio is not None and ratio >= AMPLIFY_THRESHOLD and (s.rel_l2 or 0) > 0:
-            ratio_text.stylize("bold yellow")
-        table.add_row(
-            layer,
-            p.key.stage,
-            fmt(s.max_abs_diff, ".3g"),
-            at,
-            fmt(s.rms_diff, ".3g"),
-            fmt(s.cosine_sim, ".6f"),
-            fmt(s.rel_l2, ".3g"),
-            fmt(s.sqnr_db, ".1f"),
-            f"{fmt(s.ulp_max, 'd')}/{fmt(s.ulp_median, '.10g')}",
-            ratio_text,
-            verdict,
+            text.append(" ◀ first", style="bold reverse")
+        return text
+
+    return cell
+
+
+def _ratio_cell(p: PairResult) -> Text:
+    text = Text(fmt(p.attribution, ".3g"))
+    if (
+        p.attribution is not None
+        and p.attribution >= AMPLIFY_THRESHOLD
+        and p.stats is not None
+        and (p.stats.rel_l2 or 0) > 0
+    ):
+        text.stylize("bold yellow")
+    return text
+
+
+def _stat(spec: str, attr: str) -> Callable[[PairResult], str]:
+    return lambda p: "-" if p.stats is None else fmt(getattr(p.stats, attr), spec)
+
+
+def _localized(localization: Localization, p: PairResult) -> bool:
+    loc = localization.get(p)
+    return loc is not None and loc.local_rel_l2 is not None
+
+
+def _local_columns(localization: Localization) -> list[_Column]:
+    """``local`` and ``inherited`` relative errors of ``diff --model`` (teacher forcing)."""
+
+    def value(attr: str) -> Callable[[PairResult], str]:
+        def cell(p: PairResult) -> str:
+            loc = localization.get(p)
+            return "n/d" if loc is None or loc.note else fmt(getattr(loc, attr), ".3g")
+
+        return cell
+
+    return [
+        _Column("local", "right", 1, value("local_rel_l2")),
+        _Column("inherited", "right", 1, value("inherited_rel_l2")),
+    ]
+
+
+def localization_sentence(p: PairResult, localization: Localization) -> str:
+    """'layer 3 ffn_out: 92% of its error is local (the stage itself), 8% inherited (...)'."""
+    loc = localization.get(p)
+    if loc is None or loc.note is not None:
+        return f"{p.key.label}: not localized ({loc.note if loc else 'no result'})"
+    share = loc.local_share
+    local, inherited = fmt(loc.local_rel_l2, ".3g"), fmt(loc.inherited_rel_l2, ".3g")
+    numbers = f"rel L2: local {local}, inherited {inherited}"
+    if share is None:
+        return f"{p.key.label}: no error ({numbers})"
+    local_pct = round(100 * share)
+    return (
+        f"{p.key.label}: {local_pct}% of its error is local (the stage itself), "
+        f"{100 - local_pct}% inherited ({numbers})"
+    )
+
+
+def localization_lines(d: DirDiff, localization: Localization) -> list[str]:
+    """The findings of ``diff --model``: where B's own computation adds the most error."""
+    lines = [
+        "Local vs inherited error (stages re-run on B's inputs with "
+        f"{localization.model_path.name}):"
+    ]
+    sources = localization.sources(d.pairs)
+    lines.extend(f"  - {localization_sentence(p, localization)}" for p in sources)
+    first = d.first_divergence
+    if first is not None and first not in sources:
+        lines.append(f"  first divergence: {localization_sentence(first, localization)}")
+    done = sum(1 for p in d.pairs if _localized(localization, p))
+    if not sources and done:
+        lines.append(
+            "  no stage adds error of its own: B computes exactly what the model gives from "
+            "B's inputs, so all of its error is inherited (from the model's weights or inputs)"
         )
-    console.print(table)
+    missing = [
+        p for p in d.pairs if (loc := localization.get(p)) is not None and loc.note is not None
+    ]
+    if missing:
+        loc = localization.get(missing[0])
+        lines.append(
+            f"  {len(missing)} of {len(d.pairs)} stages not localized (n/d), e.g. "
+            f"{missing[0].key.label}: {loc.note if loc else ''}"
+        )
+    return lines
+
+
+def _table_columns(
+    d: DirDiff, wide: bool, localization: Localization | None = None
+) -> list[_Column]:
+    """Every column in display order. Priority 0 is always shown."""
+
+    def at(p: PairResult) -> str:
+        if p.stats is None:
+            return "-"
+        pos = p.max_position
+        if pos is None:
+            return f"#{p.stats.max_abs_diff_index}"
+        return pos if wide else (short_position(pos) or pos)
+
+    def ulp(p: PairResult) -> str:
+        s = p.stats
+        return "-" if s is None else f"{fmt(s.ulp_max, 'd')}/{fmt(s.ulp_median, '.10g')}"
+
+    columns = [
+        _Column("layer", "right", 0, lambda p: "-" if p.key.layer is None else str(p.key.layer)),
+        _Column("stage", "left", 0, lambda p: p.key.stage),
+        _Column("cosine", "right", 1, _stat(".6f", "cosine_sim")),
+        _Column("rel L2", "right", 1, _stat(".3g", "rel_l2")),
+        _Column("max|d|", "right", 2, _stat(".3g", "max_abs_diff")),
+        _Column("at", "left", 3, at),
+        _Column("x input", "right", 4, _ratio_cell),
+        _Column("SQNR dB", "right", 5, _stat(".1f", "sqnr_db")),
+        _Column("rms", "right", 6, _stat(".3g", "rms_diff")),
+        _Column("ULP max/med", "right", 7, ulp, wide_only=True),
+        _Column("verdict", "left", 0, _verdict_cell(d, wide)),
+    ]
+    if localization is not None:
+        at = next(i for i, c in enumerate(columns) if c.header == "rel L2") + 1
+        columns[at:at] = _local_columns(localization)
+    return columns
+
+
+def _fit_columns(columns: list[_Column], widths: list[int], budget: int) -> list[int]:
+    """Indices of the columns kept: drop the least important until the table fits ``budget``."""
+    keep = list(range(len(columns)))
+
+    def total() -> int:  # no outer edge; 3 characters (padding, rule, padding) between cells
+        return sum(widths[i] for i in keep) + 3 * (len(keep) - 1)
+
+    for prio in sorted({c.priority for c in columns if c.priority > 0}, reverse=True):
+        if total() <= budget:
+            break
+        keep = [i for i in keep if columns[i].priority != prio]
+    return keep
+
+
+def render_dir_table(
+    d: DirDiff,
+    console: Console,
+    wide: bool = False,
+    localization: Localization | None = None,
+) -> None:
+    """Table in forward order, then findings, the first divergence and the summary line.
+
+    The default table drops its least important columns (rms, SQNR, x input, max|d| and its
+    position) until it fits the console; ``wide`` shows every column, ULP distances and the
+    full verdict reasons included.
+    """
+    columns = [c for c in _table_columns(d, wide, localization) if wide or not c.wide_only]
+    cells = [[c.cell(p) for c in columns] for p in d.pairs]
+    widths = [
+        max(
+            [len(c.header)]
+            + [
+                Text(row[j]).cell_len if isinstance(row[j], str) else row[j].cell_len
+                for row in cells
+            ]
+        )
+        for j, c in enumerate(columns)
+    ]
+    keep = list(range(len(columns))) if wide else _fit_columns(columns, widths, console.width)
+    # Paths and file names are printed as Text: a '[' in them is not rich markup.
+    console.print(Text(f"A (reference): {d.a.path}"), soft_wrap=True)
+    console.print(Text(f"B (candidate): {d.b.path}"), soft_wrap=True)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for i in keep:
+        c = columns[i]
+        table.add_column(c.header, justify=c.justify, no_wrap=c.header != "verdict")  # type: ignore[arg-type]
+    for p, row in zip(d.pairs, cells, strict=True):
+        style = "bold" if p is d.first_divergence else None
+        table.add_row(*(row[i] for i in keep), style=style)
+    console.print(table)  # the only hard-wrapped output
+    if any(columns[i].header == "at" for i in keep) and not wide:
+        console.print(Text(POSITION_LEGEND, style="dim"), soft_wrap=True)
+    dropped = [columns[i].header for i in range(len(columns)) if i not in keep]
+    if dropped:
+        console.print(
+            Text(
+                f"(not shown for the terminal width: {', '.join(dropped)}; --wide shows all)",
+                style="dim",
+            ),
+            soft_wrap=True,
+        )
     for p in d.pairs:
         if p.lm_head is not None:
             h = p.lm_head
             console.print(
                 f"lm_head: top-1 {'agrees' if h.top1_agree else 'DIFFERS'} "
                 f"(A {h.top1_a}, B {h.top1_b}), top-5 overlap {h.top5_overlap}/5, "
-                f"KL(A||B) {fmt(h.kl_divergence, '.3g')}"
+                f"KL(A||B) {fmt(h.kl_divergence, '.3g')}",
+                soft_wrap=True,
             )
     amps = d.amplifiers(AMPLIFY_THRESHOLD)
     if amps:
-        console.print("[bold]Error amplifiers[/bold] (relative error vs the stage it consumes):")
+        console.print(
+            "[bold]Error amplifiers[/bold] (relative error vs the stage it consumes):",
+            soft_wrap=True,
+        )
         for p in amps:
-            console.print(f"  - {amplifier_sentence(p)}")
+            console.print(Text(f"  - {amplifier_sentence(p)}"), soft_wrap=True)
+    if localization is not None:
+        for line in localization_lines(d, localization):
+            console.print(Text(line), soft_wrap=True)
     for side, names in (("A", d.only_a), ("B", d.only_b)):
         if names:
             shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
-            console.print(f"[yellow]only in {side} ({len(names)}):[/yellow] {shown}")
+            console.print(
+                Text.assemble((f"only in {side} ({len(names)}):", "yellow"), f" {shown}"),
+                soft_wrap=True,
+            )
     style = "bold green" if overall_verdict(d) == "pass" else "bold red"
-    console.print(Text(summary_line(d), style=style))
+    console.print(Text(summary_line(d), style=style), soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,48 +625,92 @@ def _metric_label(metric: str) -> str:
     }[metric]
 
 
-def _scale(values: list[float | None], metric: str):
-    """Map a metric value to [0, 1] (0 best). Log scale for error-like metrics."""
-    if metric == "sqnr":
-        finite = [v for v in values if v is not None and math.isfinite(v)]
-        lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+@dataclass(frozen=True)
+class ColorScale:
+    """Metric value -> colour position in [0, 1] (0 best, 1 worst).
 
-        def f(v):
-            if v is None:
-                return None
-            if math.isinf(v):
-                return 0.0 if v < 0 else 1.0
-            return 0.5 if hi == lo else (v - lo) / (hi - lo)
+    Error metrics use a log axis; SQNR is already logarithmic and uses a linear one. When the
+    metric has a natural bound from the tolerance (``mid``), that value sits at 0.5 (yellow), so
+    green means well within tolerance and red far outside it, comparably across reports.
+    Otherwise the axis spans the values present.
+    """
 
-        return f
-    positive = [v for v in values if v is not None and math.isfinite(v) and v > 0]
-    lo = math.log10(min(positive)) if positive else 0.0
-    hi = math.log10(max(positive)) if positive else 1.0
+    lo: float
+    hi: float
+    mid: float | None
+    log: bool
+    mid_label: str = ""
 
-    def g(v):
+    def _axis(self, v: float) -> float:
+        return math.log10(v) if self.log else v
+
+    def position(self, v: float | None) -> float | None:
         if v is None or math.isnan(v):
             return None
-        if v <= 0:
-            return 0.0
         if math.isinf(v):
-            return 1.0
-        if hi == lo:
-            return 0.5
-        return 0.05 + 0.95 * (math.log10(v) - lo) / (hi - lo)
+            return 1.0 if v > 0 else 0.0
+        if self.log and v <= 0:
+            return 0.0
+        x, lo, hi = self._axis(v), self._axis(self.lo), self._axis(self.hi)
+        if self.mid is None:
+            t = 0.5 if hi == lo else (x - lo) / (hi - lo)
+        else:
+            m = self._axis(self.mid)
+            t = 0.5 * (x - lo) / (m - lo) if x <= m else 0.5 + 0.5 * (x - m) / (hi - m)
+        return min(1.0, max(0.0, t))
 
-    return g
+    def ticks(self) -> list[tuple[float, float]]:
+        """(value, position) pairs for a colour bar: the ends and the tolerance mark."""
+        values = [self.lo] + ([self.mid] if self.mid is not None else []) + [self.hi]
+        return [(v, self.position(v) or 0.0) for v in values]
+
+
+def color_scale(d: DirDiff, metric: str) -> ColorScale:
+    """The heatmap's colour scale for ``metric``, anchored to the base tolerance when possible.
+
+    cosine: 1 - cos-min at yellow, 1 (uncorrelated) red. rel-l2: the relative error a cosine
+    of exactly cos-min implies for an error uncorrelated with A, sqrt(2 (1 - cos-min)), at
+    yellow, 1 red. sqnr: the same bound in dB. attribution: the amplifier threshold (x2).
+    max-abs and ulp-max have no tolerance-free bound and span the values present.
+    """
+    values = [metric_value(p, metric) for p in d.pairs]
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    gap = 1.0 - d.base_tolerance.cos_min
+    if metric in ("cosine", "rel-l2", "sqnr") and 0.0 < gap < 0.5:
+        cos_text = f"cos-min {d.base_tolerance.cos_min:g}"
+        if metric == "cosine":
+            return ColorScale(gap * 1e-3, 1.0, gap, True, cos_text)
+        rel = math.sqrt(2.0 * gap)
+        if metric == "rel-l2":
+            return ColorScale(rel * 1e-3, 1.0, rel, True, f"~{cos_text}")
+        db = -20.0 * math.log10(rel)  # metric_value is -SQNR: larger is worse
+        return ColorScale(-(db + 60.0), 0.0, -db, False, f"~{cos_text}")
+    if metric == "attribution":
+        return ColorScale(0.1, 100.0, AMPLIFY_THRESHOLD, True, f"x{AMPLIFY_THRESHOLD:g}")
+    if metric == "sqnr":
+        lo, hi = (min(finite), max(finite)) if finite else (-1.0, 0.0)
+        return ColorScale(lo, hi, None, False)
+    positive = [v for v in finite if v > 0]
+    lo, hi = (min(positive), max(positive)) if positive else (0.1, 1.0)
+    return ColorScale(lo, hi, None, True)
 
 
 def _color(t: float | None) -> tuple[int, int, int]:
     if t is None:
         return (210, 210, 210)
-    stops = [(0.0, (46, 125, 50)), (0.5, (249, 200, 40)), (1.0, (198, 40, 40))]
+    stops = [(0.0, (26, 135, 70)), (0.5, (250, 205, 60)), (1.0, (190, 30, 45))]
     t = min(1.0, max(0.0, t))
     for (t0, c0), (t1, c1) in zip(stops, stops[1:], strict=False):
         if t <= t1:
             u = (t - t0) / (t1 - t0)
             return tuple(round(c0[i] + u * (c1[i] - c0[i])) for i in range(3))  # type: ignore[return-value]
     return stops[-1][1]
+
+
+def _ink(rgb: tuple[int, int, int]) -> str:
+    """Black or white, whichever reads better on ``rgb`` (relative luminance)."""
+    r, g, b = rgb
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 150 else "white"
 
 
 def _grid(d: DirDiff) -> tuple[list[str], list[str], dict[tuple[str, str], int]]:
@@ -451,14 +745,53 @@ def _tooltip(p: PairResult, metric: str) -> str:
     return "\n".join(lines)
 
 
+def _tick_text(value: float, metric: str) -> str:
+    if metric == "sqnr":
+        return f"{-value:.0f} dB"
+    if metric == "attribution":
+        return f"x{value:.3g}"
+    return fmt(value, ".2g")
+
+
+def _colorbar_svg(scale: ColorScale, metric: str, x: float, y: float, width: float) -> list[str]:
+    """A horizontal gradient bar with the scale's end values and the tolerance mark."""
+    stops = "".join(
+        f'<stop offset="{t:.2f}" stop-color="rgb{_color(t)}"/>' for t in [i / 10 for i in range(11)]
+    )
+    out = [
+        f'<defs><linearGradient id="cbar">{stops}</linearGradient></defs>',
+        f'<rect x="{x}" y="{y}" width="{width}" height="12" fill="url(#cbar)" stroke="#888"/>',
+    ]
+    ticks = scale.ticks()
+    for k, (value, t) in enumerate(ticks):
+        tx = x + t * width
+        anchor = "start" if k == 0 else "end" if k == len(ticks) - 1 else "middle"
+        label = _tick_text(value, metric)
+        if scale.mid is not None and value == scale.mid:
+            label = f"{label} ({scale.mid_label})" if scale.mid_label else label
+        out.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{y}" y2="{y + 16}" stroke="#333"/>')
+        out.append(
+            f'<text x="{tx:.1f}" y="{y + 28}" text-anchor="{anchor}">{html.escape(label)}</text>'
+        )
+    return out
+
+
 def heatmap_svg(d: DirDiff, metric: str = "rel-l2", interactive: bool = False) -> str:
-    """Layer-by-stage heatmap as SVG text; failing cells crossed, first divergence outlined."""
+    """Layer-by-stage heatmap as SVG text: colour bar, failing cells crossed, first divergence
+    outlined and its row and column labels in bold."""
     rows, stages, cells = _grid(d)
     values = [metric_value(p, metric) for p in d.pairs]
-    scale = _scale(values, metric)
+    scale = color_scale(d, metric)
     cw, ch, left, top = 34, 22, 110, 130
-    width = left + cw * len(stages) + 20
-    height = top + ch * len(rows) + 50
+    legend_w = 560
+    width = max(left + cw * len(stages) + 20, legend_w)
+    grid_bottom = top + ch * len(rows)
+    height = grid_bottom + 100
+    first = d.first_divergence
+    first_row = first_stage = None
+    if first is not None:
+        first_row = "whole-model" if first.key.layer is None else f"layer {first.key.layer}"
+        first_stage = first.key.stage
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11" id="heatmap">',
@@ -468,14 +801,18 @@ def heatmap_svg(d: DirDiff, metric: str = "rel-l2", interactive: bool = False) -
     ]
     for j, stage in enumerate(stages):
         x = left + j * cw + cw / 2
+        bold = ' font-weight="bold"' if stage == first_stage else ""
         out.append(
-            f'<text x="{x:.0f}" y="{top - 6}" transform="rotate(-60 {x:.0f} {top - 6})">'
+            f'<text x="{x:.0f}" y="{top - 6}" transform="rotate(-60 {x:.0f} {top - 6})"{bold}>'
             f"{html.escape(stage)}</text>"
         )
-    first = d.first_divergence
+    first_box = ""
     for r, row in enumerate(rows):
         y = top + r * ch
-        out.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end">{html.escape(row)}</text>')
+        bold = ' font-weight="bold"' if row == first_row else ""
+        out.append(
+            f'<text x="{left - 6}" y="{y + 15}" text-anchor="end"{bold}>{html.escape(row)}</text>'
+        )
         for j, stage in enumerate(stages):
             x = left + j * cw
             idx = cells.get((row, stage))
@@ -485,7 +822,7 @@ def heatmap_svg(d: DirDiff, metric: str = "rel-l2", interactive: bool = False) -
                 )
                 continue
             p = d.pairs[idx]
-            rgb = _color(scale(values[idx]))
+            rgb = _color(scale.position(values[idx]))
             attrs = f' class="cell" data-i="{idx}"' if interactive else ""
             out.append(
                 f"<g{attrs}><title>{html.escape(_tooltip(p, metric))}</title>"
@@ -495,57 +832,154 @@ def heatmap_svg(d: DirDiff, metric: str = "rel-l2", interactive: bool = False) -
             if p.passed is False or p.error is not None:
                 out.append(
                     f'<text x="{x + cw / 2 - 1:.0f}" y="{y + 15}" text-anchor="middle" '
-                    f'fill="white" font-weight="bold">x</text>'
-                )
-            if p is first:
-                out.append(
-                    f'<rect x="{x - 2}" y="{y - 2}" width="{cw + 2}" height="{ch + 2}" '
-                    f'fill="none" stroke="black" stroke-width="3" class="first-divergence"/>'
+                    f'fill="{_ink(rgb)}" font-weight="bold">x</text>'
                 )
             out.append("</g>")
-    y = top + ch * len(rows) + 20
-    legend = "green = small, red = large (log scale); x = out of tolerance"
+            if p is first:  # drawn last, above the neighbouring cells
+                first_box = (
+                    f'<rect x="{x - 2}" y="{y - 2}" width="{cw + 2}" height="{ch + 2}" '
+                    f'fill="none" stroke="black" stroke-width="3" class="first-divergence" '
+                    f'pointer-events="none"/>'
+                )
+    if first_box:
+        out.append(first_box)
+    y = grid_bottom + 16
+    out.append(f'<text x="4" y="{y + 10}">colour:</text>')
+    out.extend(_colorbar_svg(scale, metric, 50, y, 300))
+    legend = "x = out of tolerance"
+    if scale.mid is not None:
+        legend = f"yellow = at the tolerance, red = far outside; {legend}"
+    out.append(f'<text x="4" y="{y + 50}">{html.escape(legend)}</text>')
     if first is not None:
-        legend += f"; black box = first divergence ({first.key.label})"
-    out.append(f'<text x="4" y="{y}">{html.escape(legend)}</text>')
+        out.append(
+            f'<rect x="4" y="{y + 60}" width="14" height="10" fill="none" stroke="black" '
+            f'stroke-width="2.5"/><text x="24" y="{y + 69}">first divergence: '
+            f"{html.escape(first.key.label)}</text>"
+        )
     out.append("</svg>")
     return "\n".join(out)
 
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-h1{font-size:1.3em} .ok{color:#2e7d32} .bad{color:#c62828}
+h1{font-size:1.3em;margin-bottom:.3em} .ok{color:#2e7d32} .bad{color:#c62828}
+.meta{font-size:13px;color:#444} .meta td{border:none;text-align:left;padding:0 1em 0 0}
 table{border-collapse:collapse;font-size:12px;margin-top:1em}
 td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
 td.l,th.l{text-align:left} tr.fail{background:#fdecea} tr.first{outline:3px solid #000}
-#details{white-space:pre;font-family:monospace;background:#f7f7f7;padding:.7em;min-height:3em;
+tr.sel{background:#fff3c4} tr[data-i]{cursor:pointer}
+#details{font-family:monospace;font-size:12px;background:#f7f7f7;padding:.7em;min-height:3em;
 border:1px solid #ddd;max-width:70em;overflow:auto}
-.cell{cursor:pointer} .warn{color:#b26a00}
+#details pre{margin:.3em 0} #details table{margin-top:.3em}
+.cell{cursor:pointer} .cell.sel rect{stroke:#1565c0;stroke-width:3} .warn{color:#b26a00}
 """
 
 _JS = """
 const data = JSON.parse(document.getElementById('diff-data').textContent);
-function show(i){const p=data.pairs[i];
-  document.getElementById('details').textContent=JSON.stringify(p,null,1);}
-document.querySelectorAll('.cell').forEach(function(el){
-  el.addEventListener('click',function(){show(+el.dataset.i);});
-  el.addEventListener('mouseenter',function(){show(+el.dataset.i);});});
+const num = function(x, d){ if (x === null || x === undefined) return '-';
+  if (typeof x !== 'number') return String(x);
+  if (Number.isInteger(x)) return String(x);
+  return Number(x.toPrecision(d || 4)).toString(); };
+const esc = function(s){ return String(s).replace(/[&<>"]/g, function(c){
+  return {'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]; }); };
+function render(i){
+  const p = data.pairs[i];
+  const first = data.first_divergence && data.first_divergence.path === p.path;
+  const t = p.tolerance;
+  const lines = [];
+  lines.push('<b>' + esc(p.path) + '</b>  ' + esc(p.verdict.toUpperCase()) + ': ' +
+    esc(p.reason || '') + (first ? '  <b>&#9664; first divergence</b>' : ''));
+  lines.push('shape ' + esc((p.shape || []).join('x') || '?') + ', ' + num(p.dim_product) +
+    ' values; tolerance atol ' + num(t.atol) + ', rtol ' + num(t.rtol) + ', cos-min ' +
+    num(t.cos_min, 6));
+  lines.push('max|d| ' + num(p.max_abs_diff) + ' at ' + esc(p.max_abs_diff_position ||
+    ('index ' + p.max_abs_diff_index)) + ' (max|a| ' + num(p.max_abs_a) + ')');
+  lines.push('cosine ' + num(p.cosine_sim, 7) + ', rel L2 ' + num(p.rel_l2) + ', SQNR ' +
+    num(p.sqnr_db, 3) + ' dB, rms ' + num(p.rms_diff));
+  lines.push('ULP max ' + num(p.ulp_max) + ', median ' + num(p.ulp_median, 10) +
+    '; NaN A/B ' + num(p.nan_a) + '/' + num(p.nan_b) + ', Inf A/B ' + num(p.inf_a) + '/' +
+    num(p.inf_b));
+  if (p.predecessor) lines.push('x input ' + (p.attribution_source ? 'inf (input identical)' :
+    num(p.attribution, 3)) + ' vs ' + esc(p.predecessor));
+  if (p.lm_head) { const h = p.lm_head;
+    lines.push('lm_head: top-1 ' + (h.top1_agree ? 'agrees' : 'DIFFERS') + ' (A ' + h.top1_a +
+      ', B ' + h.top1_b + '), top-5 overlap ' + h.top5_overlap + '/5, KL(A||B) ' +
+      num(h.kl_divergence)); }
+  let html = '<pre>' + lines.join('\\n') + '</pre>';
+  if (p.top_diffs.length) {
+    html += '<table><tr><th>index</th><th>a</th><th>b</th><th>|a-b|</th></tr>' +
+      p.top_diffs.map(function(r){ return '<tr><td>' + r.index + '</td><td>' + num(r.a, 7) +
+        '</td><td>' + num(r.b, 7) + '</td><td>' + num(r.abs_diff) + '</td></tr>'; }).join('') +
+      '</table>';
+  }
+  html += '<details><summary>JSON of this pair</summary><pre>' +
+    esc(JSON.stringify(p, null, 1)) + '</pre></details>';
+  document.getElementById('details').innerHTML = html;
+  document.querySelectorAll('.sel').forEach(function(el){ el.classList.remove('sel'); });
+  document.querySelectorAll('[data-i="' + i + '"]').forEach(function(el){
+    el.classList.add('sel'); });
+}
+let pinned = null;
+document.querySelectorAll('[data-i]').forEach(function(el){
+  const i = +el.dataset.i;
+  el.addEventListener('click', function(){ pinned = i; render(i); });
+  if (el.classList.contains('cell')) {
+    el.addEventListener('mouseenter', function(){ render(i); });
+    el.addEventListener('mouseleave', function(){ if (pinned !== null) render(pinned); });
+  }
+});
+// Start on the first divergence, else on the pair with the largest relative error.
+let start = data.pairs.findIndex(function(p){
+  return data.first_divergence && p.path === data.first_divergence.path; });
+if (start < 0) { data.pairs.forEach(function(p, i){
+  if (p.rel_l2 !== null && (start < 0 || p.rel_l2 > data.pairs[start].rel_l2)) start = i; }); }
+if (start >= 0) { pinned = start; render(start); }
 """
 
 
-def html_report(d: DirDiff, metric: str = "rel-l2") -> str:
+def _manifest_rows(d: DirDiff) -> list[tuple[str, str]]:
+    """Model, prompt and token ids of each side, from the manifests (apr dumps have none)."""
+    rows = []
+    for side, info in (("A", d.a), ("B", d.b)):
+        m = info.manifest
+        if m is None:
+            rows.append((f"{side} model", "(no manifest.json: written by apr, or incomplete)"))
+            continue
+        model = m.model.get("path", "?")
+        kind = ", ".join(x for x in (m.model.get("format"), m.architecture) if x)
+        rows.append((f"{side} model", f"{model} ({kind})" if kind else str(model)))
+    prompts = {
+        (info.manifest.prompt, info.manifest.token_ids) for info in (d.a, d.b) if info.manifest
+    }
+    for prompt, ids in sorted(prompts, key=str):
+        label = "prompt" if len(prompts) == 1 else "prompt (differs!)"
+        text = f"tokens {list(ids)}" if prompt is None else f"{prompt!r}, tokens {list(ids)}"
+        rows.append((label, text))
+    return rows
+
+
+def html_report(
+    d: DirDiff, metric: str = "rel-l2", localization: Localization | None = None
+) -> str:
     """One self-contained HTML page: summary, heatmap, per-pair details, full table."""
-    doc = dir_json(d)
+    doc = dir_json(d, localization)
     data = json.dumps(doc, allow_nan=False).replace("</", "<\\/")
     verdict_cls = "ok" if overall_verdict(d) == "pass" else "bad"
+    meta = [("A (reference)", str(d.a.path)), ("B (candidate)", str(d.b.path))]
+    meta += _manifest_rows(d)
+    meta.append(("tool", f"aprtrace {__version__}, metric {metric}"))
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         "<title>aprtrace diff report</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>aprtrace diff</h1>",
-        f"<p>A (reference): <code>{html.escape(str(d.a.path))}</code><br>"
-        f"B: <code>{html.escape(str(d.b.path))}</code></p>",
+        '<table class="meta">'
+        + "".join(
+            f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(v)}</code></td></tr>"
+            for k, v in meta
+        )
+        + "</table>",
         f'<p class="{verdict_cls}" id="summary"><b>{html.escape(summary_line(d))}</b></p>',
     ]
     for w in d.warnings:
@@ -555,18 +989,28 @@ def html_report(d: DirDiff, metric: str = "rel-l2") -> str:
         parts.append("<p><b>Error amplifiers</b></p><ul>")
         parts.extend(f"<li>{html.escape(amplifier_sentence(p))}</li>" for p in amps)
         parts.append("</ul>")
+    if localization is not None:
+        lines = localization_lines(d, localization)
+        parts.append(f"<p><b>{html.escape(lines[0])}</b></p><ul>")
+        parts.extend(
+            f"<li>{html.escape(line.strip().removeprefix('- '))}</li>" for line in lines[1:]
+        )
+        parts.append("</ul>")
     for side, names in (("A", d.only_a), ("B", d.only_b)):
         if names:
             parts.append(f'<p class="warn">only in {side}: {html.escape(", ".join(names))}</p>')
     parts.append(heatmap_svg(d, metric, interactive=True))
-    parts.append("<p>Hover or click a cell for the full statistics of that pair:</p>")
+    parts.append(
+        "<p>Hover over a cell, or click a cell or table row, for the statistics of that pair"
+        " (shown first: the first divergence, else the largest relative error):</p>"
+    )
     parts.append('<div id="details">(no cell selected)</div>')
     parts.append(
         "<table><tr><th>layer</th><th class=l>stage</th><th>max|d|</th><th class=l>at</th>"
         "<th>cosine</th><th>rel L2</th><th>SQNR dB</th><th>ULP max</th><th>x input</th>"
         "<th class=l>verdict</th></tr>"
     )
-    for p in d.pairs:
+    for i, p in enumerate(d.pairs):
         s = p.stats
         cls = []
         if p.passed is False or p.error is not None:
@@ -587,9 +1031,9 @@ def html_report(d: DirDiff, metric: str = "rel-l2") -> str:
         ]
         left = {1, 3, 9}
         tds = "".join(
-            f"<td{' class=l' if i in left else ''}>{html.escape(v)}</td>" for i, v in enumerate(row)
+            f"<td{' class=l' if k in left else ''}>{html.escape(v)}</td>" for k, v in enumerate(row)
         )
-        parts.append(f'<tr class="{" ".join(cls)}">{tds}</tr>')
+        parts.append(f'<tr class="{" ".join(cls)}" data-i="{i}">{tds}</tr>')
     parts.append("</table>")
     parts.append(f'<script type="application/json" id="diff-data">{data}</script>')
     parts.append(f"<script>{_JS}</script>")
@@ -601,7 +1045,7 @@ def heatmap_png(d: DirDiff, metric: str = "rel-l2", cell: int = 16) -> bytes:
     """The heatmap as a label-free PNG (stdlib only): rows = layers, columns = stages."""
     rows, stages, cells = _grid(d)
     values = [metric_value(p, metric) for p in d.pairs]
-    scale = _scale(values, metric)
+    scale = color_scale(d, metric).position
     w, h = max(1, len(stages)) * cell, max(1, len(rows)) * cell
     first = d.first_divergence
     raw = bytearray()

@@ -1,0 +1,1 @@
+"""Alternative engines for ``aprtrace trace`` (the NumPy forward pass is the default)."""

@@ -1,0 +1,435 @@
+"""Hugging Face transformers as a second engine for ``aprtrace trace``: a trusted reference.
+
+``hf_forward(model, token_ids, emit, progress)`` has the contract of
+``aprtrace.forward.forward``: it loads the *same* decoded weights (``Model.weight``, Hugging Face
+names and layout, llama Q/K un-permuted) into a transformers ``LlamaForCausalLM`` /
+``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` and captures the 20 stages of FORMATS.md section 2
+with forward hooks plus a wrapped eager attention (q/k after RoPE, scores, softmax), in the
+APRT layouts. So any container aprtrace reads (GGUF, APR, safetensors) gets a reference dump
+that ``aprtrace diff --values`` can put next to the NumPy engine's.
+
+Memory: unlike the NumPy engine (one layer at a time), this engine holds the whole model as
+float32 tensors (4 bytes per weight: about 0.55 GB for a 135M model, 28 GB for a 7B one).
+``hf_forward`` refuses up front, with a ``ValidationError``, when that exceeds 75% of the
+memory the kernel reports available.
+
+torch and transformers are optional (the ``ref`` extra) and imported only when called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from aprtrace.config import ROPE_FREQS, ModelConfig
+from aprtrace.errors import InferenceError, ValidationError
+from aprtrace.forward import Emit, Progress, check_token_ids
+from aprtrace.model import Model
+from aprtrace.stages import Stage
+
+# Threads for torch's intra-op pool while the engine runs (restored afterwards).
+TORCH_THREADS = 2
+# Share of MemAvailable the float32 weights may take.
+MEMORY_FRACTION = 0.75
+MISSING_EXTRA_HINT = "pip install torch==2.13.0 && pip install -e '.[ref]'"
+
+StageValues = dict[tuple[Stage, "int | None"], np.ndarray]
+
+_CAUSAL_LM_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+_ATTENTION_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
+
+
+def import_ref() -> tuple[Any, Any]:
+    """``(torch, transformers)``, or a ValidationError saying how to install them."""
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        missing = f" ({exc.name} is not installed)" if exc.name else ""
+        raise ValidationError(
+            f"--engine transformers needs the `ref` extra{missing}", hint=MISSING_EXTRA_HINT
+        ) from None
+    return torch, transformers
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+
+def float32_weight_bytes(model: Model) -> int:
+    """Bytes of every tensor of ``model`` decoded to float32 (a tied lm_head counts once)."""
+    return sum(4 * t.n_values for t in model.tensors.values())
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes; None where the kernel does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(model: Model, budget: int | None = None) -> None:
+    """Refuse before loading when the float32 weights would not fit in ``budget`` bytes
+    (default: ``MEMORY_FRACTION`` of MemAvailable; no check where that is unknown)."""
+    if budget is None:
+        available = available_memory_bytes()
+        if available is None:
+            return
+        budget = int(MEMORY_FRACTION * available)
+    need = float32_weight_bytes(model)
+    if need > budget:
+        raise ValidationError(
+            f"--engine transformers holds the whole model as float32: {model.path} needs "
+            f"{need / 1e9:.2f} GB, over the budget of {budget / 1e9:.2f} GB "
+            f"({MEMORY_FRACTION:.0%} of the memory available)",
+            hint="use the default NumPy engine (it decodes one layer at a time), "
+            "or run on a machine with more memory",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Building the transformers model from aprtrace's Model
+
+
+def _has_any(model: Model, suffixes: Sequence[str]) -> bool:
+    return any(name.endswith(suffixes) for name in model.tensors)
+
+
+def hf_config(model: Model):
+    """The transformers config (Llama / Qwen2 / Qwen3) of ``model``'s ModelConfig, eager, f32.
+
+    Biases present in the file switch on the matching transformers flag (``attention_bias``,
+    ``mlp_bias``); the parts transformers then expects but the file lacks load as zeros.
+    """
+    _, transformers = import_ref()
+    cfg: ModelConfig = model.config
+    config_name, _ = _CAUSAL_LM_CLASSES[cfg.architecture]
+    extra: dict[str, Any] = {}
+    if cfg.architecture in ("llama", "qwen3"):
+        extra["attention_bias"] = _has_any(model, _ATTENTION_BIASES)
+    if cfg.architecture == "llama":
+        extra["mlp_bias"] = _has_any(model, ("mlp.down_proj.bias",))
+    if cfg.architecture in ("qwen2", "qwen3"):
+        extra["use_sliding_window"] = False
+    rope_scaling = None
+    if cfg.rope_linear_factor != 1.0:
+        rope_scaling = {"rope_type": "linear", "factor": float(cfg.rope_linear_factor)}
+    config = getattr(transformers, config_name)(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=float(cfg.rope_theta),
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=model.lm_head_name == "model.embed_tokens.weight",
+        hidden_act="silu",
+        pad_token_id=None,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        **extra,
+    )
+    config._attn_implementation = "eager"
+    return config
+
+
+def _state_dict(model: Model, expected: dict[str, tuple[int, ...]], torch) -> dict:
+    """transformers' parameter name -> float32 tensor from ``model`` (zeros for absent biases)."""
+    loaded: dict[str, Any] = {}
+
+    def source_of(name: str) -> str:
+        return model.lm_head_name if name == "lm_head.weight" else name
+
+    state = {}
+    for name, shape in expected.items():
+        source = source_of(name)
+        if source not in loaded:
+            if not model.has(source) and name.endswith(".bias"):
+                values = np.zeros(shape, dtype=np.float32)
+            else:
+                values = model.weight(source, shape)
+            # Own, writable, contiguous float32: torch shares the memory without a copy.
+            loaded[source] = torch.from_numpy(np.require(values, np.float32, ["C", "W", "O"]))
+        state[name] = loaded[source]
+    return state
+
+
+def _check_all_used(model: Model, expected: dict[str, tuple[int, ...]], class_name: str) -> None:
+    """A bias the NumPy engine would add but transformers has no place for is an error."""
+    for name in model.tensors:
+        if name.endswith(".bias") and name not in expected:
+            raise ValidationError(
+                f"{model.path}: tensor '{name}' has no counterpart in transformers' {class_name}",
+                hint="trace this model with the default NumPy engine",
+            )
+
+
+def _set_rope_frequencies(hf_model, config, model: Model, torch) -> None:
+    """A fresh rotary embedding (its buffers are not weights, so they are still empty); with
+    ``rope_freqs.weight`` (Llama 3 scaling) transformers' inverse frequencies are divided by
+    those divisors, exactly as the NumPy engine and llama.cpp do."""
+    base = hf_model.model
+    rotary = type(base.rotary_emb)(config)
+    divisors = model.optional_weight(ROPE_FREQS, (model.config.head_dim // 2,))
+    if divisors is not None:
+        inv_freq = rotary.inv_freq.double() / torch.from_numpy(divisors.astype(np.float64))
+        rotary.inv_freq = inv_freq.float()
+        rotary.original_inv_freq = rotary.inv_freq.clone()
+    base.rotary_emb = rotary
+
+
+def build_hf_model(model: Model):
+    """A float32, eval-mode transformers causal LM holding ``model``'s decoded weights.
+
+    Built on the meta device, so no random weights are allocated; the decoded arrays are then
+    assigned as the parameters without another copy.
+    """
+    torch, transformers = import_ref()
+    config = hf_config(model)
+    _, class_name = _CAUSAL_LM_CLASSES[model.config.architecture]
+    with torch.device("meta"):
+        hf_model = getattr(transformers, class_name)(config)
+    expected = {name: tuple(t.shape) for name, t in hf_model.state_dict().items()}
+    _check_all_used(model, expected, class_name)
+    hf_model.load_state_dict(_state_dict(model, expected, torch), strict=True, assign=True)
+    _set_rope_frequencies(hf_model, config, model, torch)
+    empty = [n for n, t in (*hf_model.named_parameters(), *hf_model.named_buffers()) if t.is_meta]
+    if empty:
+        raise InferenceError(f"transformers model left without values: {', '.join(empty[:5])}")
+    return hf_model.to(torch.float32).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Capturing the stages of a transformers model
+
+
+def _np(tensor) -> np.ndarray:
+    return tensor.detach().to("cpu").float().numpy().copy()
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+@contextlib.contextmanager
+def _wrapped_eager_attention(hf_model, record: Callable) -> Iterator[None]:
+    """Replace ``eager_attention_forward`` in the model's modeling module by a recording wrapper.
+
+    The attention modules look the function up in their module's globals at call time, so
+    patching the module attribute is enough; it is restored on exit.
+    """
+    module = sys.modules[type(hf_model).__module__]
+    original = module.eager_attention_forward
+
+    def wrapper(attn_module, query, key, value, attention_mask, scaling, *args, **kwargs):
+        out, weights = original(
+            attn_module, query, key, value, attention_mask, scaling, *args, **kwargs
+        )
+        record(attn_module, query, key, weights, scaling)
+        return out, weights
+
+    module.eager_attention_forward = wrapper
+    try:
+        yield
+    finally:
+        module.eager_attention_forward = original
+
+
+@contextlib.contextmanager
+def _torch_threads(torch, n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def capture_stages(
+    hf_model,
+    token_ids: Sequence[int],
+    emit: Emit,
+    progress: Progress | None = None,
+    has_qkv_bias: bool | None = None,
+) -> np.ndarray:
+    """Run ``hf_model`` on ``token_ids``, calling ``emit`` for every stage; return last logits.
+
+    Each layer's stages are emitted in Stage order when the layer finishes (as the NumPy
+    engine emits them); ``embedding`` as layer 0, ``final_norm``/``lm_head`` with layer None.
+    ``qkv_bias`` is emitted when ``has_qkv_bias`` (default: the q projection has a bias).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if getattr(hf_model.config, "_attn_implementation", "eager") != "eager":
+        hf_model.config._attn_implementation = "eager"
+    base = hf_model.model
+    n_layers = len(base.layers)
+    n_heads = hf_model.config.num_attention_heads
+    if has_qkv_bias is None:
+        has_qkv_bias = base.layers[0].self_attn.q_proj.bias is not None if n_layers else False
+    pending: dict[int, dict[Stage, np.ndarray]] = {i: {} for i in range(n_layers)}
+    projected: dict[int, list] = {i: [] for i in range(n_layers)}
+    handles = []
+
+    def put(stage: Stage, layer: int, value) -> None:
+        pending[layer][stage] = _np(value)
+
+    def on_output(module, stage: Stage, layer: int) -> None:
+        handles.append(
+            module.register_forward_hook(lambda _m, _i, o: put(stage, layer, _first(o)[0]))
+        )
+
+    def on_input(module, stage: Stage, layer: int) -> None:
+        handles.append(module.register_forward_pre_hook(lambda _m, i: put(stage, layer, i[0][0])))
+
+    def on_projection(proj, layer: int) -> None:
+        def hook(_m, inputs, output) -> None:
+            projected[layer].append((F.linear(inputs[0][0], proj.weight), output[0]))
+            if len(projected[layer]) == 3:  # q, k, v done: the fused buffer, before/after bias
+                matmuls, biased = zip(*projected[layer], strict=True)
+                put(Stage.QKV_MATMUL, layer, torch.cat(matmuls, dim=-1))
+                if has_qkv_bias:
+                    put(Stage.QKV_BIAS, layer, torch.cat(biased, dim=-1))
+
+        handles.append(proj.register_forward_hook(hook))
+
+    per_layer = {s for s in Stage if s.per_layer and s is not Stage.EMBEDDING}
+    if not has_qkv_bias:
+        per_layer.discard(Stage.QKV_BIAS)
+
+    def flush(layer: int) -> None:
+        stages = pending.pop(layer)
+        missing = per_layer - stages.keys()
+        if missing:
+            names = ", ".join(s.value for s in sorted(missing, key=lambda s: s.order))
+            raise InferenceError(f"transformers layer {layer}: no capture of {names}")
+        for stage in sorted(stages, key=lambda s: s.order):
+            emit(stage, layer, stages[stage])
+        if progress is not None:
+            progress(layer + 1, n_layers)
+
+    def on_layer_done(module, layer: int) -> None:
+        def hook(_m, _i, output) -> None:
+            put(Stage.POST_FFN_RESIDUAL, layer, _first(output)[0])
+            flush(layer)
+
+        handles.append(module.register_forward_hook(hook))
+
+    def record(attn_module, query, key, weights, scaling) -> None:
+        layer = attn_module.layer_idx
+        q, k = query[0], key[0]  # [heads, seq, d], [kv_heads, seq, d]
+        seq = q.shape[1]
+        put(Stage.Q_POST_ROPE, layer, q.transpose(0, 1).reshape(seq, -1))
+        put(Stage.K_POST_ROPE, layer, k.transpose(0, 1).reshape(seq, -1))
+        k_rep = k.repeat_interleave(n_heads // k.shape[0], dim=0)
+        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+        scores = torch.matmul(q, k_rep.transpose(1, 2)) * scaling
+        put(Stage.ATTN_SCORES, layer, scores.masked_fill(~causal, 0.0))
+        put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~causal, 0.0))
+
+    handles.append(
+        base.embed_tokens.register_forward_hook(
+            lambda _m, _i, o: emit(Stage.EMBEDDING, 0, _np(o[0]))
+        )
+    )
+    for i, layer in enumerate(base.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        on_output(layer.input_layernorm, Stage.ATTN_NORM, i)
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            on_projection(proj, i)
+        on_input(attn.o_proj, Stage.ATTENTION, i)
+        on_output(attn.o_proj, Stage.ATTN_OUT, i)
+        on_input(layer.post_attention_layernorm, Stage.POST_ATTN_RESIDUAL, i)
+        on_output(layer.post_attention_layernorm, Stage.FFN_NORM, i)
+        on_output(mlp.gate_proj, Stage.FFN_GATE, i)
+        on_output(mlp.up_proj, Stage.FFN_UP, i)
+        on_output(mlp.act_fn, Stage.FFN_SILU, i)
+        on_input(mlp.down_proj, Stage.FFN_SWIGL, i)
+        on_output(mlp.down_proj, Stage.FFN_OUT, i)
+        on_layer_done(layer, i)
+    handles.append(
+        base.norm.register_forward_hook(lambda _m, _i, o: emit(Stage.FINAL_NORM, None, _np(o[0])))
+    )
+
+    ids = torch.tensor([list(map(int, token_ids))], dtype=torch.long)
+    try:
+        with _wrapped_eager_attention(hf_model, record), torch.no_grad():
+            result = hf_model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if pending:
+        raise InferenceError(f"transformers ran without finishing layers {sorted(pending)}")
+    logits = _np(result.logits[0, -1])
+    emit(Stage.LM_HEAD, None, logits)
+    return logits
+
+
+def stage_activations(hf_model, token_ids: Sequence[int]) -> StageValues:
+    """Every stage of ``hf_model`` on ``token_ids`` as ``{(stage, layer): array}``."""
+    out: StageValues = {}
+
+    def keep(stage: Stage, layer: int | None, values: np.ndarray) -> None:
+        out[(stage, layer)] = values
+
+    capture_stages(hf_model, token_ids, keep)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+
+
+def _has_qkv_bias(model: Model) -> bool:
+    """As the NumPy engine: the ``qkv_bias`` stage exists when the file holds a q/k/v bias."""
+    return _has_any(model, _ATTENTION_BIASES[:3])
+
+
+def hf_forward(
+    model: Model,
+    token_ids: list[int],
+    emit: Emit | None = None,
+    progress: Progress | None = None,
+    *,
+    memory_budget: int | None = None,
+) -> np.ndarray:
+    """``aprtrace.forward.forward`` computed by Hugging Face transformers on the same weights.
+
+    Same contract: ``emit(stage, layer, buffer)`` for every capture point in the APRT layouts,
+    ``progress(done, total)`` after each layer, returns the last position's logits ``[vocab]``.
+    Raises ValidationError when torch/transformers are missing or when the float32 weights
+    would exceed ``memory_budget`` bytes (default: 75% of MemAvailable).
+    """
+    cfg = model.config
+    ids = check_token_ids(cfg, token_ids)
+    if cfg.num_layers <= 0:
+        raise InferenceError("the model has zero layers; there is nothing to trace")
+    torch, _ = import_ref()
+    check_memory(model, memory_budget)
+    with _torch_threads(torch, TORCH_THREADS), torch.no_grad():
+        hf_model = build_hf_model(model)
+        return capture_stages(
+            hf_model,
+            ids.tolist(),
+            emit or (lambda stage, layer, values: None),
+            progress,
+            has_qkv_bias=_has_qkv_bias(model),
+        )
