@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from aprtrace.stages import Stage
 
 DEFAULT_PROMPT = "What is 2+2?"
 
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by SIGPIPE
 
 # Commands in their own modules, imported only when used (keeps `trace` start-up short).
 LAZY_COMMANDS = {
@@ -66,6 +69,11 @@ class AprtraceGroup(click.Group):
                 raise
             click.echo("error: out of memory", err=True)
             ctx.exit(8)
+        except BrokenPipeError:
+            # The reader went away (`aprtrace ... | head`): stop quietly, as shell tools do.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(EXIT_BROKEN_PIPE)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:  # a bug in aprtrace, not in the input
@@ -121,7 +129,7 @@ def _progress_callback(quiet: bool):
 def _fmt(value) -> str:
     if value is None:
         return "-"
-    return f"{value:.6g}"
+    return f"{value:.4g}"
 
 
 @main.command()
@@ -173,7 +181,7 @@ def _fmt(value) -> str:
     help="Delete the stage files an earlier aprtrace run listed in DIR's manifest first.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display and no per-file listing.")
 def trace(
     model_path,
     save_tensor,
@@ -279,8 +287,9 @@ def trace(
     if plan is None:
         _print_stats_table(result.stats)
     else:
-        for f in result.log.files:
-            click.echo(f"  wrote {f.path} ({f.size} bytes)")
+        if not quiet:
+            for f in result.log.files:
+                click.echo(f"  wrote {f.path} ({f.size} bytes)")
         click.echo(
             f"Wrote {len(result.log.files)} files and {result.manifest_path.name} "
             f"to {plan.out_dir} in {result.seconds:.2f} s"
@@ -325,15 +334,17 @@ def _layers_text(layers: tuple[int, ...]) -> str:
 
 
 def _print_stats_table(stats) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from aprtrace.console import stdout_console
+
+    flagged = any(s.anomalies for s in stats)
+    columns = ["layer", "stage", "shape", "mean", "std", "min", "max", "NaN", "Inf"]
     table = Table(title="Per-stage statistics", show_lines=False)
-    for col in ("layer", "stage", "shape", "mean", "std", "min", "max", "NaN", "Inf", "flags"):
-        table.add_column(col, justify="right" if col not in ("stage", "flags") else "left")
+    for col in columns + (["flags"] if flagged else []):
+        table.add_column(col, justify="left" if col in ("stage", "flags") else "right")
     for s in stats:
-        style = "bold red" if s.anomalies else None
-        table.add_row(
+        row = [
             "-" if s.layer is None else str(s.layer),
             s.stage,
             "x".join(map(str, s.shape)),
@@ -343,10 +354,11 @@ def _print_stats_table(stats) -> None:
             _fmt(s.max),
             str(s.nan),
             str(s.inf),
-            ", ".join(s.anomalies),
-            style=style,
-        )
-    Console(width=140).print(table)
+        ]
+        if flagged:
+            row.append(", ".join(s.anomalies))
+        table.add_row(*row, style="bold red" if s.anomalies else None)
+    stdout_console().print(table)
 
 
 @main.command()

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from aprtrace import report
 from aprtrace.aprt import read_aprt
+from aprtrace.console import stdout_console
 from aprtrace.diff import (
     DEFAULT_TOLERANCE,
     Tolerance,
@@ -86,11 +87,9 @@ def _write(path: Path, data: str | bytes) -> None:
 
 def _console(wide: bool = False) -> Console:
     """The terminal's width; 120 columns when piped (--wide: 250, nothing is dropped)."""
-    console = Console(highlight=False)
+    console = stdout_console()
     if wide:
         console = Console(highlight=False, width=max(console.width, 250))
-    elif not console.is_terminal:
-        console = Console(highlight=False, width=120)
     return console
 
 
@@ -238,6 +237,13 @@ def diff_command(
     for side, p in (("A", path_a), ("B", path_b)):
         if not p.exists():
             raise NotFoundError(f"{side}: {p} does not exist")
+    for flag, out in (("--html", html_path), ("--plot", plot_path)):
+        if out is not None and not out.parent.is_dir():
+            # Fail before the (possibly long) comparison, not after it.
+            raise OutputError(
+                f"{flag} {out}: directory {out.parent} does not exist",
+                hint=f"create it first (mkdir -p {out.parent}) or choose another path",
+            )
     if model_path is not None and not model_path.exists():
         raise NotFoundError(f"--model: {model_path} does not exist")
     if path_a.is_file() and path_b.is_file():

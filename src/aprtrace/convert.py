@@ -251,6 +251,11 @@ def convert_command(src: Path, dst: Path, dtype: str) -> None:
       aprtrace convert SmolLM2-135M-Instruct.Q4_1.gguf smollm2.apr
       aprtrace convert ./Qwen2.5-0.5B-Instruct qwen.apr --dtype f16
     """
+    if dst.suffix.lower() != ".apr":
+        click.echo(
+            f"warning: {dst} does not end in .apr; it is written as an APR v2 file all the same",
+            err=True,
+        )
     summary = convert_model(src, dst, dtype.lower())
     click.echo(f"converted {summary['source']} ({summary['source_format']}) -> {dst}")
     click.echo(

@@ -79,7 +79,11 @@ def demo_weights(cfg: ModelConfig, seed: int = DEMO_SEED) -> dict[str, np.ndarra
         return (center + spread * rng.standard_normal(n)).astype(np.float32)
 
     tensors = {
-        "model.embed_tokens.weight": rng.standard_normal((cfg.vocab_size, h)).astype(np.float32)
+        # Tied embedding: rows of std 0.3 keep the logits' spread (about 0.3 * sqrt(hidden)) in
+        # the range of a trained model, so the softmax is not one-hot and KL is informative.
+        "model.embed_tokens.weight": (0.3 * rng.standard_normal((cfg.vocab_size, h))).astype(
+            np.float32
+        )
     }
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."

@@ -9,6 +9,7 @@ import click
 import numpy as np
 
 from aprtrace.aprt import read_aprt
+from aprtrace.console import stdout_console
 from aprtrace.errors import NotFoundError
 from aprtrace.formats import APRT, sniff_format
 from aprtrace.stages import WHOLE_MODEL_LAYER, Stage, stage_from_file_stem
@@ -79,7 +80,6 @@ def _inspect_dump(root: Path, as_json: bool) -> None:
             json.dumps({"dir": str(root), "manifest": has_manifest, "files": rows}, indent=2)
         )
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{root} ({len(rows)} stage files)")
@@ -97,7 +97,7 @@ def _inspect_dump(root: Path, as_json: bool) -> None:
             str(r["nan"]),
             str(r["inf"]),
         )
-    Console(width=140).print(table)
+    stdout_console().print(table)
     if not has_manifest:
         click.echo(
             "note: no manifest.json: the dump is incomplete (interrupted run) or was "
