@@ -10,7 +10,7 @@ import numpy as np
 
 from aprtrace.aprt import read_aprt
 from aprtrace.console import stdout_console
-from aprtrace.errors import NotFoundError
+from aprtrace.errors import AprtraceError, NotFoundError
 from aprtrace.formats import APRT, sniff_format
 from aprtrace.stages import WHOLE_MODEL_LAYER, Stage, stage_from_file_stem
 from aprtrace.trace import MANIFEST_NAME, stage_stats
@@ -49,6 +49,11 @@ def dump_files_in_order(root: Path) -> list[Path]:
     return sorted(root.rglob("*.bin"), key=key)
 
 
+def _natural_key(name: str) -> list:
+    """Sort ``layers.2`` before ``layers.10``."""
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
+
+
 def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.5g}" if isinstance(v, float) else str(v))
 
@@ -62,6 +67,7 @@ def inspect_path(path: Path, as_json: bool) -> None:
         return
     if sniff_format(path) == APRT:
         row = _file_row(path)
+        row["shape"] = _shape_from_manifest(path)
         if as_json:
             click.echo(json.dumps(row, indent=2))
             return
@@ -69,6 +75,21 @@ def inspect_path(path: Path, as_json: bool) -> None:
             click.echo(f"{k:>12}: {_fmt(v)}")
         return
     _inspect_model(path, as_json)
+
+
+def _shape_from_manifest(path: Path) -> list[int] | None:
+    """The file's shape as recorded by the manifest of the dump it sits in, if any."""
+    from aprtrace.manifest import read_manifest
+
+    for root in (path.parent, path.parent.parent):
+        if (root / MANIFEST_NAME).is_file():
+            try:
+                manifest = read_manifest(root)
+            except AprtraceError:
+                return None
+            shape = manifest.shape_of(path.relative_to(root).as_posix()) if manifest else None
+            return list(shape) if shape is not None else None
+    return None
 
 
 def _inspect_dump(root: Path, as_json: bool) -> None:
@@ -111,7 +132,8 @@ def _inspect_model(path: Path, as_json: bool) -> None:
 
     model = load_model(path, verify=True)
     tensors = [
-        {"name": t.name, "type": t.qtype, "shape": list(t.shape)} for t in model.tensors.values()
+        {"name": t.name, "type": t.qtype, "shape": list(t.shape)}
+        for t in sorted(model.tensors.values(), key=lambda t: _natural_key(t.name))
     ]
     info = {
         "path": str(path),
@@ -124,20 +146,28 @@ def _inspect_model(path: Path, as_json: bool) -> None:
         "tensors": tensors,
     }
     if model.format == "apr":
-        try:
-            from aprtrace.formats.apr import describe_apr
+        from aprtrace.formats.apr import describe_apr
 
-            info["apr"] = describe_apr(path)
-        except ImportError:
-            pass
+        info["apr"] = describe_apr(path)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
     click.echo(f"{path}: {model.format}, {model.config.architecture}")
+    if "apr" in info:
+        header = info["apr"]["header"]
+        click.echo(
+            f"  APR v{header['version']}, flags {header['flags']:#06x} "
+            f"({', '.join(header['flag_names']) or 'none'}), "
+            f"{header['tensor_count']} index entries, checksum {header['checksum']}"
+        )
+        click.echo("  metadata:")
+        for key, value in info["apr"]["metadata"].items():
+            click.echo(f"    {key:<28} {json.dumps(value, default=str)[:90]}")
+        click.echo("  config as read:")
     for k, v in model.config.to_dict().items():
         click.echo(f"  {k:<24} {v}")
     click.echo(f"  tokenizer                {'yes' if info['tokenizer'] else 'no'}")
     click.echo(f"  parameters               {info['parameters']:,}")
-    click.echo(f"  tensors                  {len(tensors)}")
+    click.echo(f"  tensors                  {len(tensors)} (as the forward pass sees them)")
     for t in tensors:
         click.echo(f"    {t['name']:<52} {t['type']:<6} {t['shape']}")

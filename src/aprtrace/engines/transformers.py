@@ -139,7 +139,7 @@ def hf_config(model: Model):
         rms_norm_eps=cfg.rms_norm_eps,
         rope_theta=float(cfg.rope_theta),
         rope_scaling=rope_scaling,
-        tie_word_embeddings=False,
+        tie_word_embeddings=model.lm_head_name == "model.embed_tokens.weight",
         hidden_act="silu",
         pad_token_id=None,
         bos_token_id=cfg.bos_token_id,
