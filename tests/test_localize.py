@@ -127,7 +127,10 @@ def test_corrupted_stage_file_is_named_as_the_source(dumps, tmp_path):
     gate_loc = stages["layer 1 ffn_gate"]
     # B_k = 1.05 f(B inputs): local = 0.05 ||f|| / ||A||, and ||f|| ~ ||A|| (Q8_0 noise).
     assert gate_loc.local_rel_l2 == pytest.approx(BUG - 1, rel=0.05)
-    assert gate_loc.local_share > 0.8
+    # The inherited part is the Q8_0 noise upstream (rel L2 below 0.03 at layer 1), so the
+    # 0.05 local error is the larger share.
+    assert gate_loc.inherited_rel_l2 < 0.03
+    assert gate_loc.local_share > 0.6
     # Only the file changed, so B's ffn_silu is silu of the *uncorrupted* gate: against its
     # dumped input it is wrong too (an inconsistent dump). Everything else consumes unchanged
     # files and reproduces exactly.

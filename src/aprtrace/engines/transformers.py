@@ -165,8 +165,8 @@ def _state_dict(model: Model, expected: dict[str, tuple[int, ...]], torch) -> di
                 values = np.zeros(shape, dtype=np.float32)
             else:
                 values = model.weight(source, shape)
-            # Own, writable, contiguous float32: torch shares the memory without a copy.
-            loaded[source] = torch.from_numpy(np.require(values, np.float32, ["C", "W", "O"]))
+            # Writable, contiguous float32: torch shares the memory without a copy.
+            loaded[source] = torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
         state[name] = loaded[source]
     return state
 
