@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aprtrace import aprt
+from aprtrace import aprt, atomic
 from aprtrace.aprt import HEADER_SIZE, read_aprt, write_aprt
 from aprtrace.errors import InvalidFormatError, NotFoundError, OutputError
 
@@ -261,7 +261,8 @@ def _patch_open_to_fail(monkeypatch, exc: BaseException) -> list[list[str]]:
     def failing_open(file, mode="r", *args, **kwargs):
         return _FailingFile(real_open(file, mode, *args, **kwargs), exc, seen)
 
-    monkeypatch.setattr(aprt, "open", failing_open, raising=False)
+    # write_aprt writes through aprtrace.atomic (the shared temp-file-and-rename helper).
+    monkeypatch.setattr(atomic, "open", failing_open, raising=False)
     return seen
 
 

@@ -241,3 +241,31 @@ def test_smollm2_matches_numpy_engine(smollm2_path):
     assert Stage.QKV_BIAS.value not in {stage for stage, _ in theirs}
     bad = over_bound(ours, theirs)
     assert not bad, "; ".join(bad[:6])
+
+
+def test_default_budget_is_a_share_of_available_memory(tiny_files, token_ids, monkeypatch):
+    from aprtrace.engines import transformers as engine
+
+    model = load_model(tiny_files["llama"][1])
+    need = engine.float32_weight_bytes(model)
+    monkeypatch.setattr(engine, "available_memory_bytes", lambda: int(need / 0.75) - 8)
+    with pytest.raises(ValidationError, match="75% of the memory available"):
+        engine.hf_forward(model, token_ids)
+    monkeypatch.setattr(engine, "available_memory_bytes", lambda: int(need / 0.75) + 8)
+    assert engine.hf_forward(model, token_ids).shape == (model.config.vocab_size,)
+
+
+def test_a_failing_emit_restores_transformers(tiny_files, token_ids):
+    """An emit error (e.g. a full disk) propagates and leaves transformers' attention intact."""
+    import transformers.models.llama.modeling_llama as modeling
+
+    original = modeling.eager_attention_forward
+    model = load_model(tiny_files["llama"][1])
+
+    def emit(stage, layer, values):
+        if stage is Stage.ATTN_OUT:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        hf_forward(model, token_ids, emit)
+    assert modeling.eager_attention_forward is original

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from aprtrace.atomic import write_bytes_atomic
 from aprtrace.errors import InvalidFormatError, NotFoundError, OutputError
 from aprtrace.stages import WHOLE_MODEL_LAYER
 
@@ -50,26 +50,7 @@ def write_aprt(path: Path, layer: int, values: np.ndarray) -> int:
     data = np.ascontiguousarray(values, dtype="<f4").reshape(-1)
     if not 0 <= layer <= WHOLE_MODEL_LAYER:
         raise ValueError(f"layer {layer} does not fit the APRT header")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(encode_header(layer, data.size))
-            f.write(data.tobytes())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        # Whatever interrupts the write (an OS error, Ctrl-C, a failing buffer), the
-        # temporary file must not be left behind; the final name is never touched.
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if not isinstance(exc, OSError):
-            raise
-        raise OutputError(
-            f"cannot write {path}: {exc.strerror or exc}",
-            hint="check that the output directory is writable and the disk has space",
-        ) from exc
+    write_bytes_atomic(path, encode_header(layer, data.size), data.tobytes())
     return HEADER_SIZE + 4 * data.size
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aprtrace import __version__
+from aprtrace.atomic import write_bytes_atomic
 from aprtrace.errors import InvalidFormatError, OutputError
 
 MANIFEST_NAME = "manifest.json"
@@ -158,24 +158,8 @@ def write_manifest(out_dir: Path, data: dict[str, Any]) -> Path:
     """
     out_dir = Path(out_dir)
     path = out_dir / MANIFEST_NAME
-    tmp = out_dir / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
     text = json.dumps(data, indent=1, allow_nan=False) + "\n"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise OutputError(
-            f"cannot write {path}: {exc.strerror or exc}",
-            hint="check that the output directory is writable and the disk has space",
-        ) from exc
+    write_bytes_atomic(path, text.encode("utf-8"), fsync=True)
     return path
 
 

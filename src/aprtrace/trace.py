@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from aprtrace import __version__
+from aprtrace.atomic import write_bytes_atomic
 from aprtrace.capture import CaptureLog, maybe_save_stage
 from aprtrace.errors import OutputError, ValidationError
 from aprtrace.forward import Progress, forward
@@ -148,11 +149,8 @@ class _Sha256InBackground:
                     while chunk := f.read(1 << 22):
                         h.update(chunk)
             self.digest = h.hexdigest()
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_name(f".{key}.{os.getpid()}.tmp")
-            tmp.write_text(self.digest)
-            os.replace(tmp, memo)
-        except OSError:
+            write_bytes_atomic(memo, self.digest.encode())
+        except (OSError, OutputError):
             return  # the manifest then says sha256: null; the trace itself is unaffected
 
     def result(self) -> str | None:

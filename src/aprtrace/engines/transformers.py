@@ -19,6 +19,7 @@ torch and transformers are optional (the ``ref`` extra) and imported only when c
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -424,7 +425,8 @@ def hf_forward(
         raise InferenceError("the model has zero layers; there is nothing to trace")
     torch, _ = import_ref()
     check_memory(model, memory_budget)
-    with _torch_threads(torch, TORCH_THREADS), torch.no_grad():
+    threads = max(1, min(TORCH_THREADS, os.cpu_count() or 1))
+    with _torch_threads(torch, threads), torch.no_grad():
         hf_model = build_hf_model(model)
         return capture_stages(
             hf_model,

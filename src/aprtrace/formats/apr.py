@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from aprtrace import quant
+from aprtrace.atomic import atomic_path
 from aprtrace.config import ModelConfig, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.formats.gguf import check_tensors
@@ -737,35 +736,24 @@ def write_apr(path: Path, metadata: Mapping[str, Any], tensors: Iterable[TensorS
     crc = zlib.crc32(header[:40] + header[44:])
     header = header[:40] + struct.pack("<I", crc) + header[44:]
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as out:
-            footer_crc = 0
-            total = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        footer_crc = 0
+        total = 0
 
-            def put(chunk: Any) -> None:
-                nonlocal footer_crc, total
-                out.write(chunk)
-                footer_crc = zlib.crc32(chunk, footer_crc)
-                total += len(chunk)
+        def put(chunk: Any) -> None:
+            nonlocal footer_crc, total
+            out.write(chunk)
+            footer_crc = zlib.crc32(chunk, footer_crc)
+            total += len(chunk)
 
-            for chunk in (header, meta, _pad(len(meta)), bytes(index), _pad(len(index))):
-                put(chunk)
-            for name, _, _, nbytes, raw in items:
-                data = _as_bytes(raw()) if callable(raw) else raw
-                _check_size_matches(name.decode(), nbytes, data.nbytes)
-                put(data)
-                put(_pad(nbytes))
-            out.write(struct.pack("<I", footer_crc))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        for chunk in (header, meta, _pad(len(meta)), bytes(index), _pad(len(index))):
+            put(chunk)
+        for name, _, _, nbytes, raw in items:
+            data = _as_bytes(raw()) if callable(raw) else raw
+            _check_size_matches(name.decode(), nbytes, data.nbytes)
+            put(data)
+            put(_pad(nbytes))
+        out.write(struct.pack("<I", footer_crc))
     return total + FOOTER_SIZE
 
 

@@ -8,19 +8,18 @@ norms and biases stay F32. The file is written atomically and its bytes are dete
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from aprtrace.atomic import atomic_path
 from aprtrace.config import ModelConfig
-from aprtrace.errors import ModelLoadError, OutputError, ValidationError
+from aprtrace.errors import ModelLoadError, ValidationError
 from aprtrace.model import permute_llama_qk
 
 # Types write_gguf encodes 2-D weights to, with the llama.cpp file type they make.
@@ -135,39 +134,25 @@ def write_gguf(
     for name in names:
         _check_shape(name, np.shape(tensors[name]), config)
 
-    directory = path.parent
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=directory)
-        os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"cannot create {path}: {exc.strerror or exc}") from exc
-    writer = gguf.GGUFWriter(tmp_name, arch)
-    try:
-        _add_metadata(writer, config, qtype)
-        if tokenizer is not None:
-            _add_tokenizer(writer, tokenizer, config.vocab_size)
-        for hf_name in names:
-            values = np.asarray(tensors[hf_name], dtype=np.float32)
-            if arch == "llama" and ".self_attn.q_proj." in hf_name:
-                values = permute_llama_qk(values, config.num_heads)
-            elif arch == "llama" and ".self_attn.k_proj." in hf_name:
-                values = permute_llama_qk(values, config.num_kv_heads)
-            data, raw_dtype = _encode(hf_name, values, qtype)
-            writer.add_tensor(gguf_names[hf_name], data, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a model file is an ordinary file
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        writer.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        raise
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        try:
+            _add_metadata(writer, config, qtype)
+            if tokenizer is not None:
+                _add_tokenizer(writer, tokenizer, config.vocab_size)
+            for hf_name in names:
+                values = np.asarray(tensors[hf_name], dtype=np.float32)
+                if arch == "llama" and ".self_attn.q_proj." in hf_name:
+                    values = permute_llama_qk(values, config.num_heads)
+                elif arch == "llama" and ".self_attn.k_proj." in hf_name:
+                    values = permute_llama_qk(values, config.num_kv_heads)
+                data, raw_dtype = _encode(hf_name, values, qtype)
+                writer.add_tensor(gguf_names[hf_name], data, raw_dtype=raw_dtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return path
 
 
