@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aprtrace import aprt, atomic
+from aprtrace import atomic
 from aprtrace.aprt import HEADER_SIZE, read_aprt, write_aprt
 from aprtrace.errors import InvalidFormatError, NotFoundError, OutputError
 
