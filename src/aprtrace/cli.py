@@ -28,6 +28,7 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer kille
 
 # Commands in their own modules, imported only when used (keeps `trace` start-up short).
 LAZY_COMMANDS = {
+    "compare": ("aprtrace.compare", "compare_command"),
     "convert": ("aprtrace.convert", "convert_command"),
     "demo": ("aprtrace.demo", "demo_command"),
     "diff": ("aprtrace.cli_diff", "diff_command"),

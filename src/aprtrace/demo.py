@@ -152,24 +152,19 @@ def demo_command(out_dir, quant, html_path):
       aprtrace demo
       aprtrace demo --quant Q8_0 --html demo.html
     """
-    from aprtrace.formats import load_model
-    from aprtrace.plan import make_plan
-    from aprtrace.trace import encode_prompt, run_trace
+    from aprtrace.compare import trace_to_dir
 
     out_dir = Path(out_dir) if out_dir else demo_cache_dir()
     quant = quant.upper()
     f32_path, q_path = write_demo_models(out_dir, quant)
     dumps = []
     for path in (f32_path, q_path):
-        model = load_model(path)
-        plan = make_plan("all", "all", None, path)
-        ids = encode_prompt(model, "What is 2+2?", add_bos=False)
-        result = run_trace(model, ids, plan, prompt="What is 2+2?", collect_stats=False, clean=True)
+        dump = trace_to_dir(path, out_dir / f"{path.stem}-trace")
         click.echo(
-            f"traced {path.name}: {len(result.log.files)} stage files -> {plan.out_dir} "
-            f"({result.seconds:.2f} s, tokens {ids})"
+            f"traced {path.name}: {dump.files} stage files -> {dump.out_dir} "
+            f"({dump.seconds:.2f} s, tokens {dump.token_ids})"
         )
-        dumps.append(plan.out_dir)
+        dumps.append(dump.out_dir)
     click.echo(f"\n$ aprtrace diff --values {dumps[0]} {dumps[1]}\n")
     from aprtrace.cli_diff import diff_command
 

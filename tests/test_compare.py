@@ -1,0 +1,62 @@
+"""``aprtrace compare``: two traces on the same token ids, then diff (exit code is diff's)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from aprtrace.aprt import read_aprt
+from aprtrace.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_compare_f32_with_q8_passes_then_fails_a_strict_bound(tiny_gguf_pair, tmp_path):
+    f32, q8 = tiny_gguf_pair
+    ok = run("compare", str(f32), str(q8), "--dir", str(tmp_path), "--json")
+    assert ok.exit_code == 0, ok.output
+    doc = json.loads(ok.output[ok.output.index("{") :])
+    assert doc["schema"] == "aprtrace-diff-v1"
+    a = tmp_path / "A-demo-f32-numpy"
+    b = tmp_path / "B-demo-q8_0-numpy"
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (a, b)]
+    assert manifests[0]["token_ids"] == manifests[1]["token_ids"]
+    # the diff really compared these dumps: recompute one cosine by hand
+    x = read_aprt(a / "layer-0" / "ffn_out.bin").values.astype(np.float64)
+    y = read_aprt(b / "layer-0" / "ffn_out.bin").values.astype(np.float64)
+    cos = float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+    pair = next(p for p in doc["pairs"] if p["path"] == "layer-0/ffn_out.bin")
+    assert pair["cosine_sim"] == pytest.approx(cos, rel=1e-9)
+
+    strict = run("compare", str(f32), str(q8), "--dir", str(tmp_path), "--cos-min", "0.999999")
+    assert strict.exit_code == 1, strict.output
+    assert "first divergence" in strict.output
+
+
+def test_compare_same_model_same_engine_is_refused(tiny_gguf, tmp_path):
+    result = run("compare", str(tiny_gguf), str(tiny_gguf), "--dir", str(tmp_path))
+    assert result.exit_code == 5
+    assert "same model on the same engine" in result.output
+
+
+def test_compare_uses_the_given_tokens_on_both_sides(tiny_gguf_pair, tmp_path):
+    f32, q8 = tiny_gguf_pair
+    result = run(
+        "compare",
+        str(f32),
+        str(q8),
+        "--dir",
+        str(tmp_path),
+        "--tokens",
+        "5,6,7",
+        "--save-tensor",
+        "lm_head",
+    )
+    assert result.exit_code in (0, 1), result.output
+    for d in ("A-demo-f32-numpy", "B-demo-q8_0-numpy"):
+        assert json.loads((tmp_path / d / "manifest.json").read_text())["token_ids"] == [5, 6, 7]
