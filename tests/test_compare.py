@@ -60,3 +60,16 @@ def test_compare_uses_the_given_tokens_on_both_sides(tiny_gguf_pair, tmp_path):
     assert result.exit_code in (0, 1), result.output
     for d in ("A-demo-f32-numpy", "B-demo-q8_0-numpy"):
         assert json.loads((tmp_path / d / "manifest.json").read_text())["token_ids"] == [5, 6, 7]
+
+
+@pytest.mark.reference
+def test_compare_one_model_numpy_against_transformers(tiny_gguf, tmp_path):
+    result = run("compare", str(tiny_gguf), "--dir", str(tmp_path), "--json", "--limit", "1")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output[result.output.index("{") :])
+    assert len(doc["pairs"]) == 1 + 17 * 4 + 2
+    assert (tmp_path / "B-demo-f32-transformers" / "manifest.json").exists()
+    engine = json.loads((tmp_path / "B-demo-f32-transformers" / "manifest.json").read_text())
+    assert engine["engine"] == "transformers"
+    # independent implementations on the same weights agree far inside the default bound
+    assert min(p["cosine_sim"] for p in doc["pairs"]) > 0.99999
