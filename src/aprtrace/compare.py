@@ -108,6 +108,10 @@ def compare_command(
     from aprtrace.cli_diff import diff_command
     from aprtrace.trace import parse_token_list
 
+    if model_b is not None and str(model_b).startswith("-"):
+        # With one model, click takes the first pass-through diff option for MODEL_B.
+        ctx.args.insert(0, str(model_b))
+        model_b = None
     if model_b is None:
         model_b = model_a
         engine_b = engine_b or "transformers"
