@@ -308,6 +308,28 @@ def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine)
     return write_manifest(plan.out_dir, data)
 
 
+def capture_stages(
+    model: Model,
+    prompt: str | list[int],
+    *,
+    engine: str = "numpy",
+    add_bos: bool = False,
+) -> dict[tuple[str, int | None], np.ndarray]:
+    """Every stage of one forward pass in memory: ``{(stage name, layer): array}``.
+
+    ``prompt`` is text (encoded with the model's tokenizer) or a list of token ids; layer is
+    None for the whole-model stages. Arrays have the APRT layout (``[seq, dim]`` etc.).
+    """
+    ids = encode_prompt(model, prompt, add_bos) if isinstance(prompt, str) else list(prompt)
+    out: dict[tuple[str, int | None], np.ndarray] = {}
+
+    def keep(stage: Stage, layer: int | None, values: np.ndarray) -> None:
+        out[(stage.value, layer)] = np.array(values, dtype=np.float32, copy=True)
+
+    engine_forward(engine)(model, ids, keep)
+    return out
+
+
 def encode_prompt(model: Model, prompt: str, add_bos: bool) -> list[int]:
     """Token ids of ``prompt`` with the model's own tokenizer (no BOS unless asked, as apr)."""
     if model.tokenizer is None:
