@@ -63,8 +63,8 @@ def stage_stats(stage: Stage, layer: int | None, values: np.ndarray) -> StageSta
     if inf:
         anomalies.append(f"{inf} Inf")
     if finite.size:
-        as64 = finite.astype(np.float64)
-        mean, std = as64.mean(), as64.std()
+        # f64 accumulation without an f64 copy of the buffer
+        mean, std = finite.mean(dtype=np.float64), finite.std(dtype=np.float64)
         lo, hi = float(finite.min()), float(finite.max())
         if not np.any(finite):
             anomalies.append("all zero")
