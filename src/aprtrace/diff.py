@@ -7,7 +7,8 @@ Conventions (documented for users in ``aprtrace diff --help`` and docs/diff-json
 
 - ``d = |a - b|`` in f32. **A is the reference**, B the candidate: relative error, SQNR and the
   ``rtol`` bound are measured against A.
-- File-pair statistics follow apr exactly (NaN propagates into RMS and cosine). Directory mode
+- File-pair statistics follow apr exactly (NaN propagates into the f32 RMS; the cosine is 0.0
+  unless both norms are > 0, so a NaN norm gives 0.0). Directory mode
   computes every statistic over the positions where both values are finite and reports
   NaN/Inf separately (counts per side and positions where the classes differ), so one shared
   NaN does not hide the rest of the tensor.
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from aprtrace.aprt import AprtFile, read_aprt
-from aprtrace.errors import NotFoundError, ValidationError
+from aprtrace.errors import InvalidFormatError, NotFoundError, ValidationError
 from aprtrace.manifest import Manifest, read_manifest
 from aprtrace.stages import WHOLE_MODEL_LAYER, Stage, stage_from_file_stem
 
@@ -331,7 +332,9 @@ class _Accumulator:
     ) -> PairStats:
         n = self.n
         rms = math.sqrt(self.sum_d2 / n) if n else 0.0
-        if self.norm_a == 0.0 or self.norm_b == 0.0:
+        if not self.extended:
+            rms = float(np.float32(rms))  # apr stores rms_diff as f32
+        if not (self.norm_a > 0.0 and self.norm_b > 0.0):  # apr's test: a NaN norm gives 0.0
             cosine = 0.0
         else:
             cosine = self.dot / (math.sqrt(self.norm_a) * math.sqrt(self.norm_b))
@@ -464,18 +467,34 @@ def layer_label(layer: int) -> int | str:
 
 def check_comparable(fa: AprtFile, fb: AprtFile) -> None:
     """apr's checks: element counts and header layers must match (else exit 5)."""
+    # The messages are apr's text (diff_05_aprt_stage.rs), raw u32 layers included.
     if fa.values.size != fb.values.size:
         raise ValidationError(
-            f"dim_product mismatch: {fa.path} has {fa.values.size} values, "
-            f"{fb.path} has {fb.values.size}",
+            f"APRT dim_product mismatch: {fa.path} has {fa.values.size} f32s, "
+            f"{fb.path} has {fb.values.size} f32s — cannot compare stage tensors of different "
+            "sizes",
             hint="compare files of the same stage traced on the same prompt and model shape",
         )
     if fa.layer != fb.layer:
         raise ValidationError(
-            f"layer mismatch: {fa.path} is layer {fa.layer_label}, "
-            f"{fb.path} is layer {fb.layer_label}",
+            f"APRT layer mismatch: {fa.path} is layer {fa.layer}, {fb.path} is layer "
+            f"{fb.layer} — stages from different layers cannot be compared element-wise",
             hint="compare the same stage at the same layer",
         )
+
+
+def _read_pair_file(path: Path) -> AprtFile:
+    try:
+        return read_aprt(path)
+    except InvalidFormatError as exc:
+        try:
+            with open(path, "rb") as f:
+                is_aprt = f.read(4) == b"APRT"
+        except OSError:
+            is_aprt = False
+        if not is_aprt:
+            raise
+        raise ValidationError(f"Cannot read APRT stage tensor {exc.message}", exc.hint) from exc
 
 
 @dataclass
@@ -487,10 +506,14 @@ class FilePairResult:
 
 
 def diff_files(path_a: Path, path_b: Path, limit: int = 10) -> FilePairResult:
-    """``apr diff --values A B``: apr's checks and statistics for one pair of APRT files."""
-    fa, fb = read_aprt(Path(path_a)), read_aprt(Path(path_b))
+    """``apr diff --values A B``: apr's checks and statistics for one pair of APRT files.
+
+    As apr: an APRT file that cannot be read is a validation failure (exit 5), and at least
+    one top difference is listed even with ``limit=0``.
+    """
+    fa, fb = _read_pair_file(Path(path_a)), _read_pair_file(Path(path_b))
     check_comparable(fa, fb)
-    stats = compare_arrays(fa.values, fb.values, limit=limit, extended=False)
+    stats = compare_arrays(fa.values, fb.values, limit=max(limit, 1), extended=False)
     return FilePairResult(Path(path_a), Path(path_b), fa.layer, stats)
 
 

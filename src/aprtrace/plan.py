@@ -11,8 +11,10 @@ from aprtrace.stages import WHOLE_MODEL_LAYER, Stage, parse_stage_list
 
 DEFAULT_LAYERS = "0..1"
 # ASCII digits only: `\d` would also accept other scripts' digits (e.g. Arabic-Indic).
-_RANGE = re.compile(r"^([0-9]+)\.\.([0-9]+)$")
-_SINGLE = re.compile(r"^[0-9]+$")
+# As apr (u32::from_str after trimming each side of `..`): blanks around a bound and a leading
+# '+' are accepted.
+_RANGE = re.compile(r"^\+?([0-9]+)\s*\.\.\s*\+?([0-9]+)$")
+_SINGLE = re.compile(r"^\+?([0-9]+)$")
 # A layer index must fit the APRT header's u32 and stay below the whole-model marker; in
 # practice no model has anywhere near this many layers, and a lower bound keeps a spec such as
 # `0..4000000000` from materialising billions of indices before the model is even loaded.
@@ -82,7 +84,7 @@ def parse_layers(spec: str) -> LayerSelection:
                 raise _layer_error(spec, f"layer {end - 1} is too large (at most {_MAX_LAYER})")
             layers.update(range(start, end))
         elif _SINGLE.match(item):
-            value = _layer_number(spec, item)
+            value = _layer_number(spec, item.lstrip("+"))
             if value > _MAX_LAYER:
                 raise _layer_error(spec, f"layer {value} is too large (at most {_MAX_LAYER})")
             layers.add(value)

@@ -282,7 +282,65 @@ def localization_json(d: DirDiff, localization: Localization) -> dict[str, Any]:
 
 
 def to_json_text(doc: dict[str, Any]) -> str:
+    """Pretty JSON; the ``apr-stage-diff-v1`` document is written exactly as apr prints it."""
+    if doc.get("schema") == FILE_PAIR_SCHEMA:
+        return _serde_pretty(doc)
     return json.dumps(doc, indent=2, allow_nan=False)
+
+
+def file_pair_json_text(result: FilePairResult) -> str:
+    """``apr diff --values --json`` output, byte for byte as serde_json prints it."""
+    return to_json_text(file_pair_json(result))
+
+
+_REPR = re.compile(r"^(-?)(\d+)(?:\.(\d+))?(?:e([-+]\d+))?$")
+
+
+def serde_float(x: float) -> str:
+    """A finite float as serde_json 1.0.150 writes it (zmij): the shortest round-trip digits,
+    plain for decimal exponents -5..=15 (``0.000015``, ``1.0``), else ``d.ddde±X``."""
+    sign, whole, frac, exp = _REPR.match(repr(float(x))).groups()  # type: ignore[union-attr]
+    digits = (whole + (frac or "")).lstrip("0")
+    if not digits:
+        return f"{sign}0.0"
+    # Decimal exponent of the first significant digit.
+    e = int(exp or 0) + len(whole) - 1 - (len(whole + (frac or "")) - len(digits))
+    digits = digits.rstrip("0")
+    if -5 <= e <= 15:
+        if e < 0:
+            return f"{sign}0.{'0' * (-e - 1)}{digits}"
+        if len(digits) <= e + 1:
+            return f"{sign}{digits}{'0' * (e + 1 - len(digits))}.0"
+        return f"{sign}{digits[: e + 1]}.{digits[e + 1 :]}"
+    mantissa = digits[0] + (f".{digits[1:]}" if len(digits) > 1 else "")
+    return f"{sign}{mantissa}e{'+' if e >= 0 else '-'}{abs(e)}"
+
+
+def _serde_pretty(value: Any, indent: str = "") -> str:
+    """serde_json::to_string_pretty: two-space indent, non-ASCII kept, NaN/Inf as null."""
+    inner = indent + "  "
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = [f"{inner}{_serde_str(k)}: {_serde_pretty(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if isinstance(value, list):
+        if not value:
+            return "[]"
+        return "[\n" + ",\n".join(inner + _serde_pretty(v, inner) for v in value) + f"\n{indent}]"
+    if isinstance(value, str):
+        return _serde_str(value)
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return serde_float(value) if math.isfinite(value) else "null"
+    return str(int(value))
+
+
+def _serde_str(text: str) -> str:
+    # Rust's Path::display() replaces undecodable bytes with U+FFFD; so do we.
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return json.dumps(text, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------
