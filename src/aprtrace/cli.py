@@ -265,7 +265,9 @@ def trace(
     with bar if bar is not None else contextlib.nullcontext():
         result = run_trace(model, token_ids, plan, **options)
 
-    top = int(np.argmax(result.logits)) if result.logits.size else None
+    # No next token when a logit is NaN: argmax would pick the first NaN.
+    finite = result.logits.size and not np.isnan(result.logits).any()
+    top = int(np.argmax(result.logits)) if finite else None
     if as_json:
         payload = {
             "schema": "aprtrace-trace-v1",
@@ -312,6 +314,8 @@ def trace(
         click.echo(f"Next token (argmax): {top} {text!r}")
     elif top is not None:
         click.echo(f"Next token (argmax): {top}")
+    else:
+        click.echo("Next token: none (the logits contain NaN)")
 
 
 def _json_default(value):

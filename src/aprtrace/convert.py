@@ -138,6 +138,13 @@ def convert_model(src: Path, dst: Path, dtype: str = "keep") -> dict:
     src, dst = Path(src), Path(dst)
     model = _load_source(src)
     cfg = model.config
+    if cfg.rope_linear_factor != 1.0:
+        # APR v2 metadata has no RoPE scaling field: the file would trace unscaled.
+        raise ValidationError(
+            f"{src}: linear RoPE scaling (factor {cfg.rope_linear_factor:g}) cannot be stored "
+            "in APR v2 metadata; the converted model would run without it",
+            hint="trace the GGUF or safetensors model directly",
+        )
     llama_layout = not is_qwen_family(cfg.architecture)
     written: Counter[str] = Counter()
     changed: Counter[str] = Counter()

@@ -126,6 +126,8 @@ class LayerWeights:
     gate_proj: np.ndarray
     up_proj: np.ndarray
     down_proj: np.ndarray
+    gate_bias: np.ndarray | None  # Llama with mlp_bias
+    up_bias: np.ndarray | None
     down_bias: np.ndarray | None
 
     @property
@@ -160,6 +162,8 @@ def load_layer(model: Model, layer: int) -> LayerWeights:
         gate_proj=w("mlp.gate_proj.weight", (inter, h)),
         up_proj=w("mlp.up_proj.weight", (inter, h)),
         down_proj=w("mlp.down_proj.weight", (h, inter)),
+        gate_bias=opt("mlp.gate_proj.bias", (inter,)),
+        up_bias=opt("mlp.up_proj.bias", (inter,)),
         down_bias=opt("mlp.down_proj.bias", (h,)),
     )
 
@@ -221,7 +225,8 @@ def causal_softmax(scores: np.ndarray) -> np.ndarray:
     causal = np.tril(np.ones((seq, seq), dtype=bool))
     shifted = scores - np.max(np.where(causal, scores, -np.inf), axis=-1, keepdims=True)
     weights = np.where(causal, np.exp(np.where(causal, shifted, 0.0)), np.float32(0.0))
-    return weights / np.sum(weights, axis=-1, keepdims=True)
+    # Re-mask after dividing: a NaN row sum must not turn the masked zeros into NaN.
+    return np.where(causal, weights / np.sum(weights, axis=-1, keepdims=True), np.float32(0.0))
 
 
 def attend(cfg: ModelConfig, probs: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -277,9 +282,9 @@ def mlp_block(
     """Pre-norm SwiGLU feed-forward; returns the down projection."""
     ffn_norm = rms_norm(x, w.post_attention_layernorm, cfg.rms_norm_eps)
     emit(Stage.FFN_NORM, layer, ffn_norm)
-    gate = linear(ffn_norm, w.gate_proj)
+    gate = linear(ffn_norm, w.gate_proj, w.gate_bias)
     emit(Stage.FFN_GATE, layer, gate)
-    up = linear(ffn_norm, w.up_proj)
+    up = linear(ffn_norm, w.up_proj, w.up_bias)
     emit(Stage.FFN_UP, layer, up)
     activated = silu(gate)
     emit(Stage.FFN_SILU, layer, activated)

@@ -297,8 +297,8 @@ def _stage_functions() -> dict[Stage, Callable[[_Context, int], np.ndarray]]:
         Stage.FFN_NORM: lambda c, i: rms_norm(
             post_attn(c, i), w(c, i).post_attention_layernorm, c.eps
         ),
-        Stage.FFN_GATE: lambda c, i: linear(ffn_norm(c, i), w(c, i).gate_proj),
-        Stage.FFN_UP: lambda c, i: linear(ffn_norm(c, i), w(c, i).up_proj),
+        Stage.FFN_GATE: lambda c, i: linear(ffn_norm(c, i), w(c, i).gate_proj, w(c, i).gate_bias),
+        Stage.FFN_UP: lambda c, i: linear(ffn_norm(c, i), w(c, i).up_proj, w(c, i).up_bias),
         Stage.FFN_SILU: lambda c, i: silu(gate(c, i)),
         Stage.FFN_SWIGL: lambda c, i: silu_out(c, i) * up(c, i),
         Stage.FFN_OUT: lambda c, i: linear(swiglu(c, i), w(c, i).down_proj, w(c, i).down_bias),

@@ -46,6 +46,7 @@ _CAUSAL_LM_CLASSES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
 }
 _ATTENTION_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
+_MLP_BIASES = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
 
 
 def import_ref() -> tuple[Any, Any]:
@@ -122,7 +123,7 @@ def hf_config(model: Model):
     if cfg.architecture in ("llama", "qwen3"):
         extra["attention_bias"] = _has_any(model, _ATTENTION_BIASES)
     if cfg.architecture == "llama":
-        extra["mlp_bias"] = _has_any(model, ("mlp.down_proj.bias",))
+        extra["mlp_bias"] = _has_any(model, _MLP_BIASES)
     if cfg.architecture in ("qwen2", "qwen3"):
         extra["use_sliding_window"] = False
     rope_scaling = None
