@@ -399,7 +399,9 @@ def stages(as_json):
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def inspect(path, as_json):
+@click.option("--no-verify", is_flag=True, help="Skip CRC checks of APR files (damaged files).")
+@click.option("--arch", help="Architecture for APR files that do not name one.")
+def inspect(path, as_json, no_verify, arch):
     """Describe an APRT stage file, a dump directory, or a model file.
 
     \b
@@ -407,7 +409,8 @@ def inspect(path, as_json):
       aprtrace inspect model-trace/layer-0/attn_norm.bin
       aprtrace inspect model-trace/
       aprtrace inspect model.gguf
+      aprtrace inspect --no-verify damaged.apr
     """
     from aprtrace.inspect import inspect_path
 
-    inspect_path(path, as_json)
+    inspect_path(path, as_json, verify=not no_verify, arch=arch)

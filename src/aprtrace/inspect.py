@@ -58,7 +58,7 @@ def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.5g}" if isinstance(v, float) else str(v))
 
 
-def inspect_path(path: Path, as_json: bool) -> None:
+def inspect_path(path: Path, as_json: bool, verify: bool = True, arch: str | None = None) -> None:
     path = Path(path)
     if not path.exists():
         raise NotFoundError(f"file not found: {path}")
@@ -74,7 +74,7 @@ def inspect_path(path: Path, as_json: bool) -> None:
         for k, v in row.items():
             click.echo(f"{k:>12}: {_fmt(v)}")
         return
-    _inspect_model(path, as_json)
+    _inspect_model(path, as_json, verify, arch)
 
 
 def _shape_from_manifest(path: Path) -> list[int] | None:
@@ -127,10 +127,10 @@ def _inspect_dump(root: Path, as_json: bool) -> None:
         )
 
 
-def _inspect_model(path: Path, as_json: bool) -> None:
+def _inspect_model(path: Path, as_json: bool, verify: bool, arch: str | None) -> None:
     from aprtrace.formats import load_model
 
-    model = load_model(path, verify=True)
+    model = load_model(path, verify=verify, arch=arch)
     tensors = [
         {"name": t.name, "type": t.qtype, "shape": list(t.shape)}
         for t in sorted(model.tensors.values(), key=lambda t: _natural_key(t.name))
@@ -148,7 +148,7 @@ def _inspect_model(path: Path, as_json: bool) -> None:
     if model.format == "apr":
         from aprtrace.formats.apr import describe_apr
 
-        info["apr"] = describe_apr(path)
+        info["apr"] = describe_apr(path, verify=verify)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
