@@ -230,6 +230,10 @@ def trace(
     if plan is None and layers is not None:
         parse_layers(layers)
     token_ids = parse_token_list(tokens) if tokens is not None else None
+    if engine == "transformers":
+        from aprtrace.engines.transformers import import_ref
+
+        import_ref()  # a missing `ref` extra is reported before the model is loaded
 
     model = load_model(model_path, verify=not no_verify, arch=arch)
     if token_ids is None:
