@@ -121,6 +121,10 @@ def compare_command(
             "both sides would be the same model on the same engine",
             hint="give a second model, or a different --engine-a / --engine-b",
         )
+    if "transformers" in (engine_a, engine_b):
+        from aprtrace.engines.transformers import import_ref
+
+        import_ref()  # before tracing A, not after
     work_dir = work_dir or Path(model_a).parent / "aprtrace-compare"
     ids = parse_token_list(tokens) if tokens is not None else None
     dumps = []
