@@ -100,7 +100,14 @@ def main(debug: bool) -> None:
       aprtrace demo
       aprtrace trace --save-tensor all --save-tensor-layers all model.gguf
       aprtrace diff --values model-trace/ other-trace/
+      aprtrace compare model-f16.gguf model-q4_k_m.gguf --html report.html
       aprtrace inspect model-trace/layer-0/attn_norm.bin
+
+    \b
+    Exit codes (as apr): 0 ok, 1 diff/compare diverged, 2 usage, 3 file not found,
+    4 invalid format, 5 validation failed, 6 model load failed, 7 I/O error,
+    8 inference failed (including a failed stage-file write), 70 internal error,
+    130 interrupted.
     """
 
 
