@@ -82,6 +82,13 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def path_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory (a safetensors checkpoint)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -112,16 +119,18 @@ def build_manifest_data(
     stages: Iterable[str],
     layers: Iterable[int],
     files: Iterable[Any],
+    digest: str | None = None,
+    engine: str = "numpy",
 ) -> dict[str, Any]:
     """Assemble the manifest dict. ``files`` are ``capture.WrittenFile`` records (or dicts).
 
-    Hashes the model file (streaming); call it once, after the forward pass.
+    ``digest`` is the model's sha256 when the caller already has it; otherwise a model file
+    is hashed here (streaming). ``size`` is the file's, or a directory's total.
     """
     model_path = Path(model_path)
-    if model_path.is_file():
-        size, digest = model_path.stat().st_size, sha256_file(model_path)
-    else:  # a safetensors directory: no single file to hash
-        size, digest = None, None
+    size = path_size(model_path)
+    if digest is None and model_path.is_file():
+        digest = sha256_file(model_path)
     entries = []
     for f in files:
         if isinstance(f, dict):
@@ -134,9 +143,10 @@ def build_manifest_data(
         "schema": SCHEMA,
         "tool": "aprtrace",
         "version": __version__,
+        "engine": engine,
         "created": now_iso(),
         "model": {
-            "path": str(model_path),
+            "path": str(model_path.resolve()),
             "size": size,
             "sha256": digest,
             "format": model_format,

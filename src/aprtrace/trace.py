@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from aprtrace import __version__
 from aprtrace.atomic import write_bytes_atomic
 from aprtrace.capture import CaptureLog, maybe_save_stage
 from aprtrace.errors import OutputError, ValidationError
@@ -158,12 +157,6 @@ class _Sha256InBackground:
         return self.digest
 
 
-def _size_of(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
 def prepare_out_dir(plan: SavePlan, clean: bool) -> list[Path]:
     """Make the output directory writable and forget the old manifest; return old .bin files.
 
@@ -274,37 +267,22 @@ def run_trace(
 
 
 def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine) -> Path:
-    from aprtrace.manifest import write_manifest
+    from aprtrace.manifest import build_manifest_data, write_manifest
 
-    data = {
-        "schema": "aprtrace-manifest-v1",
-        "tool": "aprtrace",
-        "version": __version__,
-        "engine": engine,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {
-            "path": str(Path(model.path).resolve()),
-            "size": _size_of(Path(model.path)),
-            "sha256": hasher.result() if hasher else None,
-            "format": model.format,
-        },
-        "architecture": model.config.architecture,
-        "config": model.config.to_dict(),
-        "prompt": prompt,
-        "token_ids": [int(t) for t in token_ids],
-        "stages": [s.value for s in Stage if s in plan.stages],
-        "layers": list(layers),
-        "files": [
-            {
-                "path": f.path.relative_to(plan.out_dir).as_posix(),
-                "stage": f.stage.value,
-                "layer": f.layer if f.stage.per_layer else None,
-                "shape": list(f.shape),
-                "bytes": f.size,
-            }
-            for f in log.files
-        ],
-    }
+    data = build_manifest_data(
+        out_dir=plan.out_dir,
+        model_path=Path(model.path),
+        model_format=model.format,
+        architecture=model.config.architecture,
+        config=model.config.to_dict(),
+        prompt=prompt,
+        token_ids=token_ids,
+        stages=[s.value for s in Stage if s in plan.stages],
+        layers=layers,
+        files=log.files,
+        digest=hasher.result() if hasher else None,
+        engine=engine,
+    )
     return write_manifest(plan.out_dir, data)
 
 
