@@ -6,7 +6,6 @@ trained on a fixed text, random weights from a fixed seed, written with ``gguf_w
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -25,8 +24,9 @@ _CORPUS = (
 
 
 def demo_cache_dir() -> Path:
-    base = os.environ.get("APRTRACE_CACHE") or Path.home() / ".cache" / "aprtrace"
-    return Path(base) / "demo"
+    from aprtrace.trace import cache_dir
+
+    return cache_dir() / "demo"
 
 
 def build_demo_tokenizer():
