@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from aprtrace.diff import (
     diff_dirs,
     diff_files,
     key_for,
+    list_stage_files,
     parse_tol_override,
     tolerance_for,
     verdict,
@@ -83,6 +85,25 @@ def _write(path: Path, data: str | bytes) -> None:
             path.write_text(data, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _pair_progress(path_a: Path, path_b: Path):
+    """A progress bar over the file pairs on a terminal's stderr (large dumps take minutes)."""
+    if not sys.stderr.isatty():
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    total = len(list_stage_files(path_a).keys() & list_stage_files(path_b).keys())
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = bar.add_task("comparing stage files", total=total)
+    return bar, lambda _pair: bar.advance(task)
 
 
 def _console(wide: bool = False) -> Console:
@@ -258,7 +279,11 @@ def diff_command(
             f"cannot compare a file with a directory ({path_a}, {path_b})",
             hint="pass two APRT files or two dump directories",
         )
-    result = diff_dirs(path_a, path_b, base, rules, limit=limit, fail_fast=fail_fast)
+    bar, advance = _pair_progress(path_a, path_b)
+    with bar if bar is not None else contextlib.nullcontext():
+        result = diff_dirs(
+            path_a, path_b, base, rules, limit=limit, fail_fast=fail_fast, on_pair=advance
+        )
     localization = _localize(result, model_path, arch) if model_path is not None else None
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
