@@ -73,3 +73,24 @@ def test_compare_one_model_numpy_against_transformers(tiny_gguf, tmp_path):
     assert engine["engine"] == "transformers"
     # independent implementations on the same weights agree far inside the default bound
     assert min(p["cosine_sim"] for p in doc["pairs"]) > 0.99999
+
+
+def test_diff_stage_and_layer_filters(tiny_gguf_pair, tmp_path):
+    f32, q8 = tiny_gguf_pair
+    run("compare", str(f32), str(q8), "--dir", str(tmp_path), "--save-tensor-layers", "0")
+    a, b = tmp_path / "A-demo-f32-numpy", tmp_path / "B-demo-q8_0-numpy"
+    result = run("diff", "--values", str(a), str(b), "--json", "--stages", "ffn_out,LM_HEAD")
+    doc = json.loads(result.output)
+    assert [p["path"] for p in doc["pairs"]] == ["layer-0/ffn_out.bin", "lm_head.bin"]
+    result = run("diff", "--values", str(a), str(b), "--json", "--layers", "1..4")
+    # only whole-model stages remain: layer 0 is filtered out, layers 1..3 were not traced
+    assert [p["path"] for p in json.loads(result.output)["pairs"]] == [
+        "final_norm.bin",
+        "lm_head.bin",
+    ]
+    bad = run("diff", "--values", str(a), str(b), "--stages", "ffn_outt")
+    assert bad.exit_code == 5 and "ffn_outt" in bad.output
+    pair = run(
+        "diff", "--values", str(a / "lm_head.bin"), str(b / "lm_head.bin"), "--stages", "lm_head"
+    )
+    assert pair.exit_code == 5

@@ -87,13 +87,34 @@ def _write(path: Path, data: str | bytes) -> None:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-def _pair_progress(path_a: Path, path_b: Path):
+def _pair_filter(stages_spec: str | None, layers_spec: str | None):
+    """A PairKey predicate from --stages / --layers (None when neither is given)."""
+    if stages_spec is None and layers_spec is None:
+        return None
+    from aprtrace.plan import parse_layers
+    from aprtrace.stages import parse_stage_list
+
+    names = {s.value for s in parse_stage_list(stages_spec)} if stages_spec else None
+    layers = parse_layers(layers_spec) if layers_spec else None
+
+    def keep(key) -> bool:
+        if names is not None and key.stage not in names:
+            return False
+        return layers is None or key.layer is None or key.layer in layers
+
+    return keep
+
+
+def _pair_progress(path_a: Path, path_b: Path, select):
     """A progress bar over the file pairs on a terminal's stderr (large dumps take minutes)."""
     if not sys.stderr.isatty():
         return None, None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    total = len(list_stage_files(path_a).keys() & list_stage_files(path_b).keys())
+    files_a, files_b = list_stage_files(path_a), list_stage_files(path_b)
+    total = sum(
+        1 for rel in files_a.keys() & files_b.keys() if select is None or select(files_a[rel])
+    )
     bar = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -227,6 +248,19 @@ def _localize(result, model_path: Path, arch: str | None):
     show_default=True,
     help="Heatmap metric for --html/--plot.",
 )
+@click.option(
+    "--stages",
+    "stages_spec",
+    metavar="STAGES",
+    help="Directory mode: compare only these stages (comma list, as --save-tensor).",
+)
+@click.option(
+    "--layers",
+    "layers_spec",
+    metavar="LAYERS",
+    help="Directory mode: compare only these layers (as --save-tensor-layers; whole-model "
+    "stages are kept).",
+)
 @click.pass_context
 def diff_command(
     ctx: click.Context,
@@ -246,7 +280,10 @@ def diff_command(
     model_path: Path | None,
     arch: str | None,
     metric: str,
+    stages_spec: str | None,
+    layers_spec: str | None,
 ) -> None:
+    select = _pair_filter(stages_spec, layers_spec)
     for name, value in (("atol", atol), ("rtol", rtol), ("cos_min", cos_min)):
         check_tolerance_value(name, value, f"--{name.replace('_', '-')}")
     base = Tolerance(atol=atol, rtol=rtol, cos_min=cos_min)
@@ -268,9 +305,10 @@ def diff_command(
     if model_path is not None and not model_path.exists():
         raise NotFoundError(f"--model: {model_path} does not exist")
     if path_a.is_file() and path_b.is_file():
-        if html_path or plot_path or fail_fast or model_path:
+        if html_path or plot_path or fail_fast or model_path or select:
             raise ValidationError(
-                "--html, --plot, --fail-fast and --model need two dump directories, not two files"
+                "--html, --plot, --fail-fast, --model, --stages and --layers need two dump "
+                "directories, not two files"
             )
         _file_pair(ctx, path_a, path_b, limit, as_json, base, rules)
         return
@@ -279,10 +317,17 @@ def diff_command(
             f"cannot compare a file with a directory ({path_a}, {path_b})",
             hint="pass two APRT files or two dump directories",
         )
-    bar, advance = _pair_progress(path_a, path_b)
+    bar, advance = _pair_progress(path_a, path_b, select)
     with bar if bar is not None else contextlib.nullcontext():
         result = diff_dirs(
-            path_a, path_b, base, rules, limit=limit, fail_fast=fail_fast, on_pair=advance
+            path_a,
+            path_b,
+            base,
+            rules,
+            limit=limit,
+            fail_fast=fail_fast,
+            on_pair=advance,
+            select=select,
         )
     localization = _localize(result, model_path, arch) if model_path is not None else None
     for w in result.warnings:

@@ -890,11 +890,17 @@ def diff_dirs(
     fail_fast: bool = False,
     chunk: int = CHUNK,
     on_pair: Callable[[PairResult], None] | None = None,
+    select: Callable[[PairKey], bool] | None = None,
 ) -> DirDiff:
-    """Compare two dump directories pair by pair in forward order."""
+    """Compare two dump directories pair by pair in forward order.
+
+    ``select`` keeps only the pairs it returns True for (``--stages`` / ``--layers``).
+    """
     a, b = load_dump(path_a, "A"), load_dump(path_b, "B")
     overrides = overrides or []
     common = sorted((a.files[rel] for rel in a.files.keys() & b.files.keys()), key=PairKey.sort_key)
+    if select is not None:
+        common = [key for key in common if select(key)]
     only_a = sorted(a.files.keys() - b.files.keys(), key=lambda r: a.files[r].sort_key())
     only_b = sorted(b.files.keys() - a.files.keys(), key=lambda r: b.files[r].sort_key())
     result = DirDiff(a, b, tolerance, [], only_a, only_b, dump_warnings(a, b))
