@@ -22,8 +22,6 @@ from aprtrace.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, AprtraceError
 from aprtrace.stages import Stage
 
 DEFAULT_PROMPT = "What is 2+2?"
-
-
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by SIGPIPE
 
 # Commands in their own modules, imported only when used (keeps `trace` start-up short).
@@ -115,18 +113,9 @@ def _progress_callback(quiet: bool):
     """A rich progress bar on a terminal's stderr; nothing otherwise."""
     if quiet or not sys.stderr.isatty():
         return None, None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from aprtrace.console import stderr_progress
 
-    bar = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    task = bar.add_task("forward pass (layers)", total=None)
+    bar, task = stderr_progress("forward pass (layers)", total=None)
 
     def update(done: int, total: int) -> None:
         bar.update(task, completed=done, total=total)

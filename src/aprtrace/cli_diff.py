@@ -12,7 +12,7 @@ from rich.console import Console
 
 from aprtrace import report
 from aprtrace.aprt import read_aprt
-from aprtrace.console import stdout_console
+from aprtrace.console import stderr_progress, stdout_console
 from aprtrace.diff import (
     DEFAULT_TOLERANCE,
     Tolerance,
@@ -109,21 +109,11 @@ def _pair_progress(path_a: Path, path_b: Path, select):
     """A progress bar over the file pairs on a terminal's stderr (large dumps take minutes)."""
     if not sys.stderr.isatty():
         return None, None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
     files_a, files_b = list_stage_files(path_a), list_stage_files(path_b)
     total = sum(
         1 for rel in files_a.keys() & files_b.keys() if select is None or select(files_a[rel])
     )
-    bar = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    task = bar.add_task("comparing stage files", total=total)
+    bar, task = stderr_progress("comparing stage files", total=total)
     return bar, lambda _pair: bar.advance(task)
 
 
@@ -143,7 +133,7 @@ def _file_pair(ctx, a: Path, b: Path, limit: int, as_json: bool, base: Tolerance
     extended = compare_arrays(read_aprt(a).values, read_aprt(b).values, limit=0, extended=True)
     ok, reason = verdict(extended, tol)
     if as_json:
-        click.echo(report.to_json_text(report.file_pair_json(result)))
+        click.echo(report.file_pair_json_text(result))
     else:
         word = "ok" if ok else "DIVERGED"
         click.echo(report.file_pair_text(result, f"verdict: {word}: {reason}"))

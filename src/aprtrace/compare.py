@@ -11,9 +11,8 @@ from pathlib import Path
 
 import click
 
+from aprtrace.cli import DEFAULT_PROMPT
 from aprtrace.errors import ValidationError
-
-DEFAULT_PROMPT = "What is 2+2?"
 
 
 @dataclass

@@ -10,9 +10,10 @@ import numpy as np
 
 from aprtrace.aprt import read_aprt
 from aprtrace.console import stdout_console
+from aprtrace.diff import key_for, layer_label
 from aprtrace.errors import AprtraceError, NotFoundError
 from aprtrace.formats import APRT, sniff_format
-from aprtrace.stages import WHOLE_MODEL_LAYER, Stage, stage_from_file_stem
+from aprtrace.stages import Stage, stage_from_file_stem
 from aprtrace.trace import MANIFEST_NAME, stage_stats
 
 
@@ -23,7 +24,7 @@ def _file_row(path: Path, root: Path | None = None) -> dict:
     return {
         "path": str(path.relative_to(root)) if root else str(path),
         "stage": stage.value if stage else None,
-        "layer": "whole-model" if f.layer == WHOLE_MODEL_LAYER else f.layer,
+        "layer": layer_label(f.layer),
         "dim_product": int(f.values.size),
         "bytes": path.stat().st_size,
         "mean": stats.mean,
@@ -37,16 +38,9 @@ def _file_row(path: Path, root: Path | None = None) -> dict:
 
 def dump_files_in_order(root: Path) -> list[Path]:
     """The ``.bin`` files of a dump in forward order: layer, stage order, whole-model last."""
-
-    def key(p: Path):
-        rel = p.relative_to(root)
-        stage = stage_from_file_stem(p.stem)
-        order = stage.order if stage else len(Stage)
-        if len(rel.parts) == 2 and rel.parts[0].startswith("layer-") and rel.parts[0][6:].isdigit():
-            return (0, int(rel.parts[0][6:]), order, str(rel))
-        return (1, 0, order, str(rel))
-
-    return sorted(root.rglob("*.bin"), key=key)
+    return sorted(
+        root.rglob("*.bin"), key=lambda p: key_for(p.relative_to(root).as_posix()).sort_key()
+    )
 
 
 def _natural_key(name: str) -> list:

@@ -64,9 +64,7 @@ _PRE_SPLITS: dict[str, str] = {
     "gpt-4o": _GPT4O_SPLIT,
     "llama4": _GPT4O_SPLIT,
 }
-_GPT2_PRES = {None, "", "default", "gpt2", "gpt-2"}
 _DIGIT_PRES = {"smollm"}
-SUPPORTED_PRE_TYPES = tuple(sorted(set(_PRE_SPLITS) | {"default", "gpt2"} | _DIGIT_PRES))
 SUPPORTED_MODELS = ("gpt2", "llama")
 
 

@@ -134,7 +134,7 @@ class _Sha256InBackground:
     def _run(self, path: Path) -> None:
         try:
             files = self._files(path)
-            stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+            stamp = [(str(f.resolve()), (st := f.stat()).st_size, st.st_mtime_ns) for f in files]
             key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
             memo = cache_dir() / "sha256" / key
             if memo.is_file():
