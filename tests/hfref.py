@@ -87,7 +87,6 @@ def tiny_hf_model(
     a wrong norm, bias or layout shows up. ``vocab_size`` defaults to the tiny tokenizer's size.
     ``rope_scaling`` (llama only) is transformers' ``rope_scaling`` dict, e.g. ``"llama3"``.
     """
-    import torch
     import transformers
 
     if vocab_size is None:
@@ -121,6 +120,14 @@ def tiny_hf_model(
     if rope_scaling is not None and arch != "llama":
         raise ValueError("rope_scaling is only wired for the tiny llama")
     _set_rope_theta(config, config_rope_theta(config))
+    return seeded_model(cls, config, seed)
+
+
+def seeded_model(cls, config, seed: int):
+    """``cls(config)`` in float32 eager mode with seeded, non-trivial weights: norm weights
+    around 1 with spread and random biases, so a missing or misapplied weight shows."""
+    import torch
+
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(config).to(torch.float32).eval()
@@ -128,7 +135,6 @@ def tiny_hf_model(
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim == 1 and "norm" in name:
-                # Norm weights around 1 with spread, so a missing or misapplied weight shows.
                 param.copy_(1.0 + 0.5 * torch.randn(param.shape, generator=gen))
             elif param.ndim == 1:
                 param.copy_(0.2 * torch.randn(param.shape, generator=gen))

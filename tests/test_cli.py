@@ -233,3 +233,15 @@ def test_help_has_examples():
     for cmd in ("trace", "stages", "inspect"):
         text = run(cmd, "--help").output
         assert "Examples:" in text and "aprtrace" in text
+
+
+def test_inspect_apr_no_verify_reads_a_damaged_file(tiny_gguf, tmp_path):
+    apr = tmp_path / "m.apr"
+    assert run("convert", str(tiny_gguf), str(apr)).exit_code == 0
+    data = bytearray(apr.read_bytes())
+    data[len(data) // 2] ^= 1  # a data byte: the footer CRC no longer matches
+    apr.write_bytes(bytes(data))
+    damaged = run("inspect", str(apr))
+    assert damaged.exit_code == 4 and "CRC" in damaged.output
+    info = json.loads(run("inspect", "--no-verify", "--json", str(apr)).output)
+    assert info["format"] == "apr" and info["apr"]["header"]["verified"] is False

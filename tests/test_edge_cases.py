@@ -55,8 +55,9 @@ LLAMA3_ROPE = {
 
 def hf_model(arch: str, seed: int = 3, **overrides):
     """A seeded float32 eager transformers model of ``arch`` with SIZES plus ``overrides``."""
-    import torch
     import transformers
+
+    from hfref import seeded_model
 
     kwargs = {**SIZES, **overrides}
     if arch == "llama":
@@ -68,19 +69,7 @@ def hf_model(arch: str, seed: int = 3, **overrides):
     else:
         config = transformers.Qwen3Config(rope_theta=1e6, use_sliding_window=False, **kwargs)
         cls = transformers.Qwen3ForCausalLM
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = cls(config).to(torch.float32).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 1 and "norm" in name:
-                param.copy_(1.0 + 0.5 * torch.randn(param.shape, generator=gen))
-            elif param.ndim == 1:
-                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
-    return model
+    return seeded_model(cls, config, seed)
 
 
 def containers(

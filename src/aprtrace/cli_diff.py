@@ -11,13 +11,11 @@ import click
 from rich.console import Console
 
 from aprtrace import report
-from aprtrace.aprt import read_aprt
 from aprtrace.console import stderr_progress, stdout_console
 from aprtrace.diff import (
     DEFAULT_TOLERANCE,
     Tolerance,
     check_tolerance_value,
-    compare_arrays,
     diff_dirs,
     diff_files,
     key_for,
@@ -126,12 +124,11 @@ def _console(wide: bool = False) -> Console:
 
 
 def _file_pair(ctx, a: Path, b: Path, limit: int, as_json: bool, base: Tolerance, rules) -> None:
-    result = diff_files(a, b, limit=limit)
+    result = diff_files(a, b, limit=limit, extended=True)
     # `layer-N/stage` patterns of --tol need the layer directory, as in directory mode.
     key = key_for(f"{b.parent.name}/{b.name}" if _LAYER_DIR.match(b.parent.name) else b.name)
     tol = tolerance_for(base, rules, key.stage, key.rel_stem)
-    extended = compare_arrays(read_aprt(a).values, read_aprt(b).values, limit=0, extended=True)
-    ok, reason = verdict(extended, tol)
+    ok, reason = verdict(result.extended, tol)
     if as_json:
         click.echo(report.file_pair_json_text(result))
     else:

@@ -503,18 +503,24 @@ class FilePairResult:
     path_b: Path
     layer: int
     stats: PairStats
+    # Directory-mode statistics of the same pair (for the verdict), when asked for.
+    extended: PairStats | None = None
 
 
-def diff_files(path_a: Path, path_b: Path, limit: int = 10) -> FilePairResult:
+def diff_files(
+    path_a: Path, path_b: Path, limit: int = 10, extended: bool = False
+) -> FilePairResult:
     """``apr diff --values A B``: apr's checks and statistics for one pair of APRT files.
 
     As apr: an APRT file that cannot be read is a validation failure (exit 5), and at least
-    one top difference is listed even with ``limit=0``.
+    one top difference is listed even with ``limit=0``. ``extended`` also computes the
+    directory-mode statistics (NaN/Inf counted apart) from the same reads, for a verdict.
     """
     fa, fb = _read_pair_file(Path(path_a)), _read_pair_file(Path(path_b))
     check_comparable(fa, fb)
     stats = compare_arrays(fa.values, fb.values, limit=max(limit, 1), extended=False)
-    return FilePairResult(Path(path_a), Path(path_b), fa.layer, stats)
+    more = compare_arrays(fa.values, fb.values, limit=0, extended=True) if extended else None
+    return FilePairResult(Path(path_a), Path(path_b), fa.layer, stats, more)
 
 
 # ---------------------------------------------------------------------------------------------
