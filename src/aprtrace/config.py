@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from aprtrace.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "olmo2")
 # Architecture strings that mean one of the supported families.
 ARCH_ALIASES = {
     "llama": "llama",
@@ -19,19 +19,28 @@ ARCH_ALIASES = {
     "qwen2.5": "qwen2",
     "qwen": "qwen2",
     "qwen3": "qwen3",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
 }
 
 
 def normalize_architecture(name: str | None, where: str = "model") -> str:
     key = name.strip().lower() if isinstance(name, str) else ""
-    for prefix in ("llamaforcausallm", "qwen2forcausallm", "qwen3forcausallm"):
+    for prefix in (
+        "llamaforcausallm",
+        "mistralforcausallm",
+        "qwen2forcausallm",
+        "qwen3forcausallm",
+        "phi3forcausallm",
+        "olmo2forcausallm",
+    ):
         if key == prefix:
             key = prefix.removesuffix("forcausallm")
     if key not in ARCH_ALIASES:
         raise ModelLoadError(
             f"{where}: unsupported architecture '{name}'",
             hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-            "(Llama 2/3, SmolLM2, TinyLlama, Mistral-style GQA, Qwen2/2.5, Qwen3)",
+            "(Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Phi-3, OLMo 2)",
         )
     return ARCH_ALIASES[key]
 
@@ -150,6 +159,19 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ModelLoadError(f"{where}: config {name} = {value!r} must be finite and > 0")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim < 2:
+            raise ModelLoadError(
+                f"{where}: partial rotary factor {self.partial_rotary_factor!r} must leave "
+                f"RoPE between 2 and head_dim {self.head_dim} channels"
+            )
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool)
+            or not isinstance(self.sliding_window, int)
+            or self.sliding_window <= 0
+        ):
+            raise ModelLoadError(
+                f"{where}: sliding window {self.sliding_window!r} must be a positive integer"
+            )
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             normalize_architecture(self.architecture, where)
         return self

@@ -147,6 +147,15 @@ def _row(
 
 
 _GEMMA = ("gemma2", "gemma3")
+# Post-norm-only blocks (OLMo 2): RMSNorm on the attention / FFN outputs, none on their
+# inputs, so attn_norm and ffn_norm do not exist and the projections read the residuals.
+_POST_NORM_ONLY = ("olmo2",)
+
+
+def _has_pre_norms(cfg: Any) -> bool:
+    return cfg.architecture not in _POST_NORM_ONLY
+
+
 _SEQ_H = ("seq", "hidden")
 _SEQ_I = ("seq", "intermediate")
 _MAP = ("heads", "seq", "keys")
@@ -164,14 +173,15 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.ATTN_NORM,
             (LAYER_INPUT,),
             _SEQ_H,
-            "input RMSNorm output (after the weight)",
+            "input RMSNorm output (after the weight; OLMo 2 has none)",
             weights="vector",
+            when=_has_pre_norms,
         ),
         _row(
             Stage.QKV_MATMUL,
-            ("attn_norm",),
+            (("attn_norm", LAYER_INPUT),),
             ("seq", "q_dim + 2*kv_dim"),
-            "fused [Q|K|V] projection, before bias",
+            "fused [Q|K|V] projection, before bias (Phi-3: its qkv_proj)",
             weights="matrix",
         ),
         _row(
@@ -223,9 +233,9 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.POST_ATTN_NORM,
             ("attn_out",),
             _SEQ_H,
-            "RMSNorm of the attention output, before the residual add (Gemma)",
+            "RMSNorm of the attention output, before the residual add (Gemma, OLMo 2)",
             weights="vector",
-            archs=_GEMMA,
+            archs=_GEMMA + _POST_NORM_ONLY,
         ),
         _row(
             Stage.POST_ATTN_RESIDUAL,
@@ -237,11 +247,25 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.FFN_NORM,
             ("post_attn_residual",),
             _SEQ_H,
-            "pre-FFN RMSNorm output (post_attention_layernorm; Gemma: pre_feedforward_layernorm)",
+            "pre-FFN RMSNorm output (post_attention_layernorm; Gemma: pre_feedforward_layernorm;"
+            " OLMo 2 has none)",
             weights="vector",
+            when=_has_pre_norms,
         ),
-        _row(Stage.FFN_GATE, ("ffn_norm",), _SEQ_I, "gate projection", weights="matrix"),
-        _row(Stage.FFN_UP, ("ffn_norm",), _SEQ_I, "up projection", weights="matrix"),
+        _row(
+            Stage.FFN_GATE,
+            (("ffn_norm", "post_attn_residual"),),
+            _SEQ_I,
+            "gate projection (Phi-3: first half of the fused gate_up_proj)",
+            weights="matrix",
+        ),
+        _row(
+            Stage.FFN_UP,
+            (("ffn_norm", "post_attn_residual"),),
+            _SEQ_I,
+            "up projection (Phi-3: second half of the fused gate_up_proj)",
+            weights="matrix",
+        ),
         _row(
             Stage.FFN_SILU,
             ("ffn_gate",),
@@ -254,9 +278,9 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.POST_FFN_NORM,
             ("ffn_out",),
             _SEQ_H,
-            "RMSNorm of the FFN output, before the residual add (Gemma)",
+            "RMSNorm of the FFN output, before the residual add (Gemma, OLMo 2)",
             weights="vector",
-            archs=_GEMMA,
+            archs=_GEMMA + _POST_NORM_ONLY,
         ),
         _row(
             Stage.POST_FFN_RESIDUAL,
@@ -345,7 +369,12 @@ def stage_inputs(
     """
     out: list[tuple[int | None, Stage] | None] = []
     for alternatives in GRAPH[stage].inputs:
-        if alternatives == (LAYER_INPUT,):
+        # The first alternative the model computes; a layer reference always counts.
+        chosen = next(
+            (a for a in alternatives if a in (LAYER_INPUT, LAST_LAYER_OUTPUT) or has(Stage(a))),
+            alternatives[-1],
+        )
+        if chosen == LAYER_INPUT:
             if layer is None:
                 out.append(None)
             elif layer == 0:
@@ -353,11 +382,10 @@ def stage_inputs(
             else:
                 out.append((layer - 1, Stage.POST_FFN_RESIDUAL))
             continue
-        if alternatives == (LAST_LAYER_OUTPUT,):
+        if chosen == LAST_LAYER_OUTPUT:
             out.append((num_layers - 1, Stage.POST_FFN_RESIDUAL) if num_layers else None)
             continue
-        chosen = [Stage(a) for a in alternatives if has(Stage(a))]
-        source = chosen[0] if chosen else Stage(alternatives[-1])
+        source = Stage(chosen)
         out.append((layer if source.per_layer else None, source))
     return out
 

@@ -2,8 +2,10 @@
 
 ``hf_forward(model, token_ids, emit, progress)`` has the contract of
 ``aprtrace.forward.forward``: it loads the *same* decoded weights (``Model.weight``, Hugging Face
-names and layout, llama Q/K un-permuted) into a transformers ``LlamaForCausalLM`` /
-``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` and captures the 20 stages of FORMATS.md section 2
+names and layout, llama Q/K un-permuted, Phi-3's projections fused again) into a transformers
+``LlamaForCausalLM`` / ``MistralForCausalLM`` (a llama with a sliding window) /
+``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Phi3ForCausalLM`` / ``Olmo2ForCausalLM`` and
+captures the 20 stages of FORMATS.md section 2
 with forward hooks plus a wrapped eager attention (q/k after RoPE, scores, softmax), in the
 APRT layouts. So any container aprtrace reads (GGUF, APR, safetensors) gets a reference dump
 that ``aprtrace diff --values`` can put next to the NumPy engine's.
@@ -30,6 +32,7 @@ import numpy as np
 from aprtrace.config import ROPE_FREQS, ModelConfig
 from aprtrace.errors import InferenceError, ValidationError
 from aprtrace.forward import Emit, Progress, check_token_ids
+from aprtrace.mapping import FUSED
 from aprtrace.model import Model
 from aprtrace.stages import Stage, stages_for
 
@@ -43,8 +46,11 @@ StageValues = dict[tuple[Stage, "int | None"], np.ndarray]
 
 _CAUSAL_LM_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),  # a llama with a sliding window
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
 }
 _ATTENTION_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
 _MLP_BIASES = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
@@ -111,6 +117,13 @@ def _has_any(model: Model, suffixes: Sequence[str]) -> bool:
     return any(name.endswith(suffixes) for name in model.tensors)
 
 
+def _hf_family(cfg: ModelConfig) -> str:
+    """The transformers model family computing ``cfg`` (Mistral: a windowed llama)."""
+    if cfg.architecture == "llama" and cfg.sliding_window is not None:
+        return "mistral"
+    return cfg.architecture
+
+
 def hf_config(model: Model):
     """The transformers config (Llama / Qwen2 / Qwen3) of ``model``'s ModelConfig, eager, f32.
 
@@ -119,14 +132,19 @@ def hf_config(model: Model):
     """
     _, transformers = import_ref()
     cfg: ModelConfig = model.config
-    config_name, _ = _CAUSAL_LM_CLASSES[cfg.architecture]
+    family = _hf_family(cfg)
+    config_name, _ = _CAUSAL_LM_CLASSES[family]
     extra: dict[str, Any] = {}
-    if cfg.architecture in ("llama", "qwen3"):
+    if family in ("llama", "qwen3", "olmo2"):
         extra["attention_bias"] = _has_any(model, _ATTENTION_BIASES)
-    if cfg.architecture == "llama":
+    if family == "llama":
         extra["mlp_bias"] = _has_any(model, _MLP_BIASES)
-    if cfg.architecture in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3"):
         extra["use_sliding_window"] = False
+    if family in ("mistral", "phi3"):
+        extra["sliding_window"] = cfg.sliding_window
+    if family == "phi3":
+        extra["partial_rotary_factor"] = cfg.partial_rotary_factor
     rope_scaling = None
     if cfg.rope_linear_factor != 1.0:
         rope_scaling = {"rope_type": "linear", "factor": float(cfg.rope_linear_factor)}
@@ -160,9 +178,23 @@ def _state_dict(model: Model, expected: dict[str, tuple[int, ...]], torch) -> di
     def source_of(name: str) -> str:
         return model.lm_head_name if name == "lm_head.weight" else name
 
+    def fused_parts(name: str) -> list[str] | None:
+        """The Llama-named parts of a fused parameter the file does not hold as such."""
+        for fused, parts in FUSED.items():
+            if f".{fused}." in name and not model.has(name):
+                return [name.replace(f".{fused}.", f".{part}.") for part in parts]
+        return None
+
     state = {}
     for name, shape in expected.items():
         source = source_of(name)
+        parts = fused_parts(name)
+        if parts is not None:
+            values = np.concatenate([model.weight(part) for part in parts])
+            if values.shape != shape:
+                raise InferenceError(f"{name}: fused {list(values.shape)}, expected {list(shape)}")
+            state[name] = torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
+            continue
         if source not in loaded:
             if not model.has(source) and name.endswith(".bias"):
                 values = np.zeros(shape, dtype=np.float32)
@@ -190,7 +222,7 @@ def _set_rope_frequencies(hf_model, config, model: Model, torch) -> None:
     those divisors, exactly as the NumPy engine and llama.cpp do."""
     base = hf_model.model
     rotary = type(base.rotary_emb)(config)
-    divisors = model.optional_weight(ROPE_FREQS, (model.config.head_dim // 2,))
+    divisors = model.optional_weight(ROPE_FREQS, (model.config.rotary_dim // 2,))
     if divisors is not None:
         inv_freq = rotary.inv_freq.double() / torch.from_numpy(divisors.astype(np.float64))
         rotary.inv_freq = inv_freq.float()
@@ -206,7 +238,7 @@ def build_hf_model(model: Model):
     """
     torch, transformers = import_ref()
     config = hf_config(model)
-    _, class_name = _CAUSAL_LM_CLASSES[model.config.architecture]
+    _, class_name = _CAUSAL_LM_CLASSES[_hf_family(model.config)]
     with torch.device("meta"):
         hf_model = getattr(transformers, class_name)(config)
     expected = {name: tuple(t.shape) for name, t in hf_model.state_dict().items()}
@@ -245,7 +277,7 @@ def _wrapped_eager_attention(hf_model, record: Callable) -> Iterator[None]:
         out, weights = original(
             attn_module, query, key, value, attention_mask, scaling, *args, **kwargs
         )
-        record(attn_module, query, key, weights, scaling)
+        record(attn_module, query, key, weights, scaling, attention_mask)
         return out, weights
 
     module.eager_attention_forward = wrapper
@@ -287,7 +319,8 @@ def capture_stages(
     n_layers = len(base.layers)
     n_heads = hf_model.config.num_attention_heads
     if has_qkv_bias is None:
-        has_qkv_bias = base.layers[0].self_attn.q_proj.bias is not None if n_layers else False
+        q_proj = getattr(base.layers[0].self_attn, "q_proj", None) if n_layers else None
+        has_qkv_bias = q_proj is not None and q_proj.bias is not None
     pending: dict[int, dict[Stage, np.ndarray]] = {i: {} for i in range(n_layers)}
     projected: dict[int, list] = {i: [] for i in range(n_layers)}
     handles = []
@@ -336,35 +369,62 @@ def capture_stages(
 
         handles.append(module.register_forward_hook(hook))
 
-    def record(attn_module, query, key, weights, scaling) -> None:
+    def record(attn_module, query, key, weights, scaling, attention_mask) -> None:
         layer = attn_module.layer_idx
         q, k = query[0], key[0]  # [heads, seq, d], [kv_heads, seq, d]
         seq = q.shape[1]
         put(Stage.Q_POST_ROPE, layer, q.transpose(0, 1).reshape(seq, -1))
         put(Stage.K_POST_ROPE, layer, k.transpose(0, 1).reshape(seq, -1))
         k_rep = k.repeat_interleave(n_heads // k.shape[0], dim=0)
-        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+        allowed = torch.ones(seq, k.shape[1], dtype=torch.bool).tril()
+        if attention_mask is not None:  # transformers' own mask: causal and any window
+            mask = attention_mask[0, 0, :, : k.shape[1]]
+            allowed = mask if mask.dtype == torch.bool else mask == 0
         scores = torch.matmul(q, k_rep.transpose(1, 2)) * scaling
-        put(Stage.ATTN_SCORES, layer, scores.masked_fill(~causal, 0.0))
-        put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~causal, 0.0))
+        put(Stage.ATTN_SCORES, layer, scores.masked_fill(~allowed, 0.0))
+        put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~allowed, 0.0))
 
     handles.append(
         base.embed_tokens.register_forward_hook(
             lambda _m, _i, o: emit(Stage.EMBEDDING, 0, _np(o[0]))
         )
     )
+
+    def on_gate_up(proj, layer: int) -> None:
+        def hook(_m, _i, output) -> None:  # Phi-3's fused [gate|up] rows, split in halves
+            gate, up = output[0].chunk(2, dim=-1)
+            put(Stage.FFN_GATE, layer, gate)
+            put(Stage.FFN_UP, layer, up)
+
+        handles.append(proj.register_forward_hook(hook))
+
     for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        on_output(layer.input_layernorm, Stage.ATTN_NORM, i)
-        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-            on_projection(proj, i)
+        # OLMo 2's post_attention_layernorm normalizes the attention output (no pre-norms).
+        post_norms_only = not hasattr(layer, "input_layernorm")
+        if not post_norms_only:
+            on_output(layer.input_layernorm, Stage.ATTN_NORM, i)
+        if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection, no bias
+            on_output(attn.qkv_proj, Stage.QKV_MATMUL, i)
+        else:
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                on_projection(proj, i)
         on_input(attn.o_proj, Stage.ATTENTION, i)
         on_output(attn.o_proj, Stage.ATTN_OUT, i)
-        on_input(layer.post_attention_layernorm, Stage.POST_ATTN_RESIDUAL, i)
-        on_output(layer.post_attention_layernorm, Stage.FFN_NORM, i)
-        on_output(mlp.gate_proj, Stage.FFN_GATE, i)
-        on_output(mlp.up_proj, Stage.FFN_UP, i)
-        on_output(mlp.act_fn, Stage.FFN_SILU, i)
+        if post_norms_only:
+            on_output(layer.post_attention_layernorm, Stage.POST_ATTN_NORM, i)
+            on_input(mlp, Stage.POST_ATTN_RESIDUAL, i)
+            on_output(layer.post_feedforward_layernorm, Stage.POST_FFN_NORM, i)
+        else:
+            on_input(layer.post_attention_layernorm, Stage.POST_ATTN_RESIDUAL, i)
+            on_output(layer.post_attention_layernorm, Stage.FFN_NORM, i)
+        if hasattr(mlp, "gate_up_proj"):
+            on_gate_up(mlp.gate_up_proj, i)
+            on_output(mlp.activation_fn, Stage.FFN_SILU, i)
+        else:
+            on_output(mlp.gate_proj, Stage.FFN_GATE, i)
+            on_output(mlp.up_proj, Stage.FFN_UP, i)
+            on_output(mlp.act_fn, Stage.FFN_SILU, i)
         on_input(mlp.down_proj, Stage.FFN_SWIGL, i)
         on_output(mlp.down_proj, Stage.FFN_OUT, i)
         on_layer_done(layer, i)

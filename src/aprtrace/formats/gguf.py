@@ -25,7 +25,7 @@ from gguf import quants as gguf_quants
 
 from aprtrace.config import ModelConfig, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
-from aprtrace.mapping import gguf_qk_permuted, gguf_to_hf
+from aprtrace.mapping import gguf_qk_permuted, gguf_to_hf, split_fused
 from aprtrace.model import LazyTensor, Model, layer_name
 
 GGUF_MAGIC = b"GGUF"
@@ -507,6 +507,9 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
             hint="aprtrace implements plain RoPE, linear scaling and Llama 3 frequency "
             "factors (rope_freqs.weight)",
         )
+    _refuse_unsupported_gguf(gf, p, where)
+    rope_dims = _int_key(meta, p + "rope.dimension_count", where, default=head_dim)
+    window = _int_key(meta, p + "attention.sliding_window", where, default=0)
     config = ModelConfig(
         architecture=arch,
         hidden_size=hidden,
@@ -525,15 +528,44 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
         qk_norm="blk.0.attn_q_norm.weight" in gf.tensors,
         bos_token_id=_optional_id(meta.get(Keys.Tokenizer.BOS_ID)),
         eos_token_id=_optional_id(meta.get(Keys.Tokenizer.EOS_ID)),
+        # llama.cpp writes 0 for "no window" (Phi-4 under the phi3 architecture).
+        sliding_window=window if window > 0 else None,
+        partial_rotary_factor=rope_dims / head_dim if head_dim > 0 else 1.0,
     )
     config.validate(where)
-    if config.num_layers * 9 > len(gf.tensors):  # also bounds the per-layer checks below
+    if config.num_layers * 6 > len(gf.tensors):  # also bounds the per-layer checks below
         raise ModelLoadError(
             f"{where}: {p}block_count = {config.num_layers} but the file holds only "
-            f"{len(gf.tensors)} tensors (each layer needs at least 9)",
+            f"{len(gf.tensors)} tensors (each layer needs at least 6)",
             hint="the file is incomplete or its metadata is wrong",
         )
     return config
+
+
+# GGUF contents that change the math in ways aprtrace does not implement: refused by name.
+_UNSUPPORTED_TENSORS = {
+    "rope_factors_long.weight": "LongRoPE (Phi-3 128k 'longrope'/'su' RoPE scaling)",
+    "rope_factors_short.weight": "LongRoPE (Phi-3 128k 'longrope'/'su' RoPE scaling)",
+}
+_UNSUPPORTED_KEYS = {
+    "attention.sliding_window_pattern": "per-layer sliding-window patterns (OLMo 3 style)",
+}
+
+
+def _refuse_unsupported_gguf(gf: GGUFFile, p: str, where: str) -> None:
+    for name, feature in _UNSUPPORTED_TENSORS.items():
+        if name in gf.tensors:
+            raise ModelLoadError(
+                f"{where}: {feature} is not supported (tensor '{name}')",
+                hint="aprtrace would compute wrong RoPE angles for this model; it refuses it",
+            )
+    for key, feature in _UNSUPPORTED_KEYS.items():
+        value = gf.metadata.get(p + key)
+        if value is not None and not (isinstance(value, int) and value == 0):
+            raise ModelLoadError(
+                f"{where}: {feature} is not supported ({p}{key})",
+                hint="see the README's list of supported architectures and features",
+            )
 
 
 def _optional_id(value: Any) -> int | None:
@@ -570,7 +602,7 @@ def check_tensors(tensors: dict[str, LazyTensor], config: ModelConfig, where: st
         first = next(
             i
             for i in range(config.num_layers)
-            if layer_name(i, "input_layernorm.weight") not in tensors
+            if layer_name(i, "self_attn.o_proj.weight") not in tensors
         )
         raise ModelLoadError(
             f"{where}: the config says {config.num_layers} layers, but the tensors of layer "
@@ -609,6 +641,7 @@ def model_from_gguf(gf: GGUFFile, with_tokenizer: bool = True) -> Model:
     path = gf.path
     config = gguf_config(gf)
     tensors = gguf_lazy_tensors(gf, config.architecture)
+    split_fused(tensors, config, str(path))
     check_tensors(tensors, config, str(path))
     tokenizer = None
     if with_tokenizer:

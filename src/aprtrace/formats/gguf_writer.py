@@ -1,9 +1,11 @@
-"""Write a Llama / Qwen2 / Qwen3 model as a GGUF file, the way llama.cpp's converter does.
+"""Write a Llama / Qwen2 / Qwen3 / Phi-3 / OLMo 2 model as a GGUF file, the way llama.cpp's
+converter does.
 
 Used by the test fixtures and by ``aprtrace demo``. Input tensors use Hugging Face names and
 layout (float32 ``[out, in]``); they are renamed to GGUF names, llama Q/K rows are permuted for
-llama.cpp's adjacent-pair RoPE, 2-D weights are encoded with ``gguf.quants.quantize`` and 1-D
-norms and biases stay F32. The file is written atomically and its bytes are deterministic.
+llama.cpp's adjacent-pair RoPE, Phi-3's projections are fused (``attn_qkv``, ``ffn_up`` holding
+gate then up), 2-D weights are encoded with ``gguf.quants.quantize`` and 1-D norms and biases
+stay F32. The file is written atomically and its bytes are deterministic.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from aprtrace.atomic import atomic_path
-from aprtrace.config import ModelConfig
+from aprtrace.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from aprtrace.errors import ModelLoadError, ValidationError
-from aprtrace.mapping import gguf_qk_permuted, hf_to_gguf
+from aprtrace.mapping import fuse, gguf_qk_permuted, hf_to_gguf
 from aprtrace.model import permute_llama_qk
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -98,9 +100,10 @@ def write_gguf(
         )
     config.validate("write_gguf")
     arch = config.architecture
-    if arch not in ("llama", "qwen2", "qwen3"):
+    if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(f"write_gguf: unsupported architecture '{arch}'")
 
+    tensors = fuse(tensors, arch)
     names = sorted(tensors, key=_sort_key)
     if config.tie_word_embeddings:
         names = [n for n in names if n != "lm_head.weight"]
@@ -138,6 +141,7 @@ def write_gguf(
 def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None:
     """Reject a tensor whose shape does not fit ``config`` (it would make an unreadable file)."""
     h, q, kv, inter = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
+    olmo2 = config.architecture == "olmo2"  # Q/K norms over the whole projection
     expected = {
         "model.embed_tokens.weight": (config.vocab_size, h),
         "lm_head.weight": (config.vocab_size, h),
@@ -160,8 +164,11 @@ def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None
             "self_attn.v_proj.bias": (kv,),
             "self_attn.o_proj.weight": (h, q),
             "self_attn.o_proj.bias": (h,),
-            "self_attn.q_norm.weight": (config.head_dim,),
-            "self_attn.k_norm.weight": (config.head_dim,),
+            "self_attn.q_norm.weight": (q,) if olmo2 else (config.head_dim,),
+            "self_attn.k_norm.weight": (kv,) if olmo2 else (config.head_dim,),
+            "self_attn.qkv_proj.weight": (q + 2 * kv, h),
+            "post_feedforward_layernorm.weight": (h,),
+            "mlp.gate_up_proj.weight": (2 * inter, h),
             "mlp.gate_proj.weight": (inter, h),
             "mlp.up_proj.weight": (inter, h),
             "mlp.down_proj.weight": (h, inter),
@@ -190,7 +197,11 @@ def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
     writer.add_head_count_kv(config.num_kv_heads)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_dimension_count(config.rotary_dim)
+    if config.sliding_window is not None:
+        writer.add_sliding_window(config.sliding_window)
+    elif config.architecture == "phi3":  # as llama.cpp's converter: 0 means no window
+        writer.add_sliding_window(0)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_freq_base(float(config.rope_theta))
     if config.rope_linear_factor != 1.0:

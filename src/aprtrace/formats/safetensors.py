@@ -18,6 +18,7 @@ import numpy as np
 from aprtrace.config import ROPE_FREQS, ModelConfig, llama3_rope_factors, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.formats.gguf import check_tensors
+from aprtrace.mapping import split_fused
 from aprtrace.model import LazyTensor, Model
 
 MAX_HEADER_SIZE = 100 * 1024 * 1024
@@ -171,15 +172,18 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
     ):
         raise ModelLoadError(f"{where}: config.json rope_theta = {rope_theta!r} must be a number")
     scaling = raw.get("rope_scaling") or {}
+    # transformers v4 configs (Phi-3 128k among them) may spell the kind "type".
     rope_kind = rope.get("rope_type") or (
-        scaling.get("rope_type") if isinstance(scaling, dict) else None
+        (scaling.get("rope_type") or scaling.get("type")) if isinstance(scaling, dict) else None
     )
     rope_args = rope if rope.get("rope_type") else (scaling if isinstance(scaling, dict) else {})
     if rope_kind not in (None, "default", "linear", "llama3"):
+        feature = _ROPE_FEATURES.get(rope_kind, f"RoPE scaling '{rope_kind}'")
         raise ModelLoadError(
-            f"{where}: RoPE scaling '{rope_kind}' is not supported",
+            f"{where}: {feature} is not supported (config.json rope_type '{rope_kind}')",
             hint="aprtrace implements plain RoPE, 'linear' and 'llama3' scaling",
         )
+    _refuse_unsupported_config(raw, architecture, where)
     linear_factor = _scaling_number(rope_args, "factor", where) if rope_kind == "linear" else 1.0
     tied = "lm_head.weight" not in tensors or bool(raw.get("tie_word_embeddings", False))
     return ModelConfig(
@@ -200,7 +204,59 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
         bos_token_id=_token_id(raw.get("bos_token_id")),
         eos_token_id=_token_id(raw.get("eos_token_id")),
+        sliding_window=_sliding_window(raw, architecture, where),
+        partial_rotary_factor=_partial_rotary(raw, rope, where),
     ).validate(where)
+
+
+_ROPE_FEATURES = {
+    "longrope": "LongRoPE scaling (Phi-3 128k)",
+    "su": "LongRoPE scaling (Phi-3 128k, 'su')",
+    "yarn": "YaRN RoPE scaling",
+    "dynamic": "dynamic NTK RoPE scaling",
+}
+
+
+def _refuse_unsupported_config(raw: dict, architecture: str, where: str) -> None:
+    """Config switches that change the math in ways aprtrace does not implement."""
+    refusals = [
+        (
+            architecture in ("qwen2", "qwen3") and bool(raw.get("use_sliding_window")),
+            "Qwen sliding-window layers (use_sliding_window, max_window_layers)",
+        ),
+        (bool(raw.get("kv_lora_rank")), "multi-head latent attention (MLA, kv_lora_rank)"),
+        (
+            raw.get("layer_types") is not None and architecture == "olmo2",
+            "per-layer attention types",
+        ),
+    ]
+    for refused, feature in refusals:
+        if refused:
+            raise ModelLoadError(
+                f"{where}: {feature} is not supported",
+                hint="see the README's list of supported architectures and features",
+            )
+
+
+def _sliding_window(raw: dict, architecture: str, where: str) -> int | None:
+    """Mistral's and Phi-3's attention window (a query sees the last N positions)."""
+    if architecture in ("qwen2", "qwen3"):  # only with use_sliding_window, which is refused
+        return None
+    value = raw.get("sliding_window")
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelLoadError(f"{where}: config.json sliding_window = {value!r} is invalid")
+    return value
+
+
+def _partial_rotary(raw: dict, rope: dict, where: str) -> float:
+    value = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelLoadError(f"{where}: config.json partial_rotary_factor = {value!r} is invalid")
+    return float(value)
 
 
 def _token_id(value: Any) -> int | None:
@@ -261,6 +317,7 @@ def load_safetensors(path: Path) -> Model:
     _add_llama3_rope_factors(raw_config, config, tensors, str(path))
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    split_fused(tensors, config, str(path))
     check_tensors(tensors, config, str(path))
     tokenizer = None
     if (directory / "tokenizer.json").exists():
