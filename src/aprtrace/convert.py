@@ -205,6 +205,12 @@ def convert_model(src: Path, dst: Path, dtype: str = "keep") -> dict:
     for key, value in (
         ("tokenizer.bos_token_id", cfg.bos_token_id),
         ("tokenizer.eos_token_id", cfg.eos_token_id),
+        # Not aprender standard fields; read back by aprtrace's APR loader.
+        ("sliding_window", cfg.sliding_window),
+        (
+            "partial_rotary_factor",
+            cfg.partial_rotary_factor if cfg.rotary_dim < cfg.head_dim else None,
+        ),
     ):
         if value is not None:
             metadata[key] = value

@@ -171,18 +171,25 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float))
     ):
         raise ModelLoadError(f"{where}: config.json rope_theta = {rope_theta!r} must be a number")
-    scaling = raw.get("rope_scaling") or {}
-    # transformers v4 configs (Phi-3 128k among them) may spell the kind "type".
-    rope_kind = rope.get("rope_type") or (
-        (scaling.get("rope_type") or scaling.get("type")) if isinstance(scaling, dict) else None
-    )
-    rope_args = rope if rope.get("rope_type") else (scaling if isinstance(scaling, dict) else {})
-    if rope_kind not in (None, "default", "linear", "llama3"):
-        feature = _ROPE_FEATURES.get(rope_kind, f"RoPE scaling '{rope_kind}'")
-        raise ModelLoadError(
-            f"{where}: {feature} is not supported (config.json rope_type '{rope_kind}')",
-            hint="aprtrace implements plain RoPE, 'linear' and 'llama3' scaling",
+    scaling = raw.get("rope_scaling") if isinstance(raw.get("rope_scaling"), dict) else {}
+    # v5 keeps the kind in rope_parameters, v4 in rope_scaling (Phi-3 128k spells it "type");
+    # a scaling kind in either is honoured or refused, never dropped.
+    kinds = [
+        (kind, args)
+        for kind, args in (
+            (rope.get("rope_type"), rope),
+            (scaling.get("rope_type") or scaling.get("type"), scaling),
         )
+        if kind not in (None, "default")
+    ]
+    for kind, _ in kinds:
+        if kind not in ("linear", "llama3"):
+            feature = _ROPE_FEATURES.get(kind, f"RoPE scaling '{kind}'")
+            raise ModelLoadError(
+                f"{where}: {feature} is not supported (config.json rope_type '{kind}')",
+                hint="aprtrace implements plain RoPE, 'linear' and 'llama3' scaling",
+            )
+    rope_kind, rope_args = kinds[0] if kinds else (None, {})
     _refuse_unsupported_config(raw, architecture, where)
     linear_factor = _scaling_number(rope_args, "factor", where) if rope_kind == "linear" else 1.0
     tied = "lm_head.weight" not in tensors or bool(raw.get("tie_word_embeddings", False))
@@ -279,7 +286,7 @@ def _add_llama3_rope_factors(
     stores as ``rope_freqs.weight``, so safetensors and GGUF feed the forward pass alike."""
     rope = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
     scaling = raw.get("rope_scaling") if isinstance(raw.get("rope_scaling"), dict) else {}
-    args = rope if rope.get("rope_type") else scaling
+    args = rope if rope.get("rope_type") == "llama3" else scaling
     if args.get("rope_type") != "llama3":
         return
     factors = llama3_rope_factors(

@@ -1,0 +1,402 @@
+"""Phi-3, OLMo 2 and Mistral's sliding window, stage by stage against transformers.
+
+Tiny seeded ``Phi3ForCausalLM`` (fused qkv_proj / gate_up_proj, partial rotary 0.5, a
+sliding window shorter than the prompt), ``Olmo2ForCausalLM`` (post-norms only, Q/K norms over
+the whole projection) and ``MistralForCausalLM`` (window shorter than the prompt) are saved as
+safetensors, written as GGUF with llama.cpp's conventions (F32 and Q8_0) and converted to APR.
+transformers then runs on exactly the weights each file holds (a GGUF is decoded by gguf-py and
+mapped to transformers' names by the tables below, written from llama.cpp's tensor lists, not
+by aprtrace) and every stage of every layer must agree within 1e-4 of the stage's largest
+magnitude, the bound of test_reference_tiny.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import hfref
+from aprtrace.convert import convert_model
+from aprtrace.errors import ModelLoadError
+from aprtrace.formats import load_model
+from aprtrace.formats.gguf import read_gguf
+from aprtrace.formats.gguf_writer import tokenizer_dict_from_hf, write_gguf
+from aprtrace.forward import forward
+from aprtrace.stages import Stage, computes, stage_inputs
+
+pytestmark = pytest.mark.reference
+
+ARCHS = ("phi3", "olmo2", "mistral")
+CONTAINERS = ("safetensors", "gguf-F32", "gguf-Q8_0", "apr-Q8_0")
+PROMPT = "What is 2+2? The quick brown fox, 1234 times.\n"
+RELATIVE_BOUND = 1e-4
+WINDOW = {"phi3": 8, "mistral": 6}
+
+# llama.cpp's GGUF tensor names (llama-arch.cpp) -> transformers' parameter names, per arch.
+_GGUF_TO_TRANSFORMERS = {
+    "phi3": {
+        "attn_norm": "input_layernorm",
+        "attn_qkv": "self_attn.qkv_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_up": "mlp.gate_up_proj",
+        "ffn_down": "mlp.down_proj",
+    },
+    "olmo2": {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+        "attn_output": "self_attn.o_proj",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    },
+    "llama": {
+        "attn_norm": "input_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    },
+}
+_GLOBALS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def tiny_model(arch: str, seed: int = 7):
+    """A tiny seeded transformers model of ``arch`` (GQA 4/2 heads, untied head)."""
+    import transformers
+
+    common = dict(
+        vocab_size=hfref.tiny_tokenizer().get_vocab_size(),
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        **hfref.TINY_SIZES,
+    )
+    if arch == "phi3":
+        config = transformers.Phi3Config(
+            rope_theta=10000.0, partial_rotary_factor=0.5, sliding_window=WINDOW[arch], **common
+        )
+        cls = transformers.Phi3ForCausalLM
+    elif arch == "olmo2":
+        config = transformers.Olmo2Config(rope_theta=500000.0, **common)
+        cls = transformers.Olmo2ForCausalLM
+    elif arch == "mistral":
+        config = transformers.MistralConfig(
+            rope_theta=10000.0, sliding_window=WINDOW[arch], **common
+        )
+        cls = transformers.MistralForCausalLM
+    else:
+        raise ValueError(arch)
+    return hfref.seeded_model(cls, config, seed)
+
+
+def gguf_weights(path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF decoded by gguf-py under transformers' names (llama Q/K rows
+    un-permuted by hfref's independent inverse)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields["general.architecture"]
+    arch = bytes(field.parts[field.data[0]]).decode()
+
+    def scalar(key: str) -> int:
+        f = reader.fields[f"{arch}.{key}"]
+        return int(f.parts[f.data[0]][0])
+
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        values = np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type))
+        values = values.astype(np.float32).reshape(shape)
+        if t.name in _GLOBALS:
+            name = _GLOBALS[t.name]
+        else:
+            _, layer, part, kind = t.name.split(".")
+            name = f"model.layers.{layer}.{_GGUF_TO_TRANSFORMERS[arch][part]}.{kind}"
+        if arch == "llama" and ".q_proj." in name:
+            values = hfref._unpermute_rows(values, scalar("attention.head_count"))
+        elif arch == "llama" and ".k_proj." in name:
+            values = hfref._unpermute_rows(values, scalar("attention.head_count_kv"))
+        out[name] = values
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return hfref.tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def token_ids(tokenizer):
+    ids = tokenizer.encode(PROMPT).ids
+    assert len(ids) > 2 * max(WINDOW.values()), "the prompt must be longer than the windows"
+    return ids
+
+
+@pytest.fixture(scope="module")
+def files(tokenizer, tmp_path_factory):
+    """``{(arch, container): (model path, weights transformers must run on)}``."""
+    root = tmp_path_factory.mktemp("phi3_olmo2")
+    out = {}
+    for arch in ARCHS:
+        hf_model = tiny_model(arch)
+        hf_dir = root / f"{arch}-hf"
+        hf_model.save_pretrained(hf_dir, safe_serialization=True)
+        tokenizer.save(str(hf_dir / "tokenizer.json"))
+        state = {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
+        out[(arch, "safetensors")] = (hf_dir, state)
+        st = load_model(hf_dir)
+        tensors = {name: t.load() for name, t in st.tensors.items()}
+        meta = tokenizer_dict_from_hf(tokenizer)
+        for qtype in ("F32", "Q8_0"):
+            path = write_gguf(root / f"{arch}-{qtype}.gguf", st.config, tensors, meta, qtype)
+            out[(arch, f"gguf-{qtype}")] = (path, gguf_weights(path))
+        gguf_q8, weights_q8 = out[(arch, "gguf-Q8_0")]
+        apr = root / f"{arch}-q8.apr"
+        convert_model(gguf_q8, apr, dtype="keep")
+        out[(arch, "apr-Q8_0")] = (apr, weights_q8)
+    return out
+
+
+def transformers_stages(arch: str, weights: dict, ids) -> dict:
+    hf_model = tiny_model(arch)
+    hfref.load_weights_into(hf_model, weights)
+    return hfref.hf_stage_activations(hf_model, ids)
+
+
+def aprtrace_stages(path, ids, engine=forward) -> dict:
+    model = load_model(path)
+    captured: dict = {}
+
+    def emit(stage, layer, values):
+        key = (stage.value, layer)
+        assert key not in captured, f"{key} emitted twice"
+        captured[key] = np.array(values, dtype=np.float32, copy=True)
+
+    engine(model, list(ids), emit)
+    return captured
+
+
+def over_bound(ours: dict, ref: dict) -> list[str]:
+    bad = []
+    for key, expected in ref.items():
+        got = ours[key]
+        assert got.shape == expected.shape, f"{key}: {got.shape} vs {expected.shape}"
+        scale = float(np.max(np.abs(expected)))
+        err = float(np.max(np.abs(got.astype(np.float64) - expected)))
+        if not err <= RELATIVE_BOUND * scale:
+            bad.append(f"{key}: {err:.3g} / {scale:.3g}")
+    return bad
+
+
+@pytest.mark.parametrize("container", CONTAINERS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_stage_matches_transformers(arch, container, files, token_ids):
+    path, weights = files[(arch, container)]
+    ref = transformers_stages(arch, weights, token_ids)
+    ours = aprtrace_stages(path, token_ids)
+    assert set(ours) == set(ref), (set(ours) ^ set(ref), container)
+    bad = over_bound(ours, ref)
+    assert not bad, f"{arch} {container}: " + "; ".join(bad[:6])
+
+
+def test_quantized_files_hold_other_weights_than_the_original(files):
+    """Guard: the Q8_0 references really run on the quantized weights (else a loader that
+    ignored the file would pass)."""
+    _, original = files[("phi3", "safetensors")]
+    _, quantized = files[("phi3", "gguf-Q8_0")]
+    name = "model.layers.0.self_attn.qkv_proj.weight"
+    rel = np.max(np.abs(quantized[name] - original[name])) / np.max(np.abs(original[name]))
+    assert 1e-4 < rel < 1e-2
+
+
+def test_stage_sets_follow_the_block_structure(files, token_ids):
+    """OLMo 2 has post-norms and no pre-norms; Phi-3 and Mistral have Llama's stages."""
+    olmo = aprtrace_stages(files[("olmo2", "gguf-F32")][0], token_ids)
+    names = {stage for stage, _ in olmo}
+    assert {"post_attn_norm", "post_ffn_norm"} <= names
+    assert not names & {"attn_norm", "ffn_norm", "qkv_bias"}
+    phi = aprtrace_stages(files[("phi3", "gguf-F32")][0], token_ids)
+    assert {stage for stage, _ in phi} == {
+        s.value
+        for s in Stage
+        if s not in (Stage.QKV_BIAS, Stage.POST_ATTN_NORM, Stage.POST_FFN_NORM)
+    }
+
+
+def test_olmo2_attribution_reads_the_residual_stream():
+    """Where attn_norm / ffn_norm are absent, the projections consume the residuals."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(architecture="olmo2", qkv_bias=False)
+
+    def has(stage):
+        return computes(stage, cfg)
+
+    assert stage_inputs(Stage.QKV_MATMUL, 0, has, 3) == [(0, Stage.EMBEDDING)]
+    assert stage_inputs(Stage.QKV_MATMUL, 2, has, 3) == [(1, Stage.POST_FFN_RESIDUAL)]
+    assert stage_inputs(Stage.FFN_GATE, 1, has, 3) == [(1, Stage.POST_ATTN_RESIDUAL)]
+    assert stage_inputs(Stage.POST_ATTN_RESIDUAL, 1, has, 3)[1] == (1, Stage.POST_ATTN_NORM)
+    llama = SimpleNamespace(architecture="llama", qkv_bias=False)
+    assert stage_inputs(Stage.QKV_MATMUL, 1, lambda s: computes(s, llama), 3) == [
+        (1, Stage.ATTN_NORM)
+    ]
+
+
+def test_gguf_follows_llama_cpp_conventions(files):
+    """Fused Phi-3 tensors, OLMo 2's post-norm names, the keys llama.cpp's loader reads."""
+    phi = read_gguf(files[("phi3", "gguf-F32")][0])
+    assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= set(phi.tensors)
+    assert not {"blk.0.attn_q.weight", "blk.0.ffn_gate.weight"} & set(phi.tensors)
+    h, inter = 64, 128
+    assert phi.tensors["blk.0.ffn_up.weight"].shape == (2 * inter, h)  # gate rows, then up
+    assert phi.metadata["phi3.rope.dimension_count"] == 8  # 0.5 of head_dim 16
+    assert phi.metadata["phi3.attention.sliding_window"] == WINDOW["phi3"]
+    olmo = read_gguf(files[("olmo2", "gguf-F32")][0])
+    assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= set(olmo.tensors)
+    assert "blk.0.attn_norm.weight" not in olmo.tensors
+    assert olmo.tensors["blk.0.attn_q_norm.weight"].shape == (64,)  # whole projection
+    mistral = read_gguf(files[("mistral", "gguf-F32")][0])
+    assert mistral.architecture == "llama"
+    assert mistral.metadata["llama.attention.sliding_window"] == WINDOW["mistral"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_config_is_the_same_from_every_container(arch, files):
+    configs = {c: load_model(files[(arch, c)][0]).config for c in CONTAINERS}
+    first = configs["safetensors"]
+    assert first.sliding_window == WINDOW.get(arch)
+    assert first.rotary_dim == (8 if arch == "phi3" else 16)
+    for container, cfg in configs.items():
+        # GGUF stores eps as f32: compare it approximately, everything else exactly.
+        assert cfg.rms_norm_eps == pytest.approx(first.rms_norm_eps, rel=1e-6)
+        assert dataclasses.replace(cfg, rms_norm_eps=first.rms_norm_eps) == first, container
+
+
+def test_sliding_window_masks_attention_maps(files, token_ids):
+    """Entries outside the window are exactly 0 in scores and probabilities."""
+    ours = aprtrace_stages(files[("mistral", "safetensors")][0], token_ids)
+    seq = len(token_ids)
+    q, k = np.indices((seq, seq))
+    outside = (k > q) | (q - k >= WINDOW["mistral"])
+    for stage in ("attn_scores", "attn_softmax"):
+        values = ours[(stage, 1)]
+        assert not values[:, outside].any()
+        assert np.all(values[:, ~outside] != 0)
+    np.testing.assert_allclose(ours[("attn_softmax", 1)].sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transformers_engine_agrees(arch, files, token_ids):
+    from aprtrace.engines.transformers import hf_forward
+
+    path, _ = files[(arch, "gguf-Q8_0")]
+    ours = aprtrace_stages(path, token_ids)
+    theirs = aprtrace_stages(path, token_ids, engine=hf_forward)
+    assert list(theirs) == list(ours)  # same stages, same order
+    bad = over_bound(theirs, ours)
+    assert not bad, "; ".join(bad[:6])
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+
+def _edited_copy(files, arch, tmp_path, edit):
+    import shutil
+
+    src, _ = files[(arch, "safetensors")]
+    dst = tmp_path / f"{arch}-edited"
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    edit(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+LONGROPE = {
+    "long_factor": [1.0] * 4,
+    "short_factor": [1.0] * 4,
+    "original_max_position_embeddings": 64,
+}
+
+
+@pytest.mark.parametrize(
+    "edit, feature",
+    [
+        (lambda c: c.update(rope_scaling={"type": "longrope", **LONGROPE}), "LongRoPE"),
+        (lambda c: c.update(rope_scaling={"type": "su", **LONGROPE}), "LongRoPE"),
+        (
+            lambda c: c["rope_parameters"].update(rope_type="longrope", **LONGROPE),
+            "LongRoPE",
+        ),
+        (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "YaRN"),
+        (lambda c: c.update(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "dynamic"),
+        (lambda c: c.update(kv_lora_rank=16), "MLA"),
+    ],
+)
+def test_unsupported_phi3_features_are_refused_by_name(edit, feature, files, tmp_path):
+    path = _edited_copy(files, "phi3", tmp_path, edit)
+    with pytest.raises(ModelLoadError, match=feature):
+        load_model(path)
+
+
+def test_longrope_gguf_and_olmo3_window_pattern_are_refused(files, tmp_path):
+    import gguf
+
+    from aprtrace.formats.gguf import gguf_config
+
+    phi = read_gguf(files[("phi3", "gguf-F32")][0])
+    phi.tensors["rope_factors_long.weight"] = phi.tensors["output_norm.weight"]
+    with pytest.raises(ModelLoadError, match="LongRoPE"):
+        gguf_config(phi)
+    olmo = read_gguf(files[("olmo2", "gguf-F32")][0])
+    olmo.metadata["olmo2.attention.sliding_window_pattern"] = np.array([True, True, False])
+    with pytest.raises(ModelLoadError, match="sliding-window pattern"):
+        gguf_config(olmo)
+    olmo.metadata.pop("olmo2.attention.sliding_window_pattern")
+    olmo.metadata["olmo2.rope.scaling.type"] = gguf.RopeScalingType.YARN.value
+    with pytest.raises(ModelLoadError, match="yarn"):
+        gguf_config(olmo)
+
+
+def test_refusal_is_an_exit_code_not_a_traceback(files, tmp_path):
+    from click.testing import CliRunner
+
+    from aprtrace.cli import main
+
+    path = _edited_copy(
+        files, "phi3", tmp_path, lambda c: c.update(rope_scaling={"type": "longrope", **LONGROPE})
+    )
+    result = CliRunner().invoke(main, ["trace", str(path), "--tokens", "1,2,3"])
+    assert result.exit_code == 6, result.output
+    assert "LongRoPE" in result.output and "Traceback" not in result.output
+
+
+def test_fused_split_checks_the_rows_against_the_config(files, tmp_path):
+    path = _edited_copy(files, "phi3", tmp_path, lambda c: c.update(intermediate_size=96))
+    with pytest.raises(ModelLoadError, match="gate_up_proj"):
+        load_model(path)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
