@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from aprtrace.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "olmo2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "olmo2", "granite")
 # Architecture strings that mean one of the supported families.
 ARCH_ALIASES = {
     "llama": "llama",
@@ -21,6 +21,7 @@ ARCH_ALIASES = {
     "qwen3": "qwen3",
     "phi3": "phi3",
     "olmo2": "olmo2",
+    "granite": "granite",
 }
 
 
@@ -33,6 +34,7 @@ def normalize_architecture(name: str | None, where: str = "model") -> str:
         "qwen3forcausallm",
         "phi3forcausallm",
         "olmo2forcausallm",
+        "graniteforcausallm",
     ):
         if key == prefix:
             key = prefix.removesuffix("forcausallm")
@@ -40,7 +42,7 @@ def normalize_architecture(name: str | None, where: str = "model") -> str:
         raise ModelLoadError(
             f"{where}: unsupported architecture '{name}'",
             hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-            "(Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Phi-3, OLMo 2)",
+            "(Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Phi-3, OLMo 2, Granite 3)",
         )
     return ARCH_ALIASES[key]
 
@@ -109,6 +111,15 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0
     # Query scale is query_pre_attn_scalar ** -0.5 when set (Gemma), else head_dim ** -0.5.
     query_pre_attn_scalar: float | None = None
+    # Phi-3 / OLMo 2 / Granite
+    # (Phi-3 and OLMo 2 need no field of their own: partial rotary, sliding window and
+    # architecture cover them.) Granite's multipliers: embeddings times embedding_multiplier,
+    # each sub-block's output times residual_multiplier before its residual add, logits
+    # divided by logits_scaling; attention_multiplier, when set, is the query scale itself.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
 
     @property
     def q_dim(self) -> int:
@@ -125,6 +136,8 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
+        if self.attention_multiplier is not None:  # Granite
+            return float(self.attention_multiplier)
         base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
         return 1.0 / math.sqrt(base)
 
@@ -155,7 +168,7 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ModelLoadError(f"{where}: head_dim {self.head_dim} must be even for RoPE")
-        for name in ("rope_theta", "rms_norm_eps", "rope_linear_factor"):
+        for name in ("rope_theta", "rms_norm_eps", "rope_linear_factor", "logits_scaling"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ModelLoadError(f"{where}: config {name} = {value!r} must be finite and > 0")

@@ -211,6 +211,13 @@ def convert_model(src: Path, dst: Path, dtype: str = "keep") -> dict:
             "partial_rotary_factor",
             cfg.partial_rotary_factor if cfg.rotary_dim < cfg.head_dim else None,
         ),
+        (
+            "embedding_multiplier",
+            cfg.embedding_multiplier if cfg.embedding_multiplier != 1 else None,
+        ),
+        ("residual_multiplier", cfg.residual_multiplier if cfg.residual_multiplier != 1 else None),
+        ("attention_multiplier", cfg.attention_multiplier),
+        ("logits_scaling", cfg.logits_scaling if cfg.logits_scaling != 1 else None),
     ):
         if value is not None:
             metadata[key] = value

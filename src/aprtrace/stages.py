@@ -166,7 +166,8 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.EMBEDDING,
             (),
             _SEQ_H,
-            "token embedding rows (written as layer 0 only; Gemma: times sqrt(hidden))",
+            "token embedding rows (written as layer 0 only; Gemma: times sqrt(hidden);"
+            " Granite: times embedding_multiplier)",
             weights="matrix",
         ),
         _row(
@@ -241,7 +242,7 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.POST_ATTN_RESIDUAL,
             (LAYER_INPUT, ("post_attn_norm", "attn_out")),
             _SEQ_H,
-            "hidden after the attention residual add",
+            "hidden after the attention residual add (Granite: attn_out times residual_multiplier)",
         ),
         _row(
             Stage.FFN_NORM,
@@ -300,7 +301,7 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.LM_HEAD,
             ("final_norm",),
             ("vocab",),
-            "logits of the last position only",
+            "logits of the last position only (Granite: divided by logits_scaling)",
             weights="matrix",
             per_layer=False,
         ),

@@ -14,6 +14,7 @@ _MODULES: tuple[str, ...] = (
     "aprtrace.arch.llama",
     "aprtrace.arch.phi3",
     "aprtrace.arch.olmo2",
+    "aprtrace.arch.granite",
 )
 _REGISTRY: dict[str, Architecture] = {}
 

@@ -51,6 +51,7 @@ _CAUSAL_LM_CLASSES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "phi3": ("Phi3Config", "Phi3ForCausalLM"),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM"),
 }
 _ATTENTION_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
 _MLP_BIASES = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
@@ -135,10 +136,17 @@ def hf_config(model: Model):
     family = _hf_family(cfg)
     config_name, _ = _CAUSAL_LM_CLASSES[family]
     extra: dict[str, Any] = {}
-    if family in ("llama", "qwen3", "olmo2"):
+    if family in ("llama", "qwen3", "olmo2", "granite"):
         extra["attention_bias"] = _has_any(model, _ATTENTION_BIASES)
-    if family == "llama":
+    if family in ("llama", "granite"):
         extra["mlp_bias"] = _has_any(model, _MLP_BIASES)
+    if family == "granite":
+        extra |= {
+            "embedding_multiplier": cfg.embedding_multiplier,
+            "residual_multiplier": cfg.residual_multiplier,
+            "attention_multiplier": cfg.attention_scale,
+            "logits_scaling": cfg.logits_scaling,
+        }
     if family in ("qwen2", "qwen3"):
         extra["use_sliding_window"] = False
     if family in ("mistral", "phi3"):
@@ -384,11 +392,14 @@ def capture_stages(
         put(Stage.ATTN_SCORES, layer, scores.masked_fill(~allowed, 0.0))
         put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~allowed, 0.0))
 
-    handles.append(
-        base.embed_tokens.register_forward_hook(
-            lambda _m, _i, o: emit(Stage.EMBEDDING, 0, _np(o[0]))
-        )
-    )
+    def on_layer_input(_m, args, kwargs) -> None:
+        # The residual stream entering layer 0: the embedding after any scale the model
+        # applies outside embed_tokens (Granite's embedding_multiplier).
+        hidden = args[0] if args else kwargs["hidden_states"]
+        emit(Stage.EMBEDDING, 0, _np(hidden[0]))
+
+    if n_layers:
+        handles.append(base.layers[0].register_forward_pre_hook(on_layer_input, with_kwargs=True))
 
     def on_gate_up(proj, layer: int) -> None:
         def hook(_m, _i, output) -> None:  # Phi-3's fused [gate|up] rows, split in halves

@@ -565,6 +565,10 @@ def load_apr(path: Path, verify: bool = True, arch: str | None = None) -> Model:
         # Not aprender standard fields: written by `aprtrace convert` when they apply.
         sliding_window=_meta_int(path, metadata, "sliding_window") or None,
         partial_rotary_factor=_meta_float(path, metadata, "partial_rotary_factor", 1.0),
+        embedding_multiplier=_meta_float(path, metadata, "embedding_multiplier", 1.0),
+        residual_multiplier=_meta_float(path, metadata, "residual_multiplier", 1.0),
+        attention_multiplier=_meta_float(path, metadata, "attention_multiplier", 0.0) or None,
+        logits_scaling=_meta_float(path, metadata, "logits_scaling", 1.0),
     ).validate(str(path))
     check_tensors(tensors, config, str(path))
     return Model(

@@ -531,6 +531,11 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
         # llama.cpp writes 0 for "no window" (Phi-4 under the phi3 architecture).
         sliding_window=window if window > 0 else None,
         partial_rotary_factor=rope_dims / head_dim if head_dim > 0 else 1.0,
+        # Granite's multipliers, under llama.cpp's key names (0 / absent: not set).
+        embedding_multiplier=_float_key(meta, p + "embedding_scale", where, 1.0) or 1.0,
+        residual_multiplier=_float_key(meta, p + "residual_scale", where, 1.0) or 1.0,
+        attention_multiplier=_float_key(meta, p + "attention.scale", where, 0.0) or None,
+        logits_scaling=_float_key(meta, p + "logit_scale", where, 1.0) or 1.0,
     )
     config.validate(where)
     if config.num_layers * 6 > len(gf.tensors):  # also bounds the per-layer checks below

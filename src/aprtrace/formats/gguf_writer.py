@@ -202,6 +202,12 @@ def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
         writer.add_sliding_window(config.sliding_window)
     elif config.architecture == "phi3":  # as llama.cpp's converter: 0 means no window
         writer.add_sliding_window(0)
+    if config.architecture == "granite":  # llama.cpp's converter writes the set multipliers
+        writer.add_embedding_scale(float(config.embedding_multiplier))
+        writer.add_residual_scale(float(config.residual_multiplier))
+        writer.add_logit_scale(float(config.logits_scaling))
+        if config.attention_multiplier is not None:
+            writer.add_attention_scale(float(config.attention_multiplier))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_freq_base(float(config.rope_theta))
     if config.rope_linear_factor != 1.0:

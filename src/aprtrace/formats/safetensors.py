@@ -213,6 +213,10 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         eos_token_id=_token_id(raw.get("eos_token_id")),
         sliding_window=_sliding_window(raw, architecture, where),
         partial_rotary_factor=_partial_rotary(raw, rope, where),
+        embedding_multiplier=number("embedding_multiplier", 1.0),
+        residual_multiplier=number("residual_multiplier", 1.0),
+        attention_multiplier=number("attention_multiplier", 0.0) or None,
+        logits_scaling=number("logits_scaling", 1.0),
     ).validate(where)
 
 

@@ -27,6 +27,7 @@ _TABLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "qwen3": (llama.GLOBAL, llama.LAYER),
     "phi3": (phi3.GLOBAL, phi3.LAYER),
     "olmo2": (olmo2.GLOBAL, olmo2.LAYER),
+    "granite": (llama.GLOBAL, llama.LAYER),
 }
 _QK_PERMUTED = llama.QK_PERMUTED
 
