@@ -22,7 +22,8 @@ from aprtrace.forward import forward
 CONTAINERS = ("safetensors", "gguf-F32", "gguf-Q8_0", "apr-Q8_0")
 PROMPT = "What is 2+2? The quick brown fox, 1234 times.\n"
 RELATIVE_BOUND = 1e-4
-WINDOW = {"phi3": 8, "mistral": 6}
+WINDOW = {"phi3": 8, "mistral": 6, "starcoder2": 7}
+LAYER_NORM_EPS = 1e-4  # StableLM / StarCoder2: their own config key, not rms_norm_eps
 GRANITE = {
     "embedding_multiplier": 12.0,
     "residual_multiplier": 0.22,
@@ -65,16 +66,29 @@ _GGUF_TO_TRANSFORMERS = {
         "ffn_up": "mlp.up_proj",
         "ffn_down": "mlp.down_proj",
     },
+    "stablelm": "llama",
+    "starcoder2": {
+        "attn_norm": "input_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_norm": "post_attention_layernorm",
+        "ffn_up": "mlp.c_fc",
+        "ffn_down": "mlp.c_proj",
+    },
 }
 _GLOBALS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
+    "output_norm.bias": "model.norm.bias",
     "output.weight": "lm_head.weight",
 }
 
 
 def tiny_model(arch: str, seed: int = 7):
-    """A tiny seeded transformers model of ``arch`` (GQA 4/2 heads, untied head)."""
+    """A tiny seeded transformers model of ``arch`` (GQA 4/2 heads, untied head except
+    StarCoder2, which ties it as its checkpoints do)."""
     import transformers
 
     common = dict(
@@ -98,6 +112,27 @@ def tiny_model(arch: str, seed: int = 7):
     elif arch == "granite":
         config = transformers.GraniteConfig(rope_theta=10000.0, **GRANITE, **common)
         cls = transformers.GraniteForCausalLM
+    elif arch == "stablelm":
+        del common["rms_norm_eps"]
+        config = transformers.StableLmConfig(
+            rope_theta=10000.0,
+            partial_rotary_factor=0.25,
+            layer_norm_eps=LAYER_NORM_EPS,
+            use_qkv_bias=True,
+            **common,
+        )
+        cls = transformers.StableLmForCausalLM
+    elif arch == "starcoder2":
+        del common["rms_norm_eps"]
+        common["tie_word_embeddings"] = True
+        config = transformers.Starcoder2Config(
+            rope_theta=100000.0,
+            norm_epsilon=LAYER_NORM_EPS,
+            use_bias=True,
+            sliding_window=WINDOW[arch],
+            **common,
+        )
+        cls = transformers.Starcoder2ForCausalLM
     elif arch == "mistral":
         config = transformers.MistralConfig(
             rope_theta=10000.0, sliding_window=WINDOW[arch], **common

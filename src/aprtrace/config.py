@@ -7,7 +7,16 @@ from dataclasses import asdict, dataclass
 
 from aprtrace.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "olmo2", "granite")
+SUPPORTED_ARCHITECTURES = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "olmo2",
+    "granite",
+    "stablelm",
+    "starcoder2",
+)
 # Architecture strings that mean one of the supported families.
 ARCH_ALIASES = {
     "llama": "llama",
@@ -22,6 +31,9 @@ ARCH_ALIASES = {
     "phi3": "phi3",
     "olmo2": "olmo2",
     "granite": "granite",
+    "stablelm": "stablelm",
+    "stablelm_epoch": "stablelm",
+    "starcoder2": "starcoder2",
 }
 
 
@@ -35,6 +47,8 @@ def normalize_architecture(name: str | None, where: str = "model") -> str:
         "phi3forcausallm",
         "olmo2forcausallm",
         "graniteforcausallm",
+        "stablelmforcausallm",
+        "starcoder2forcausallm",
     ):
         if key == prefix:
             key = prefix.removesuffix("forcausallm")
@@ -42,7 +56,8 @@ def normalize_architecture(name: str | None, where: str = "model") -> str:
         raise ModelLoadError(
             f"{where}: unsupported architecture '{name}'",
             hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-            "(Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Phi-3, OLMo 2, Granite 3)",
+            "(Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Phi-3, OLMo 2, Granite 3, "
+            "StableLM, StarCoder2)",
         )
     return ARCH_ALIASES[key]
 

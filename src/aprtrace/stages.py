@@ -156,6 +156,14 @@ def _has_pre_norms(cfg: Any) -> bool:
     return cfg.architecture not in _POST_NORM_ONLY
 
 
+# Non-gated MLPs (StarCoder2: c_proj(gelu(c_fc(x)))): no ffn_gate, no ffn_swigl.
+_NON_GATED = ("starcoder2",)
+
+
+def _gated_mlp(cfg: Any) -> bool:
+    return cfg.architecture not in _NON_GATED
+
+
 _SEQ_H = ("seq", "hidden")
 _SEQ_I = ("seq", "intermediate")
 _MAP = ("heads", "seq", "keys")
@@ -174,7 +182,8 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.ATTN_NORM,
             (LAYER_INPUT,),
             _SEQ_H,
-            "input RMSNorm output (after the weight; OLMo 2 has none)",
+            "input RMSNorm output (after the weight; StableLM/StarCoder2: LayerNorm + bias;"
+            " OLMo 2 has none)",
             weights="vector",
             when=_has_pre_norms,
         ),
@@ -259,22 +268,36 @@ GRAPH: dict[Stage, StageSpec] = dict(
             _SEQ_I,
             "gate projection (Phi-3: first half of the fused gate_up_proj)",
             weights="matrix",
+            when=_gated_mlp,
         ),
         _row(
             Stage.FFN_UP,
             (("ffn_norm", "post_attn_residual"),),
             _SEQ_I,
-            "up projection (Phi-3: second half of the fused gate_up_proj)",
+            "up projection (Phi-3: second half of the fused gate_up_proj; StarCoder2: c_fc + bias)",
             weights="matrix",
         ),
         _row(
             Stage.FFN_SILU,
-            ("ffn_gate",),
+            (("ffn_gate", "ffn_up"),),
             _SEQ_I,
-            "act(gate): silu for Llama/Qwen, gelu_tanh for Gemma",
+            "act(gate): silu for Llama/Qwen, gelu_tanh for Gemma; StarCoder2 (no gate):"
+            " gelu_tanh(ffn_up)",
         ),
-        _row(Stage.FFN_SWIGL, ("ffn_silu", "ffn_up"), _SEQ_I, "act(gate) * up"),
-        _row(Stage.FFN_OUT, ("ffn_swigl",), _SEQ_H, "down projection (+ bias)", weights="matrix"),
+        _row(
+            Stage.FFN_SWIGL,
+            ("ffn_silu", "ffn_up"),
+            _SEQ_I,
+            "act(gate) * up (gated MLPs only)",
+            when=_gated_mlp,
+        ),
+        _row(
+            Stage.FFN_OUT,
+            (("ffn_swigl", "ffn_silu"),),
+            _SEQ_H,
+            "down projection (+ bias; StarCoder2: c_proj)",
+            weights="matrix",
+        ),
         _row(
             Stage.POST_FFN_NORM,
             ("ffn_out",),

@@ -15,6 +15,8 @@ _MODULES: tuple[str, ...] = (
     "aprtrace.arch.phi3",
     "aprtrace.arch.olmo2",
     "aprtrace.arch.granite",
+    "aprtrace.arch.stablelm",
+    "aprtrace.arch.starcoder2",
 )
 _REGISTRY: dict[str, Architecture] = {}
 

@@ -34,12 +34,15 @@ class LayerWeights:
     o_proj: np.ndarray
     o_bias: np.ndarray | None
     post_attention_layernorm: np.ndarray
-    gate_proj: np.ndarray
+    gate_proj: np.ndarray | None  # None: a non-gated MLP (StarCoder2)
     up_proj: np.ndarray
     down_proj: np.ndarray
     gate_bias: np.ndarray | None  # Llama with mlp_bias
     up_bias: np.ndarray | None
     down_bias: np.ndarray | None
+    # LayerNorm biases (StarCoder2, StableLM); None for RMSNorm models.
+    input_layernorm_bias: np.ndarray | None = None
+    post_attention_layernorm_bias: np.ndarray | None = None
 
     @property
     def has_qkv_bias(self) -> bool:
@@ -174,6 +177,12 @@ class Llama(Architecture):
             down_bias=opt("mlp.down_proj.bias", (h,)),
         )
 
+    def norm(
+        self, cfg: ModelConfig, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
+    ) -> np.ndarray:
+        """The block's normalization: RMSNorm (LayerNorm in StarCoder2 / StableLM)."""
+        return ops.rms_norm(x, weight, cfg.rms_norm_eps)
+
     def attention(
         self,
         cfg: ModelConfig,
@@ -187,7 +196,7 @@ class Llama(Architecture):
         seq = x.shape[0]
         cos, sin = self.default_rope(ctx)
 
-        attn_norm = ops.rms_norm(x, w.input_layernorm, cfg.rms_norm_eps)
+        attn_norm = self.norm(cfg, x, w.input_layernorm, w.input_layernorm_bias)
         emit(Stage.ATTN_NORM, layer, attn_norm)
 
         qkv = qkv_projection(w, attn_norm)
@@ -219,7 +228,7 @@ class Llama(Architecture):
         self, cfg: ModelConfig, w: LayerWeights, x: np.ndarray, layer: int, emit: Emit
     ) -> np.ndarray:
         """Pre-norm SwiGLU feed-forward; returns the down projection."""
-        ffn_norm = ops.rms_norm(x, w.post_attention_layernorm, cfg.rms_norm_eps)
+        ffn_norm = self.norm(cfg, x, w.post_attention_layernorm, w.post_attention_layernorm_bias)
         emit(Stage.FFN_NORM, layer, ffn_norm)
         gate = ops.linear(ffn_norm, w.gate_proj, w.gate_bias)
         emit(Stage.FFN_GATE, layer, gate)

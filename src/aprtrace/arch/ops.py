@@ -39,6 +39,18 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x * (np.float32(1.0) / np.sqrt(variance + np.float32(eps)))) * weight
 
 
+def layer_norm(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, eps: float
+) -> np.ndarray:
+    """``(x - mean) / sqrt(var + eps) * weight (+ bias)`` over the last axis (biased variance,
+    as ``torch.nn.LayerNorm``), in float32."""
+    mean = np.mean(x, axis=-1, keepdims=True, dtype=np.float32)
+    centered = x - mean
+    variance = np.mean(np.square(centered), axis=-1, keepdims=True, dtype=np.float32)
+    y = centered * (np.float32(1.0) / np.sqrt(variance + np.float32(eps))) * weight
+    return y if bias is None else y + bias
+
+
 def rope_tables(
     positions: np.ndarray,
     head_dim: int,

@@ -52,6 +52,8 @@ _CAUSAL_LM_CLASSES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM"),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
     "granite": ("GraniteConfig", "GraniteForCausalLM"),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM"),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"),
 }
 _ATTENTION_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
 _MLP_BIASES = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
@@ -149,14 +151,27 @@ def hf_config(model: Model):
         }
     if family in ("qwen2", "qwen3"):
         extra["use_sliding_window"] = False
-    if family in ("mistral", "phi3"):
+    if family in ("mistral", "phi3", "starcoder2"):
         extra["sliding_window"] = cfg.sliding_window
-    if family == "phi3":
+    if family in ("phi3", "stablelm", "starcoder2"):
         extra["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if family == "stablelm":
+        extra |= {
+            "layer_norm_eps": cfg.rms_norm_eps,
+            "use_qkv_bias": _has_any(model, _ATTENTION_BIASES),
+            "qk_layernorm": False,
+            "use_parallel_residual": False,
+        }
+    if family == "starcoder2":
+        extra |= {
+            "norm_epsilon": cfg.rms_norm_eps,
+            "use_bias": _has_any(model, _ATTENTION_BIASES + ("mlp.c_fc.bias", "mlp.c_proj.bias")),
+            "hidden_act": "gelu_pytorch_tanh",
+        }
     rope_scaling = None
     if cfg.rope_linear_factor != 1.0:
         rope_scaling = {"rope_type": "linear", "factor": float(cfg.rope_linear_factor)}
-    config = getattr(transformers, config_name)(
+    settings: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -173,8 +188,8 @@ def hf_config(model: Model):
         pad_token_id=None,
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
-        **extra,
     )
+    config = getattr(transformers, config_name)(**(settings | extra))
     config._attn_implementation = "eager"
     return config
 
@@ -429,15 +444,20 @@ def capture_stages(
         else:
             on_input(layer.post_attention_layernorm, Stage.POST_ATTN_RESIDUAL, i)
             on_output(layer.post_attention_layernorm, Stage.FFN_NORM, i)
-        if hasattr(mlp, "gate_up_proj"):
-            on_gate_up(mlp.gate_up_proj, i)
-            on_output(mlp.activation_fn, Stage.FFN_SILU, i)
+        if hasattr(mlp, "c_fc"):  # StarCoder2: c_proj(act(c_fc(x))), no gate
+            on_output(mlp.c_fc, Stage.FFN_UP, i)
+            on_output(mlp.act, Stage.FFN_SILU, i)
+            on_output(mlp.c_proj, Stage.FFN_OUT, i)
         else:
-            on_output(mlp.gate_proj, Stage.FFN_GATE, i)
-            on_output(mlp.up_proj, Stage.FFN_UP, i)
-            on_output(mlp.act_fn, Stage.FFN_SILU, i)
-        on_input(mlp.down_proj, Stage.FFN_SWIGL, i)
-        on_output(mlp.down_proj, Stage.FFN_OUT, i)
+            if hasattr(mlp, "gate_up_proj"):
+                on_gate_up(mlp.gate_up_proj, i)
+                on_output(mlp.activation_fn, Stage.FFN_SILU, i)
+            else:
+                on_output(mlp.gate_proj, Stage.FFN_GATE, i)
+                on_output(mlp.up_proj, Stage.FFN_UP, i)
+                on_output(mlp.act_fn, Stage.FFN_SILU, i)
+            on_input(mlp.down_proj, Stage.FFN_SWIGL, i)
+            on_output(mlp.down_proj, Stage.FFN_OUT, i)
         on_layer_done(layer, i)
     handles.append(
         base.norm.register_forward_hook(lambda _m, _i, o: emit(Stage.FINAL_NORM, None, _np(o[0])))

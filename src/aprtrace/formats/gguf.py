@@ -521,7 +521,12 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
         head_dim=head_dim,
         rope_theta=_float_key(meta, p + "rope.freq_base", where, 10000.0),
         rope_linear_factor=linear_factor,
-        rms_norm_eps=_float_key(meta, p + "attention.layer_norm_rms_epsilon", where, 1e-6),
+        rms_norm_eps=_float_key(
+            meta,
+            p + "attention.layer_norm_rms_epsilon",
+            where,
+            _float_key(meta, p + "attention.layer_norm_epsilon", where, 1e-6),  # LayerNorm
+        ),
         max_position_embeddings=_int_key(meta, p + "context_length", where, default=2048),
         tie_word_embeddings="output.weight" not in gf.tensors,
         qkv_bias="blk.0.attn_q.bias" in gf.tensors,
@@ -558,6 +563,17 @@ _UNSUPPORTED_KEYS = {
 
 
 def _refuse_unsupported_gguf(gf: GGUFFile, p: str, where: str) -> None:
+    if gf.architecture == "stablelm":
+        # llama.cpp runs a StableLM block without ffn_norm as a parallel residual.
+        parallel = gf.metadata.get(p + "use_parallel_residual") is True or (
+            "blk.0.attn_norm.weight" in gf.tensors and "blk.0.ffn_norm.weight" not in gf.tensors
+        )
+        if parallel or "blk.0.attn_q_norm.weight" in gf.tensors:
+            raise ModelLoadError(
+                f"{where}: StableLM 2 12B's parallel residual / per-head Q/K LayerNorm is not "
+                "supported",
+                hint="see the README's list of supported architectures and features",
+            )
     for name, feature in _UNSUPPORTED_TENSORS.items():
         if name in gf.tensors:
             raise ModelLoadError(

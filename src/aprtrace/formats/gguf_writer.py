@@ -169,6 +169,8 @@ def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None
             "self_attn.qkv_proj.weight": (q + 2 * kv, h),
             "post_feedforward_layernorm.weight": (h,),
             "mlp.gate_up_proj.weight": (2 * inter, h),
+            "mlp.c_fc.weight": (inter, h),
+            "mlp.c_proj.weight": (h, inter),
             "mlp.gate_proj.weight": (inter, h),
             "mlp.up_proj.weight": (inter, h),
             "mlp.down_proj.weight": (h, inter),
@@ -208,7 +210,12 @@ def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
         writer.add_logit_scale(float(config.logits_scaling))
         if config.attention_multiplier is not None:
             writer.add_attention_scale(float(config.attention_multiplier))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if config.architecture in ("stablelm", "starcoder2"):  # LayerNorm models
+        writer.add_layer_norm_eps(float(config.rms_norm_eps))
+    else:
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if config.architecture == "stablelm":
+        writer.add_parallel_residual(False)
     writer.add_rope_freq_base(float(config.rope_theta))
     if config.rope_linear_factor != 1.0:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)

@@ -204,7 +204,8 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         head_dim=integer("head_dim", hidden // heads if heads else 0),
         rope_theta=float(rope_theta) if rope_theta is not None else 10000.0,
         rope_linear_factor=linear_factor,
-        rms_norm_eps=number("rms_norm_eps", 1e-6),
+        # StableLM spells it layer_norm_eps, StarCoder2 norm_epsilon (both LayerNorm).
+        rms_norm_eps=number("rms_norm_eps", number("layer_norm_eps", number("norm_epsilon", 1e-6))),
         max_position_embeddings=integer("max_position_embeddings", 2048),
         tie_word_embeddings=tied,
         qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
@@ -240,6 +241,11 @@ def _refuse_unsupported_config(raw: dict, architecture: str, where: str) -> None
             raw.get("layer_types") is not None and architecture == "olmo2",
             "per-layer attention types",
         ),
+        (
+            bool(raw.get("use_parallel_residual")),
+            "parallel attention/MLP residual (StableLM 2 12B)",
+        ),
+        (bool(raw.get("qk_layernorm")), "per-head Q/K LayerNorm (StableLM 2 12B)"),
     ]
     for refused, feature in refusals:
         if refused:

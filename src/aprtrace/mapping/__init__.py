@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from aprtrace.errors import ModelLoadError
-from aprtrace.mapping import llama, olmo2, phi3
+from aprtrace.mapping import llama, olmo2, phi3, starcoder2
 
 # architecture -> (global names, per-layer names); GGUF short name -> HF module path.
 _TABLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
@@ -28,6 +28,8 @@ _TABLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "phi3": (phi3.GLOBAL, phi3.LAYER),
     "olmo2": (olmo2.GLOBAL, olmo2.LAYER),
     "granite": (llama.GLOBAL, llama.LAYER),
+    "stablelm": (llama.GLOBAL, llama.LAYER),
+    "starcoder2": (llama.GLOBAL, starcoder2.LAYER),
 }
 _QK_PERMUTED = llama.QK_PERMUTED
 
