@@ -130,3 +130,24 @@ def test_stablelm_2_12b_variants_are_refused(key, files, tmp_path):
     gf.metadata["stablelm.use_parallel_residual"] = True
     with pytest.raises(ModelLoadError, match="parallel residual"):
         gguf_config(gf)
+
+
+def test_each_architecture_has_exactly_one_module():
+    """A base class (LayerNormLlama) must not register itself over Llama's names."""
+    import importlib
+    from types import SimpleNamespace
+
+    from aprtrace.arch import _MODULES, Architecture, architecture_of
+    from aprtrace.config import SUPPORTED_ARCHITECTURES
+
+    claims: dict[str, list[str]] = {}
+    for module_name in _MODULES:
+        for value in vars(importlib.import_module(module_name)).values():
+            if isinstance(value, type) and issubclass(value, Architecture):
+                if value.__module__ == module_name:
+                    for name in value.names:
+                        claims.setdefault(name, []).append(value.__name__)
+    assert all(len(owners) == 1 for owners in claims.values()), claims
+    assert set(claims) == set(SUPPORTED_ARCHITECTURES)
+    for name, (owner,) in claims.items():
+        assert type(architecture_of(SimpleNamespace(architecture=name))).__name__ == owner

@@ -26,6 +26,8 @@ _NORMS = ("input_layernorm", "post_attention_layernorm")
 class LayerNormLlama(Llama):
     """Llama with ``torch.nn.LayerNorm`` (weight and bias) everywhere RMSNorm was."""
 
+    names = ()  # a base class: registers no architecture itself
+
     def norm(
         self, cfg: ModelConfig, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
     ) -> np.ndarray:
