@@ -247,3 +247,51 @@ def test_fused_split_checks_the_rows_against_the_config(files, tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_apr_with_llama_cpp_names_and_fused_tensors(files, token_ids, tmp_path):
+    """An APR holding the GGUF's tensors under their llama.cpp names (fused ``attn_qkv`` and
+    ``ffn_up`` = gate+up, as aprender's importer keeps them) traces exactly as the GGUF."""
+    from aprtrace.formats.apr import WRITER_DTYPE_CODES, write_apr
+
+    gguf_path, _ = files[("phi3", "gguf-F32")]
+    gf = read_gguf(gguf_path)
+    cfg = load_model(gguf_path).config
+    entries = [
+        (t.name, WRITER_DTYPE_CODES["F32"], t.shape, bytes(gf.tensor_bytes(t)))
+        for t in sorted(gf.tensors.values(), key=lambda t: t.name)
+    ]
+    metadata = {
+        "architecture": "phi3",
+        "hidden_size": cfg.hidden_size,
+        "num_layers": cfg.num_layers,
+        "num_heads": cfg.num_heads,
+        "num_kv_heads": cfg.num_kv_heads,
+        "vocab_size": cfg.vocab_size,
+        "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_type": 2,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "head_dim": cfg.head_dim,
+        "sliding_window": cfg.sliding_window,
+        "partial_rotary_factor": cfg.partial_rotary_factor,
+    }
+    apr = tmp_path / "phi3-gguf-names.apr"
+    write_apr(apr, metadata, entries)
+    model = load_model(apr)
+    assert "model.layers.0.mlp.gate_proj.weight" in model.tensors
+    assert model.config == cfg
+    a, b = aprtrace_stages(gguf_path, token_ids), aprtrace_stages(apr, token_ids)
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_qwen_sliding_window_layers_are_refused(tmp_path):
+    model = hfref.tiny_hf_model("qwen2", seed=1)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["use_sliding_window"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="sliding-window layers"):
+        load_model(tmp_path)
