@@ -180,6 +180,46 @@ def test_compare_engines_numpy_llamacpp_passes(tiny, tmp_path):
     assert "OK: all" in result.output
 
 
+@pytest.mark.reference
+def test_compare_engines_transformers_llamacpp_one_report(tiny, tmp_path):
+    pytest.importorskip("transformers")
+    result = CliRunner().invoke(
+        main,
+        [
+            "compare",
+            str(tiny["qwen2"]),
+            "--engines",
+            "transformers,llama.cpp",
+            "--dir",
+            str(tmp_path),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output[result.output.index("{") :])
+    assert doc["only_in_a"] == ["layer-0/ffn_silu.bin", "layer-1/ffn_silu.bin"]
+    assert len(doc["pairs"]) == 1 + 16 * 2 + 2  # embedding, 17 - ffn_silu x 2 layers, 2 final
+    assert min(p["cosine_sim"] for p in doc["pairs"]) >= F32_COSINE
+    for side, engine in (("A", "transformers"), ("B", "llama.cpp")):
+        dump = tmp_path / f"{side}-qwen2-f32-{engine.replace('.', '')}"
+        assert json.loads((dump / "manifest.json").read_text())["engine"] == engine
+
+
+def test_engines_option_is_validated(tiny, tmp_path):
+    result = CliRunner().invoke(
+        main, ["compare", str(tiny["llama"]), "--engines", "numpy,llamacpp", "--dir", str(tmp_path)]
+    )
+    assert result.exit_code == 5
+    assert "invalid --engines 'numpy,llamacpp'" in result.output
+
+
+def test_trace_without_save_prints_llamacpp_statistics(tiny):
+    result = CliRunner().invoke(main, ["trace", "--engine", "llama.cpp", str(tiny["llama"])])
+    assert result.exit_code == 0, result.output
+    assert "kq" not in result.output and "attn_softmax" in result.output
+    assert "ffn_silu" not in result.output
+
+
 @pytest.mark.parametrize(
     "bug, stage, layer",
     [("rms_norm_eps", "attn_norm", 0), ("layer1_ffn_norm_weight", "ffn_norm", 1)],
