@@ -19,7 +19,7 @@ import numpy as np
 
 from aprtrace import __version__
 from aprtrace.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, AprtraceError
-from aprtrace.stages import Stage
+from aprtrace.stages import Stage, stages_for
 
 DEFAULT_PROMPT = "What is 2+2?"
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by SIGPIPE
@@ -264,7 +264,7 @@ def trace(
             f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size})"
         )
         if plan is not None:
-            names = [s.value for s in Stage if s in plan.stages]
+            names = [s.value for s in stages_for(cfg) if s in plan.stages]
             click.echo(f"Stages:  {', '.join(names)}")
             click.echo(f"Layers:  {_layers_text(resolved)}")
             click.echo(f"Output:  {plan.out_dir}")
@@ -400,8 +400,11 @@ def stages(as_json):
             "index": i + 1,
             "name": s.value,
             "scope": "per-layer" if s.per_layer else "whole-model",
-            "shape": s.info.shape,
-            "holds": s.info.description,
+            "shape": s.spec.shape,
+            "holds": s.spec.description,
+            "inputs": [" | ".join(alts) for alts in s.spec.inputs],
+            "weights": s.spec.weights,
+            "architectures": sorted(s.spec.archs) if s.spec.archs else "all",
         }
         for i, s in enumerate(Stage)
     ]
@@ -409,10 +412,14 @@ def stages(as_json):
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
+        only = "" if r["architectures"] == "all" else f"  [{', '.join(r['architectures'])}]"
         click.echo(
-            f"{r['index']:>2}  {r['name']:<19} {r['scope']:<12} {r['shape']:<24} {r['holds']}"
+            f"{r['index']:>2}  {r['name']:<19} {r['scope']:<12} {r['shape']:<24} {r['holds']}{only}"
         )
-    click.echo("\nAlias: layer_output = post_ffn_residual.  'all' selects every stage.")
+    click.echo(
+        "\nAlias: layer_output = post_ffn_residual.  'all' selects every stage a model "
+        "computes.\nInputs of each stage: aprtrace stages --json."
+    )
 
 
 @main.command()

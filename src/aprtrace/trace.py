@@ -18,7 +18,7 @@ from aprtrace.errors import OutputError, ValidationError
 from aprtrace.forward import Progress, forward
 from aprtrace.model import Model
 from aprtrace.plan import SavePlan
-from aprtrace.stages import Stage
+from aprtrace.stages import Stage, stages_for
 
 MANIFEST_NAME = "manifest.json"
 # |x| above the float16 maximum is flagged: such values overflow any fp16 kernel, and real
@@ -287,7 +287,7 @@ def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine,
         config=model.config.to_dict(),
         prompt=prompt,
         token_ids=token_ids,
-        stages=[s.value for s in Stage if s in plan.stages],
+        stages=[s.value for s in stages_for(model.config) if s in plan.stages],
         layers=layers,
         files=log.files,
         digest=hasher.result() if hasher else None,
