@@ -11,8 +11,8 @@ What the mapping does to llama.cpp's values (all recorded in the manifest):
 - llama Q/K columns are un-permuted from llama.cpp's adjacent-pair RoPE order back to the
   Hugging Face layout (``qkv_matmul``, ``qkv_bias``, ``q_post_rope``, ``k_post_rope``);
 - ``kq-N`` holds unscaled q.k over the padded KV cache: the key axis is cut to the prompt,
-  multiplied by 1/sqrt(head_dim) (llama.cpp applies it inside the softmax) and the masked
-  entries set to 0, as FORMATS.md stores them;
+  multiplied by the attention scale (1/sqrt(head_dim); llama.cpp applies it inside the
+  softmax) and the masked entries set to 0, as FORMATS.md stores them;
 - ``result_output`` holds every position's logits; ``lm_head`` is the last row.
 Stages llama.cpp does not compute (``ffn_silu``: its SwiGLU is one fused op) are not written;
 the manifest lists them under ``not_captured``.
@@ -38,7 +38,7 @@ from aprtrace.config import ModelConfig
 from aprtrace.errors import InferenceError, ModelLoadError, ValidationError
 from aprtrace.forward import Emit, Progress, check_token_ids
 from aprtrace.model import Model, unpermute_llama_qk
-from aprtrace.stages import Stage
+from aprtrace.stages import Stage, computes, stages_for
 
 CHILD_MODULE = "aprtrace.engines.llamacpp_child"
 CYLLAMA_PIN = "cyllama==0.2.18"
@@ -76,10 +76,8 @@ class ArchNodes:
     qk_permuted: bool = False  # llama: Q/K rows in adjacent-pair RoPE order in the GGUF
 
     def sources(self, cfg: ModelConfig) -> dict[Stage, Source]:
-        out = dict(self.stages)
-        if not cfg.qkv_bias:
-            out.pop(Stage.QKV_BIAS, None)
-        return out
+        """The rows for the stages this model computes (the stage graph's ``computes``)."""
+        return {s: src for s, src in self.stages.items() if computes(s, cfg)}
 
 
 _QKV = ("Qcur", "Kcur", "Vcur")
@@ -129,8 +127,7 @@ def arch_nodes(architecture: str) -> ArchNodes:
 def not_captured(cfg: ModelConfig) -> list[str]:
     """Stages the NumPy engine writes for this model that llama.cpp does not compute."""
     mapped = arch_nodes(cfg.architecture).sources(cfg)
-    computed = [s for s in Stage if s is not Stage.QKV_BIAS or cfg.qkv_bias]
-    return [s.value for s in computed if s not in mapped]
+    return [s.value for s in stages_for(cfg) if s not in mapped]
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +182,7 @@ def to_stage_layout(
     if stage in (Stage.ATTN_SCORES, Stage.ATTN_SOFTMAX):
         x = x.reshape(cfg.num_heads, seq, -1)[:, :, :seq]  # the KV cache is padded
         if stage is Stage.ATTN_SCORES:
-            x = x * np.float32(1.0 / np.sqrt(cfg.head_dim))
+            x = x * np.float32(cfg.attention_scale)
         return _causal_zeroed(x).astype(np.float32)
     if stage is Stage.LM_HEAD:
         return np.ascontiguousarray(x.reshape(seq, -1)[-1])
@@ -196,7 +193,7 @@ def to_stage_layout(
 TRANSFORM_NOTES = {
     Stage.QKV_MATMUL: "concat of the Q/K/V matmul outputs",
     Stage.QKV_BIAS: "concat of Q/K/V after the bias add",
-    Stage.ATTN_SCORES: "kq * 1/sqrt(head_dim), key axis cut to the prompt, masked entries 0",
+    Stage.ATTN_SCORES: "kq * attention scale, key axis cut to the prompt, masked entries 0",
     Stage.ATTN_SOFTMAX: "key axis cut to the prompt",
     Stage.LM_HEAD: "last row",
 }
