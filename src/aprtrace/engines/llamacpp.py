@@ -282,7 +282,9 @@ class ChildRun:
         self.hello: dict[str, Any] = {}
         self.done: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
-        self._stderr = tempfile.TemporaryFile()
+        # Verbose: llama.cpp's log goes straight to our stderr; otherwise it is kept for the
+        # error message of a crash.
+        self._stderr = None if request.get("verbose") else tempfile.TemporaryFile()
         # ggml's abort handler would attach gdb for a backtrace: seconds, and pages of noise.
         env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
         self.proc = subprocess.Popen(
@@ -320,11 +322,14 @@ class ChildRun:
             self.proc.kill()
             self.proc.wait()
         self.proc.stdout.close()
+        if self._stderr is not None and self.done is not None:
+            self._stderr.close()
 
     def stderr_tail(self) -> str:
+        if self._stderr is None:
+            return ""
         self._stderr.seek(0)
         text = self._stderr.read().decode("utf-8", "replace").strip()
-        self._stderr.close()
         return text[-STDERR_TAIL:]
 
     def check(self) -> None:
@@ -344,8 +349,8 @@ class ChildRun:
         if self.done is None or code != 0:
             tail = self.stderr_tail()
             raise InferenceError(
-                f"the llama.cpp child process {_describe_exit(code)} before finishing the "
-                "trace; files already written are complete, the dump has no manifest.json"
+                f"the llama.cpp child process {_describe_exit(code)} before finishing; "
+                "stage files already written are complete, the dump has no manifest.json"
                 + (f"\n  child stderr: {tail}" if tail else ""),
                 hint="rerun with APRTRACE_LLAMACPP_VERBOSE=1 to see llama.cpp's log",
             )
