@@ -73,7 +73,6 @@ class ArchNodes:
     """One architecture's stage sources; adding an architecture is a few rows here."""
 
     stages: dict[Stage, Source]
-    qk_permuted: bool = False  # llama: Q/K rows in adjacent-pair RoPE order in the GGUF
 
     def sources(self, cfg: ModelConfig) -> dict[Stage, Source]:
         """The rows for the stages this model computes (the stage graph's ``computes``)."""
@@ -108,7 +107,7 @@ LLAMA_NODES: dict[Stage, Source] = {
 QWEN_NODES = {**LLAMA_NODES, Stage.ATTN_OUT: Source(("kqv_out",), follows=True)}
 
 ARCHITECTURES: dict[str, ArchNodes] = {
-    "llama": ArchNodes(LLAMA_NODES, qk_permuted=True),
+    "llama": ArchNodes(LLAMA_NODES),
     "qwen2": ArchNodes(QWEN_NODES),
     "qwen3": ArchNodes(QWEN_NODES),
 }
@@ -199,7 +198,7 @@ TRANSFORM_NOTES = {
 }
 
 
-def source_notes(arch: ArchNodes, cfg: ModelConfig) -> dict[str, str]:
+def source_notes(arch: ArchNodes, cfg: ModelConfig, qk_permuted: bool) -> dict[str, str]:
     """``{stage: "node-N [pick] (transform)"}`` for the manifest."""
     out = {}
     for stage, src in arch.sources(cfg).items():
@@ -209,7 +208,7 @@ def source_notes(arch: ArchNodes, cfg: ModelConfig) -> dict[str, str]:
         if src.pick != "only":
             text += f" ({src.pick} occurrence)"
         notes = [TRANSFORM_NOTES[stage]] if stage in TRANSFORM_NOTES else []
-        if arch.qk_permuted and stage in (
+        if qk_permuted and stage in (
             Stage.QKV_MATMUL,
             Stage.QKV_BIAS,
             Stage.Q_POST_ROPE,
@@ -418,6 +417,8 @@ class LlamaCppEngine:
         ids = check_token_ids(cfg, token_ids).tolist()
         check_installed()
         sources = arch.sources(cfg)
+        # llama GGUFs store Q/K rows in llama.cpp's adjacent-pair RoPE order (mapping/).
+        permuted = bool(model.qk_permuted)
         names = sorted({n for s in sources.values() for n in s.nodes if not s.follows})
         follow = sorted({n for s in sources.values() if s.follows for n in s.nodes})
         request = _request(
@@ -430,7 +431,7 @@ class LlamaCppEngine:
         )
         run = ChildRun(request)
         try:
-            logits = self._stream(run, cfg, arch, sources, len(ids), emit, progress)
+            logits = self._stream(run, cfg, sources, len(ids), permuted, emit, progress)
         finally:
             run.close()
         run.check()
@@ -443,11 +444,11 @@ class LlamaCppEngine:
                 "context": (run.done or {}).get("settings", {}),
             },
             "not_captured": not_captured(cfg),
-            "stage_sources": source_notes(arch, cfg),
+            "stage_sources": source_notes(arch, cfg, permuted),
         }
         return logits
 
-    def _stream(self, run, cfg, arch, sources, seq, emit, progress) -> np.ndarray:
+    def _stream(self, run, cfg, sources, seq, permuted, emit, progress) -> np.ndarray:
         """Group the streamed nodes by layer; emit a layer when its ``l_out`` arrives."""
         per_layer = [s for s in sources if s.per_layer and s is not Stage.EMBEDDING]
         whole_model = [s for s in sources if not s.per_layer]
@@ -458,7 +459,8 @@ class LlamaCppEngine:
         def flush(stages: list[Stage], layer: int | None) -> None:
             nodes = pending.pop(layer, {})
             for stage in sorted(stages, key=lambda s: s.order):
-                values = self._stage_values(stage, sources[stage], nodes, layer, cfg, arch, seq)
+                src = sources[stage]
+                values = self._stage_values(stage, src, nodes, layer, cfg, seq, permuted)
                 emit(stage, 0 if stage is Stage.EMBEDDING else layer, values)
 
         for header, payload in run.messages():
@@ -493,7 +495,7 @@ class LlamaCppEngine:
         return logits
 
     @staticmethod
-    def _stage_values(stage, src, nodes, layer, cfg, arch, seq) -> np.ndarray:
+    def _stage_values(stage, src, nodes, layer, cfg, seq, permuted) -> np.ndarray:
         parts = []
         for name in src.nodes:
             node = select(src, nodes.get(f"after:{name}" if src.follows else name, []), seq)
@@ -507,7 +509,7 @@ class LlamaCppEngine:
                     "aprtrace/engines/llamacpp.py was written for",
                 )
             parts.append(node.values)
-        return to_stage_layout(stage, parts, cfg, seq, arch.qk_permuted)
+        return to_stage_layout(stage, parts, cfg, seq, permuted)
 
 
 def _split_name(name: str) -> tuple[str, int | None]:
