@@ -88,6 +88,24 @@ def test_f32_every_stage_matches_numpy(tiny, arch):
     assert int(np.argmax(logits)) == int(np.argmax(ref_logits))
 
 
+def test_node_table_names_nodes_the_graph_has(tiny):
+    """Every base name of every architecture's table occurs in llama.cpp's graph of that
+    architecture, in every layer; Qwen3's q/k norm outputs come before the RoPE'd Qcur."""
+    for arch, path in tiny.items():
+        nodes = [n["name"] for n in llamacpp.list_nodes(str(path), [1, 2, 3])]
+        cfg = load_model(path).config
+        for stage, src in llamacpp.arch_nodes(arch).sources(cfg).items():
+            for base in src.nodes:
+                layers = range(cfg.num_layers) if stage.per_layer and base != "embd" else [None]
+                for layer in layers:
+                    name = base if layer is None else f"{base}-{layer}"
+                    assert name in nodes, (arch, stage, name)
+        if arch == "qwen3":
+            assert nodes.index("Qcur_normed-0") < len(nodes) - 1 - nodes[::-1].index("Qcur-0")
+        if arch != "llama":
+            assert "attn_out-0" not in nodes  # hence `follows` for attn_out
+
+
 def test_llama_qk_unpermutation_is_the_inverse_of_the_writer(tiny):
     """A llama file's Q/K columns come back in Hugging Face order: the masked entries of the
     scores and the RoPE pairs only line up when the un-permutation is right."""

@@ -534,3 +534,33 @@ def prompt_token_ids(model: Model, prompt: str, add_bos: bool) -> tuple[list[int
         if own != ids:
             info["aprtrace_token_ids"] = own
     return ids, info
+
+
+def list_nodes(model_path: str, token_ids: list[int]) -> list[dict[str, Any]]:
+    """Every node llama.cpp computes for ``token_ids``, in graph order: ``{"name", "ne",
+    "type"}`` (ggml type id). What a new row of ``ARCHITECTURES`` is written from."""
+    _, messages = run_child(
+        _request("trace", model_path, tokens=list(token_ids), names=[], list_only=True)
+    )
+    return [
+        {"name": h["name"], "ne": h["ne"], "type": h["type"]}
+        for h, _ in messages
+        if h.get("kind") == "node"
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aprtrace.engines.llamacpp MODEL.gguf [TOKEN_IDS]``: print llama.cpp's graph
+    nodes (name, ggml ne, type) for a prompt, default token ids 1,2,3,4."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    ids = [int(t) for t in args[1].split(",")] if len(args) > 1 else [1, 2, 3, 4]
+    for node in list_nodes(args[0], ids):
+        print(f"{node['name']:40s} ne={node['ne']} type={node['type']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

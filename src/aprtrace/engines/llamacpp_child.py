@@ -230,10 +230,13 @@ def tensor_values(t: GgmlTensor):
 class Capture:
     """The eval callback: observes the nodes whose base name is wanted, streams each one."""
 
-    def __init__(self, channel: Channel, names: set[str], follow: set[str]):
+    def __init__(
+        self, channel: Channel, names: set[str], follow: set[str], list_only: bool = False
+    ):
         self.channel = channel
         self.names = names
         self.follow = follow
+        self.list_only = list_only  # every node's name, shape and type, no values
         self.sent = 0
         self.error: str | None = None
         self.previous = ""  # the node asked about before this one (graph order)
@@ -249,6 +252,11 @@ class Capture:
         try:
             t = GgmlTensor.from_address(address)
             name = t.name.decode("utf-8", "replace")
+            if self.list_only:
+                if not ask:
+                    header = {"kind": "node", "name": name, "ne": [int(x) for x in t.ne]}
+                    self.channel.send({**header, "type": int(t.type), "skipped": "list only"})
+                return True
             if ask:
                 # Unnamed nodes are reached by order: the node right after a `follow` one
                 # (e.g. the output projection after `kqv_out-N` where no name is set).
@@ -314,7 +322,12 @@ def trace(cy, request: dict[str, Any], channel: Channel) -> dict[str, Any]:
     params.n_threads = params.n_threads_batch = int(request.get("n_threads", 2))
     # Flash attention fuses the score and softmax nodes away: off for a trace.
     params.flash_attn_type = LLAMA_FLASH_ATTN_DISABLED
-    capture = Capture(channel, set(request["names"]), set(request.get("follow", ())))
+    capture = Capture(
+        channel,
+        set(request["names"]),
+        set(request.get("follow", ())),
+        bool(request.get("list_only")),
+    )
     slot = ctypes.c_void_p.from_address(layout.cb_eval_address(params))
     slot.value = ctypes.cast(capture.callback, ctypes.c_void_p).value
     ctx = cy.LlamaContext(model, params)
