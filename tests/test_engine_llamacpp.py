@@ -375,7 +375,7 @@ def test_unknown_cyllama_is_refused_with_the_expected_version(tiny, monkeypatch)
     assert "cyllama==0.2.18" in result.output
 
 
-def test_unmapped_architecture_and_non_gguf_are_clear_errors(tiny):
+def test_unmapped_architecture_and_non_gguf_are_clear_errors(tiny, tmp_path):
     model = load_model(tiny["llama"])
     model.config = dataclasses.replace(model.config, architecture="gemma3")
     with pytest.raises(ValidationError, match="architecture 'gemma3'"):
@@ -384,3 +384,7 @@ def test_unmapped_architecture_and_non_gguf_are_clear_errors(tiny):
     model.format = "safetensors"
     with pytest.raises(ValidationError, match="reads GGUF files"):
         LlamaCppEngine()(model, [1, 2])
+    plan = make_plan("all", "all", tmp_path / "dump", tiny["llama"])
+    with pytest.raises(ValidationError, match="reads GGUF files"):
+        run_trace(model, [1, 2], plan, engine="llama.cpp")
+    assert not (tmp_path / "dump").exists()  # refused before any output

@@ -231,6 +231,8 @@ def run_trace(
     goes into the manifest.
     """
     run_forward = engine_forward(engine)
+    if hasattr(run_forward, "check_model"):
+        run_forward.check_model(model)  # an engine's refusal comes before the output dir
     if plan is not None:
         layers = plan.layers.resolve(model.config.num_layers)
         existing = prepare_out_dir(plan, clean)

@@ -408,14 +408,8 @@ class LlamaCppEngine:
     ) -> np.ndarray:
         cfg = model.config
         emit = emit or (lambda stage, layer, values: None)
-        if model.format != "gguf":
-            raise ValidationError(
-                f"--engine llama.cpp reads GGUF files; {model.path} is {model.format}",
-                hint="convert it with `aprtrace convert`, or use --engine numpy",
-            )
-        arch = arch_nodes(cfg.architecture)
+        arch = self.check_model(model)
         ids = check_token_ids(cfg, token_ids).tolist()
-        check_installed()
         sources = arch.sources(cfg)
         # llama GGUFs store Q/K rows in llama.cpp's adjacent-pair RoPE order (mapping/).
         permuted = bool(model.qk_permuted)
@@ -447,6 +441,17 @@ class LlamaCppEngine:
             "stage_sources": source_notes(arch, cfg, permuted),
         }
         return logits
+
+    @staticmethod
+    def check_model(model: Model) -> ArchNodes:
+        """Refuse what this engine cannot run (before any output directory is touched)."""
+        if model.format != "gguf":
+            raise ValidationError(
+                f"--engine llama.cpp reads GGUF files; {model.path} is {model.format}",
+                hint="convert it with `aprtrace convert`, or use --engine numpy",
+            )
+        check_installed()
+        return arch_nodes(model.config.architecture)
 
     def _stream(self, run, cfg, sources, seq, permuted, emit, progress) -> np.ndarray:
         """Group the streamed nodes by layer; emit a layer when its ``l_out`` arrives."""
