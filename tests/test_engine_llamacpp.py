@@ -106,6 +106,26 @@ def test_node_table_names_nodes_the_graph_has(tiny):
             assert "attn_out-0" not in nodes  # hence `follows` for attn_out
 
 
+def test_capturing_changes_no_logit(smollm2_path):
+    """The eval callback only observes: llama.cpp's logits with every node captured are the
+    same bits as without the callback installed."""
+
+    def logits(**flags):
+        names = sorted({n for s in llamacpp.LLAMA_NODES.values() for n in s.nodes})
+        request = llamacpp._request(
+            "trace", str(smollm2_path), tokens=[1780, 314, 216, 34], names=names, **flags
+        )
+        _, messages = llamacpp.run_child(request)
+        (payload,) = [p for h, p in messages if h["kind"] == "logits"]
+        nodes = sum(h["kind"] == "node" for h, _ in messages)
+        return np.frombuffer(payload, dtype="<f4"), nodes
+
+    with_capture, captured = logits()
+    without, none = logits(no_callback=True)
+    assert captured > 30 * 15 and none == 0
+    np.testing.assert_array_equal(with_capture, without)
+
+
 def test_llama_qk_unpermutation_is_the_inverse_of_the_writer(tiny):
     """A llama file's Q/K columns come back in Hugging Face order: the masked entries of the
     scores and the RoPE pairs only line up when the un-permutation is right."""

@@ -328,8 +328,9 @@ def trace(cy, request: dict[str, Any], channel: Channel) -> dict[str, Any]:
         set(request.get("follow", ())),
         bool(request.get("list_only")),
     )
-    slot = ctypes.c_void_p.from_address(layout.cb_eval_address(params))
-    slot.value = ctypes.cast(capture.callback, ctypes.c_void_p).value
+    if not request.get("no_callback"):  # (the test that the callback changes no logit)
+        slot = ctypes.c_void_p.from_address(layout.cb_eval_address(params))
+        slot.value = ctypes.cast(capture.callback, ctypes.c_void_p).value
     ctx = cy.LlamaContext(model, params)
     settings = {
         "n_ctx": int(ctx.n_ctx),
