@@ -86,11 +86,13 @@ _GLOBALS = {
 }
 
 
-def tiny_model(arch: str, seed: int = 7):
+def tiny_model(arch: str, seed: int = 7, windowed: bool = True):
     """A tiny seeded transformers model of ``arch`` (GQA 4/2 heads, untied head except
-    StarCoder2, which ties it as its checkpoints do)."""
+    StarCoder2, which ties it as its checkpoints do). ``windowed=False`` drops the sliding
+    window of Phi-3 / Mistral / StarCoder2 (the llama.cpp check: llama.cpp ignores it)."""
     import transformers
 
+    window = WINDOW.get(arch) if windowed else None
     common = dict(
         vocab_size=hfref.tiny_tokenizer().get_vocab_size(),
         max_position_embeddings=256,
@@ -103,7 +105,7 @@ def tiny_model(arch: str, seed: int = 7):
     )
     if arch == "phi3":
         config = transformers.Phi3Config(
-            rope_theta=10000.0, partial_rotary_factor=0.5, sliding_window=WINDOW[arch], **common
+            rope_theta=10000.0, partial_rotary_factor=0.5, sliding_window=window, **common
         )
         cls = transformers.Phi3ForCausalLM
     elif arch == "olmo2":
@@ -129,14 +131,12 @@ def tiny_model(arch: str, seed: int = 7):
             rope_theta=100000.0,
             norm_epsilon=LAYER_NORM_EPS,
             use_bias=True,
-            sliding_window=WINDOW[arch],
+            sliding_window=window,
             **common,
         )
         cls = transformers.Starcoder2ForCausalLM
     elif arch == "mistral":
-        config = transformers.MistralConfig(
-            rope_theta=10000.0, sliding_window=WINDOW[arch], **common
-        )
+        config = transformers.MistralConfig(rope_theta=10000.0, sliding_window=window, **common)
         cls = transformers.MistralForCausalLM
     else:
         raise ValueError(arch)
@@ -179,14 +179,14 @@ def gguf_weights(path) -> dict[str, np.ndarray]:
     return out
 
 
-def build_files(archs, tokenizer, root: Path) -> dict:
+def build_files(archs, tokenizer, root: Path, windowed: bool = True) -> dict:
     """``{(arch, container): (model path, weights transformers must run on)}`` for ``archs``.
 
     The APR file is converted from the Q8_0 GGUF (kept Q8_0), so it shares its weights.
     """
     out = {}
     for arch in archs:
-        hf_model = tiny_model(arch)
+        hf_model = tiny_model(arch, windowed=windowed)
         hf_dir = root / f"{arch}-hf"
         hf_model.save_pretrained(hf_dir, safe_serialization=True)
         tokenizer.save(str(hf_dir / "tokenizer.json"))

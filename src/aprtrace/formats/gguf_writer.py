@@ -187,7 +187,9 @@ def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None
 def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
     import gguf
 
-    writer.add_name(f"aprtrace {config.architecture}")
+    # Neutral on purpose: llama.cpp's vocab loader patches token attributes by model name
+    # ("phi3" expects Phi-3's own special tokens), which a tiny vocabulary does not have.
+    writer.add_name("aprtrace model")
     writer.add_file_type(int(gguf.LlamaFileType[WRITE_TYPES[qtype]]))
     if qtype not in ("F32", "F16", "BF16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
