@@ -295,3 +295,22 @@ def test_qwen_sliding_window_layers_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="sliding-window layers"):
         load_model(tmp_path)
+
+
+def test_rope_dimension_count_survives_the_division_into_a_factor():
+    """GGUF gives rotated channels as a count; as a factor of head_dim it must give the same
+    count back (int(62 / 78 * 78) is 61)."""
+    from aprtrace.config import ModelConfig
+
+    for head_dim in range(2, 258, 2):
+        for rotated in range(2, head_dim + 1, 2):
+            cfg = ModelConfig(
+                "phi3", 64, 1, 1, 1, 1, 1, head_dim, partial_rotary_factor=rotated / head_dim
+            )
+            assert cfg.rotary_dim == rotated, (rotated, head_dim)
+
+
+def test_unknown_activation_is_refused(files, tmp_path):
+    path = _edited_copy(files, "olmo2", tmp_path, lambda c: c.update(hidden_act="gelu"))
+    with pytest.raises(ModelLoadError, match="activation 'gelu'"):
+        load_model(path)

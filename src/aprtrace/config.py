@@ -146,8 +146,12 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """Channels of each head that RoPE rotates (even)."""
-        return int(self.head_dim * self.partial_rotary_factor) // 2 * 2
+        """Channels of each head that RoPE rotates (even).
+
+        Truncated as transformers does, after a tolerance for the factor GGUF gives as
+        ``rope.dimension_count / head_dim`` (62 / 78 * 78 is 61.99999999999999).
+        """
+        return int(self.head_dim * self.partial_rotary_factor + 1e-6) // 2 * 2
 
     @property
     def attention_scale(self) -> float:

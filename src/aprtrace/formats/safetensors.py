@@ -229,6 +229,10 @@ _ROPE_FEATURES = {
 }
 
 
+# The MLP activation each module computes (transformers' ACT2FN names of the same function).
+_ACTIVATIONS = {"starcoder2": ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")}
+
+
 def _refuse_unsupported_config(raw: dict, architecture: str, where: str) -> None:
     """Config switches that change the math in ways aprtrace does not implement."""
     refusals = [
@@ -247,6 +251,12 @@ def _refuse_unsupported_config(raw: dict, architecture: str, where: str) -> None
         ),
         (bool(raw.get("qk_layernorm")), "per-head Q/K LayerNorm (StableLM 2 12B)"),
     ]
+    act = raw.get("hidden_act", raw.get("hidden_activation"))
+    allowed = _ACTIVATIONS.get(architecture, ("silu", "swish"))
+    if act is not None and act not in allowed:
+        refusals.append(
+            (True, f"MLP activation '{act}' for {architecture} (aprtrace: {allowed[0]})")
+        )
     for refused, feature in refusals:
         if refused:
             raise ModelLoadError(
