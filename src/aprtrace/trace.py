@@ -14,6 +14,7 @@ import numpy as np
 
 from aprtrace.atomic import write_bytes_atomic
 from aprtrace.capture import CaptureLog, maybe_save_stage
+from aprtrace.decode import DecodeRun
 from aprtrace.errors import OutputError, ValidationError
 from aprtrace.forward import Progress, forward
 from aprtrace.model import Model
@@ -109,6 +110,9 @@ class TraceResult:
     seconds: float
     stale_files: list[Path] = field(default_factory=list)
     manifest_path: Path | None = None
+    # With --decode: the steps, and the statistics of each step's pass (step -> stats).
+    decode: DecodeRun | None = None
+    step_stats: dict[int, list[StageStats]] = field(default_factory=dict)
 
 
 def cache_dir() -> Path:
@@ -217,11 +221,15 @@ def run_trace(
     progress: Progress | None = None,
     clean: bool = False,
     engine: str = "numpy",
+    decode: int = 0,
+    decode_tokens: list[int] | None = None,
 ) -> TraceResult:
     """Run the forward pass, write the planned stage files, then the manifest (last).
 
     ``engine`` is ``numpy`` (aprtrace's own forward pass) or ``transformers`` (Hugging Face
     transformers on the same decoded weights, as a reference dump in the same layout).
+    ``decode`` steps follow the prompt pass through a KV cache (``DIR/decode-k/``), feeding
+    ``decode_tokens`` when given (teacher forcing), else each step's greedy argmax.
     """
     run_forward = engine_forward(engine)
     if plan is not None:
@@ -245,7 +253,23 @@ def run_trace(
             first_bad.append((stage.value, layer))
 
     start = time.perf_counter()
-    logits = run_forward(model, token_ids, emit, progress)
+    decoded, step_stats = None, {}
+    if decode or decode_tokens is not None:
+        decoded, step_stats = _decode_passes(
+            engine,
+            model,
+            token_ids,
+            plan,
+            log,
+            emit,
+            progress,
+            decode,
+            decode_tokens,
+            collect_stats,
+        )
+        logits = decoded.logits[0]
+    else:
+        logits = run_forward(model, token_ids, emit, progress)
     seconds = time.perf_counter() - start
 
     written = {f.path.resolve() for f in log.files}
@@ -258,15 +282,17 @@ def run_trace(
         first_nonfinite=first_bad[0] if first_bad else None,
         seconds=seconds,
         stale_files=stale,
+        decode=decoded,
+        step_stats=step_stats,
     )
     if plan is not None:
         result.manifest_path = _write_manifest(
-            model, plan, layers, token_ids, prompt, log, hasher, engine
+            model, plan, layers, token_ids, prompt, log, hasher, engine, decoded
         )
     return result
 
 
-def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine) -> Path:
+def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine, decoded) -> Path:
     from aprtrace.manifest import build_manifest_data, write_manifest
 
     data = build_manifest_data(
@@ -282,8 +308,106 @@ def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine)
         files=log.files,
         digest=hasher.result() if hasher else None,
         engine=engine,
+        decode=decode_manifest(decoded) if decoded is not None else None,
     )
     return write_manifest(plan.out_dir, data)
+
+
+# --- decode (issue 12): N steps through a KV cache after the prompt pass -------------------
+
+
+def engine_decode(engine: str):
+    """The decode function of an engine (``aprtrace.decode.numpy_decode``'s signature)."""
+    if engine == "numpy":
+        from aprtrace.decode import numpy_decode
+
+        return numpy_decode
+    if engine == "transformers":
+        from aprtrace.engines.transformers import hf_decode
+
+        return hf_decode
+    raise ValidationError(f"unknown engine '{engine}'", hint=f"choose one of {', '.join(ENGINES)}")
+
+
+def _decode_passes(
+    engine, model, token_ids, plan, log, emit, progress, steps, forced, collect_stats
+) -> tuple[DecodeRun, dict[int, list[StageStats]]]:
+    """The prompt pass through ``emit`` (the dump root), then each step k into ``decode-k/``."""
+    from dataclasses import replace
+
+    from aprtrace.decode import step_dir
+
+    if forced is not None and not steps:
+        steps = len(forced)
+    step_stats: dict[int, list[StageStats]] = {}
+
+    def emit_for(step: int):
+        if step == 0:
+            return emit
+        step_plan = replace(plan, out_dir=plan.out_dir / step_dir(step)) if plan else None
+        stats = step_stats.setdefault(step, [])
+
+        def emit_step(stage: Stage, layer: int | None, values: np.ndarray) -> None:
+            maybe_save_stage(step_plan, stage, layer, values, log)
+            if collect_stats:
+                stats.append(stage_stats(stage, layer, values))
+
+        return emit_step
+
+    run = engine_decode(engine)(model, token_ids, steps, emit_for, progress, forced)
+    return run, step_stats
+
+
+def decode_manifest(run: DecodeRun) -> dict:
+    """The manifest's ``decode`` object: how each step's token was chosen and where it ran."""
+    return {
+        "mode": "forced" if run.forced else "greedy",
+        "prompt_argmax": run.prompt_argmax,
+        "steps": [s.to_dict() for s in run.steps],
+    }
+
+
+@dataclass
+class DecodeCapture:
+    """``capture_decode``'s result: ``stages[0]`` is the prompt pass, ``stages[k]`` step k."""
+
+    token_ids: list[int]
+    steps: list  # aprtrace.decode.DecodeStep, one per step 1..N
+    stages: list[dict[tuple[str, int | None], np.ndarray]]
+    logits: list[np.ndarray]
+
+
+def capture_decode(
+    model: Model,
+    prompt: str | list[int],
+    steps: int,
+    *,
+    tokens: list[int] | None = None,
+    engine: str = "numpy",
+    add_bos: bool = False,
+) -> DecodeCapture:
+    """Every stage of the prompt pass and of ``steps`` decode steps, in memory.
+
+    Step k feeds ``tokens[k-1]`` when given (teacher forcing), else the argmax of step k-1.
+    Inside a step arrays hold the one new position (``[1, dim]``, maps ``[heads, 1, n+k]``).
+    """
+    ids = encode_prompt(model, prompt, add_bos) if isinstance(prompt, str) else list(prompt)
+    passes: list[dict[tuple[str, int | None], np.ndarray]] = []
+
+    def emit_for(step: int):
+        passes.append({})
+        out = passes[-1]
+
+        def keep(stage: Stage, layer: int | None, values: np.ndarray) -> None:
+            out[(stage.value, layer)] = np.array(values, dtype=np.float32, copy=True)
+
+        return keep
+
+    run = engine_decode(engine)(model, ids, steps, emit_for, None, tokens)
+    return DecodeCapture(ids, run.steps, passes, run.logits)
+
+
+# --- end decode -----------------------------------------------------------------------------
 
 
 def capture_stages(
