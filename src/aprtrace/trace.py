@@ -447,17 +447,17 @@ def encode_prompt(model: Model, prompt: str, add_bos: bool) -> list[int]:
     return ids
 
 
-def parse_token_list(spec: str) -> list[int]:
-    """``--tokens 1,2,3`` -> [1, 2, 3]."""
+def parse_token_list(spec: str, flag: str = "--tokens") -> list[int]:
+    """``--tokens 1,2,3`` -> [1, 2, 3] (``flag`` names the option in errors)."""
     try:
         ids = [int(t) for t in spec.replace(" ", "").split(",") if t != ""]
     except ValueError:
         raise ValidationError(
-            f"invalid --tokens '{spec}'",
-            hint="give comma-separated integers, e.g. --tokens 3838,374",
+            f"invalid {flag} '{spec}'",
+            hint=f"give comma-separated integers, e.g. {flag} 3838,374",
         ) from None
     if not ids:
-        raise ValidationError("--tokens is empty", hint="give comma-separated integers")
+        raise ValidationError(f"{flag} is empty", hint="give comma-separated integers")
     if any(i < 0 for i in ids):
-        raise ValidationError(f"invalid --tokens '{spec}': token ids are >= 0")
+        raise ValidationError(f"invalid {flag} '{spec}': token ids are >= 0")
     return ids
