@@ -376,3 +376,59 @@ def test_first_token_disagreement_names_the_step(tiny_dirs, tmp_path, monkeypatc
     from aprtrace.report import token_disagreement_line
 
     assert "after step 2" in token_disagreement_line(result)
+
+
+# --------------------------------------------------------------------------------------------
+# The real SmolLM2: 8 decode steps, NumPy engine against transformers' cached decode
+
+SMOLLM2_STEPS = 8
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_smollm2_decode_matches_transformers_at_default_tolerances(smollm2_path, tmp_path):
+    model = load_model(smollm2_path)
+    ids = model.tokenizer.encode("What is 2+2?", add_special_tokens=False).ids
+    ours = run_trace(
+        model,
+        ids,
+        make_plan("all", "all", tmp_path / "numpy", smollm2_path),
+        decode=SMOLLM2_STEPS,
+        collect_stats=False,
+    )
+    fed = ours.decode.tokens
+    theirs = run_trace(
+        model,
+        ids,
+        make_plan("all", "all", tmp_path / "hf", smollm2_path),
+        decode=SMOLLM2_STEPS,
+        decode_tokens=fed,
+        collect_stats=False,
+        engine="transformers",
+    )
+    assert [s.argmax for s in theirs.decode.steps] == [s.argmax for s in ours.decode.steps]
+    result = diff_dirs(tmp_path / "numpy", tmp_path / "hf")
+    assert result.steps == list(range(SMOLLM2_STEPS + 1))
+    assert result.failed == 0 and not result.incomparable, result.first_divergence
+    assert result.first_token_disagreement is None
+    assert len(result.pairs) == len(ours.log.files) == len(theirs.log.files)
+
+
+def test_decode_shapes_are_inferred_from_the_step_position(tiny_gguf, tmp_path, runner):
+    """Without the files list, a step's shapes come from its manifest position."""
+    out = tmp_path / "d"
+    args = ["trace", str(tiny_gguf), "--save-tensor", "all", "--save-tensor-dir", str(out)]
+    assert runner.invoke(main, [*args, "--decode", "2", "-q"]).exit_code == 0
+    from aprtrace.diff import infer_shape
+    from aprtrace.manifest import read_manifest
+
+    manifest = read_manifest(out)
+    listed = {f.path: f.shape for f in manifest.files}
+    stripped = dataclasses.replace(manifest, files=())
+    for rel in (
+        "decode-2/layer-0/attn_scores.bin",
+        "decode-2/layer-0/ffn_out.bin",
+        "decode-1/lm_head.bin",
+    ):
+        count = int(np.prod(listed[rel]))
+        assert infer_shape(key_for(rel), count, [stripped]) == tuple(listed[rel])

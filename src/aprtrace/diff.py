@@ -736,21 +736,27 @@ def infer_shape(key: PairKey, count: int, manifests: list[Manifest]) -> tuple[in
     if stage is not None and len(stage.spec.shape_dims) == 1:
         return (count,)
     for m in manifests:
-        seq = len(m.token_ids)
+        seq, keys = len(m.token_ids), None
+        if key.step:  # a decode step: one new row attending every position up to its own
+            at = [s.get("position") for s in m.decode_steps if s.get("step") == key.step]
+            if not at or not isinstance(at[0], int):
+                continue
+            seq, keys = 1, at[0] + 1
         if seq <= 0:
             continue
         cfg = _config_view(m.config)
         if stage is not None and cfg is not None:
             try:
-                shape = stage_shape(stage, cfg, seq)
+                shape = stage_shape(stage, cfg, seq, keys)
             except (AttributeError, TypeError):
                 shape = None
             if shape is not None and int(np.prod(shape)) == count:
                 return shape
         if stage is not None and stage.spec.attention_map:
-            heads = count // (seq * seq)
-            if heads * seq * seq == count:
-                return (heads, seq, seq)
+            width = seq if keys is None else keys
+            heads = count // (seq * width)
+            if heads * seq * width == count:
+                return (heads, seq, width)
         elif count % seq == 0:
             return (seq, count // seq)
     return None
