@@ -340,13 +340,17 @@ def trace(
         stage, layer = result.first_nonfinite
         where = f"layer {layer} {stage}" if layer is not None else stage
         click.echo(f"warning: first NaN/Inf appears at {where}", err=True)
+    label = "Next token (argmax)"
     if result.decode is not None:
         _print_decode_steps(result, model, plan is None)
+        if result.decode.steps:
+            top = result.decode.steps[-1].argmax
+            label = f"Next token after step {result.decode.steps[-1].step} (argmax)"
     if top is not None and model.tokenizer is not None:
         text = model.tokenizer.decode([top], skip_special_tokens=False)
-        click.echo(f"Next token (argmax): {top} {text!r}")
+        click.echo(f"{label}: {top} {text!r}")
     elif top is not None:
-        click.echo(f"Next token (argmax): {top}")
+        click.echo(f"{label}: {top}")
     else:
         click.echo("Next token: none (the logits contain NaN)")
 
