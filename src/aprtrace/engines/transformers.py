@@ -366,7 +366,8 @@ def hooked_passes(
         # Query i sits at absolute position (keys - queries) + i; it sees keys up to there.
         allowed = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
         if attention_mask is not None:  # transformers' own mask (a sliding window, padding)
-            allowed &= attention_mask[0, 0, :, :keys] == 0
+            mask = attention_mask[0, 0, :, :keys]
+            allowed &= mask if mask.dtype == torch.bool else mask == 0  # additive: 0 = allowed
         scores = torch.matmul(q, k_rep.transpose(1, 2)) * scaling
         put(Stage.ATTN_SCORES, layer, scores.masked_fill(~allowed, 0.0))
         put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~allowed, 0.0))
