@@ -14,6 +14,13 @@ apr-compatible files. Schema ``aprtrace-manifest-v1``::
      "decode": {"mode": "greedy" | "forced", "prompt_argmax": int | null,      (--decode N only)
                 "steps": [{"step": 1, "dir": "decode-1", "token": int, "position": int,
                            "argmax": int | null}, ...]}}
+
+``"engine"`` names who computed the pass (numpy | transformers | llama.cpp). A llama.cpp dump
+adds ``"llama_cpp"`` (build, ggml, cyllama, context settings), ``"not_captured"`` (stages the
+model has that llama.cpp does not compute, e.g. ``["ffn_silu"]``: not written, not faked),
+``"stage_sources"`` (the graph node each stage came from, and how it was converted) and
+``"tokenizer"`` (``{"source": "llama.cpp", "aprtrace_agrees": true}`` when the ids came from
+llama.cpp's tokenizer).
 """
 
 from __future__ import annotations

@@ -195,9 +195,9 @@ def prepare_out_dir(plan: SavePlan, clean: bool) -> list[Path]:
     return sorted(out.rglob("*.bin"))
 
 
-ENGINES = ("numpy", "transformers")
+ENGINES = ("numpy", "transformers", "llama.cpp")
 # Suffix of the default output directory per engine (numpy keeps apr's `<stem>-trace`).
-ENGINE_DIR_SUFFIX = {"numpy": "", "transformers": "-transformers"}
+ENGINE_DIR_SUFFIX = {"numpy": "", "transformers": "-transformers", "llama.cpp": "-llamacpp"}
 
 
 def engine_forward(engine: str):
@@ -208,6 +208,10 @@ def engine_forward(engine: str):
         from aprtrace.engines.transformers import hf_forward
 
         return hf_forward
+    if engine == "llama.cpp":
+        from aprtrace.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine()  # a fresh one per run: it keeps the run's manifest_info
     raise ValidationError(f"unknown engine '{engine}'", hint=f"choose one of {', '.join(ENGINES)}")
 
 
@@ -221,17 +225,24 @@ def run_trace(
     progress: Progress | None = None,
     clean: bool = False,
     engine: str = "numpy",
+    tokenizer: dict | None = None,
     decode: int = 0,
     decode_tokens: list[int] | None = None,
 ) -> TraceResult:
     """Run the forward pass, write the planned stage files, then the manifest (last).
 
-    ``engine`` is ``numpy`` (aprtrace's own forward pass) or ``transformers`` (Hugging Face
-    transformers on the same decoded weights, as a reference dump in the same layout).
-    ``decode`` steps follow the prompt pass through a KV cache (``DIR/decode-k/``), feeding
-    ``decode_tokens`` when given (teacher forcing), else each step's greedy argmax.
+    ``engine`` is ``numpy`` (aprtrace's own forward pass), ``transformers`` (Hugging Face
+    transformers on the same decoded weights) or ``llama.cpp`` (llama.cpp's own graph nodes,
+    GGUF only), each a dump in the same layout. ``tokenizer`` (which tokenizer made the ids)
+    goes into the manifest. ``decode`` steps follow the prompt pass through a KV cache
+    (``DIR/decode-k/``), feeding ``decode_tokens`` when given (teacher forcing), else each
+    step's greedy argmax.
     """
     run_forward = engine_forward(engine)
+    if decode or decode_tokens is not None:
+        engine_decode(engine)  # an engine without decode is refused before the output dir
+    if hasattr(run_forward, "check_model"):
+        run_forward.check_model(model)  # an engine's refusal comes before the output dir
     if plan is not None:
         layers = plan.layers.resolve(model.config.num_layers)
         existing = prepare_out_dir(plan, clean)
@@ -286,13 +297,18 @@ def run_trace(
         step_stats=step_stats,
     )
     if plan is not None:
+        extra = dict(getattr(run_forward, "manifest_info", None) or {})
+        if tokenizer is not None:
+            extra["tokenizer"] = tokenizer
         result.manifest_path = _write_manifest(
-            model, plan, layers, token_ids, prompt, log, hasher, engine, decoded
+            model, plan, layers, token_ids, prompt, log, hasher, engine, extra, decoded
         )
     return result
 
 
-def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine, decoded) -> Path:
+def _write_manifest(
+    model, plan, layers, token_ids, prompt, log, hasher, engine, extra, decoded=None
+) -> Path:
     from aprtrace.manifest import build_manifest_data, write_manifest
 
     data = build_manifest_data(
@@ -310,6 +326,7 @@ def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine,
         engine=engine,
         decode=decode_manifest(decoded) if decoded is not None else None,
     )
+    data.update(extra)  # engine provenance (llama.cpp build, not_captured, ...)
     return write_manifest(plan.out_dir, data)
 
 
@@ -326,6 +343,11 @@ def engine_decode(engine: str):
         from aprtrace.engines.transformers import hf_decode
 
         return hf_decode
+    if engine in ENGINES:
+        raise ValidationError(
+            f"--decode is not implemented for the {engine} engine yet",
+            hint="trace the decode steps with --engine numpy or --engine transformers",
+        )
     raise ValidationError(f"unknown engine '{engine}'", hint=f"choose one of {', '.join(ENGINES)}")
 
 
