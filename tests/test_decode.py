@@ -432,3 +432,20 @@ def test_decode_shapes_are_inferred_from_the_step_position(tiny_gguf, tmp_path, 
     ):
         count = int(np.prod(listed[rel]))
         assert infer_shape(key_for(rel), count, [stripped]) == tuple(listed[rel])
+
+
+@pytest.mark.parametrize("command", ["trace", "compare"])
+def test_engine_without_decode_is_refused_before_anything_runs(
+    tiny_gguf, tmp_path, runner, command
+):
+    out = tmp_path / "out"
+    if command == "trace":
+        args = ["trace", str(tiny_gguf), "--engine", "llama.cpp", "--save-tensor", "all"]
+        args += ["--save-tensor-dir", str(out), "--decode", "2"]
+    else:
+        args = ["compare", str(tiny_gguf), "--engines", "numpy,llama.cpp", "--dir", str(out)]
+        args += ["--decode", "2"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 5, result.output
+    assert "--decode is not implemented for the llama.cpp engine" in result.output
+    assert not out.exists()

@@ -256,6 +256,10 @@ def trace(
     forced = parse_token_list(decode_tokens, "--decode-tokens") if decode_tokens else None
     if decode_steps is None:
         decode_steps = len(forced) if forced is not None else 0
+    if decode_steps:
+        from aprtrace.trace import engine_decode
+
+        engine_decode(engine)  # an engine without decode is refused before the model loads
     if engine == "transformers":
         from aprtrace.engines.transformers import import_ref
 

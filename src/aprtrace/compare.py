@@ -195,6 +195,11 @@ def compare_command(
     fed = parse_token_list(decode_tokens, "--decode-tokens") if decode_tokens else None
     if decode_steps is None:
         decode_steps = len(fed) if fed is not None else 0
+    if decode_steps:
+        from aprtrace.trace import engine_decode
+
+        for engine in (engine_a, engine_b):
+            engine_decode(engine)  # refused before A is traced
     dumps = []
     for side, path, engine in (("A", model_a, engine_a), ("B", model_b, engine_b)):
         dump = trace_to_dir(
