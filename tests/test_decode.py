@@ -291,6 +291,7 @@ def test_decode_tokens_force_the_continuation(tiny_gguf, tmp_path, runner):
         (["--decode-tokens", "99999999"], "outside the vocabulary"),
         (["--decode", "-1"], "-1"),
         (["--decode", "100000"], "exceed the model's context"),
+        (["--decode", "0", "--decode-tokens", "5"], "no step to feed them to"),
     ],
 )
 def test_bad_decode_flags_exit_with_usage_or_validation_codes(tiny_gguf, runner, extra, message):
@@ -324,7 +325,13 @@ def test_diff_steps_filter_and_step_in_json(tiny_gguf_pair, tmp_path, runner):
         ["diff", "--values", str(tmp_path / "a"), str(tmp_path / "b"), "--json", "--steps", "1..3"],
     )
     assert {p["step"] for p in json.loads(filtered.output)["pairs"]} == {1, 2}
-    table = runner.invoke(main, ["diff", "--values", str(tmp_path / "a"), str(tmp_path / "b")])
+    html = tmp_path / "r.html"
+    table = runner.invoke(
+        main, ["diff", "--values", str(tmp_path / "a"), str(tmp_path / "b"), "--html", str(html)]
+    )
+    page = html.read_text()
+    assert ">step 3 layer 0<" in page and ">step 3 whole-model<" in page  # heatmap rows
+    assert "<td>step 2 0</td>" in page  # table rows carry the step
     assert "step" in table.output.splitlines()[2]
     assert "step 3 lm_head: top-1" in table.output
     bad = runner.invoke(

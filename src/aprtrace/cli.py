@@ -18,7 +18,7 @@ import click
 import numpy as np
 
 from aprtrace import __version__
-from aprtrace.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, AprtraceError
+from aprtrace.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, AprtraceError, ValidationError
 from aprtrace.stages import Stage, stages_for
 
 DEFAULT_PROMPT = "What is 2+2?"
@@ -256,6 +256,11 @@ def trace(
     forced = parse_token_list(decode_tokens, "--decode-tokens") if decode_tokens else None
     if decode_steps is None:
         decode_steps = len(forced) if forced is not None else 0
+    elif decode_steps == 0 and forced is not None:
+        raise ValidationError(
+            "--decode 0 with --decode-tokens: no step to feed them to",
+            hint="leave --decode out (it defaults to the number of --decode-tokens)",
+        )
     if decode_steps:
         from aprtrace.trace import engine_decode
 

@@ -195,6 +195,11 @@ def compare_command(
     fed = parse_token_list(decode_tokens, "--decode-tokens") if decode_tokens else None
     if decode_steps is None:
         decode_steps = len(fed) if fed is not None else 0
+    elif decode_steps == 0 and fed is not None:
+        raise ValidationError(
+            "--decode 0 with --decode-tokens: no step to feed them to",
+            hint="leave --decode out (it defaults to the number of --decode-tokens)",
+        )
     if decode_steps:
         from aprtrace.trace import engine_decode
 
