@@ -19,15 +19,20 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aprtrace.arch import KVCache
-from aprtrace.arch.base import Emit
+from aprtrace.arch.base import Emit, KVCache
 from aprtrace.config import ModelConfig
 from aprtrace.errors import InferenceError, ValidationError
-from aprtrace.forward import Progress, check_token_ids, run_layers
-from aprtrace.model import Model
+from aprtrace.plan import LayerSelection, parse_layers
+
+# The forward driver is imported where a pass runs: `diff` reads step directories through
+# this module and should not load the forward pass for that.
+Progress = Callable[[int, int], None]
+if TYPE_CHECKING:
+    from aprtrace.model import Model
 
 # Directory of step k inside a dump (the prompt pass stays at the root, as apr writes it).
 STEP_DIR = "decode-{}"
@@ -154,6 +159,8 @@ def numpy_decode(
     cache: KVCache | None = None,
 ) -> DecodeRun:
     """The NumPy engine: the prompt pass fills ``cache``, each step appends one row to it."""
+    from aprtrace.forward import check_token_ids, run_layers
+
     cfg = model.config
     ids = check_token_ids(cfg, token_ids)
     if cfg.num_layers <= 0:
@@ -172,10 +179,8 @@ def numpy_decode(
     return generate(logits, ids.size, steps, forced, run_step, emit_for)
 
 
-def parse_steps(spec: str):
+def parse_steps(spec: str) -> LayerSelection:
     """``--steps 0..3`` (end exclusive, as --save-tensor-layers; 0 = the prompt pass)."""
-    from aprtrace.plan import parse_layers
-
     return parse_layers(spec, flag="--steps")
 
 
