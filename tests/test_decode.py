@@ -123,20 +123,44 @@ def test_sliding_window_is_kept_in_decode(arch, tiny_dirs):
         assert (probs[..., step.position + 1 - window :] > 0).all()
 
 
+def original_model_decode(arch: str, ids: list[int], fed: list[int]) -> list[dict]:
+    """Stages of the seeded transformers model itself (not rebuilt from the file), one
+    ``DynamicCache`` pass per step: independent of aprtrace's loader."""
+    import transformers
+
+    from aprtrace.engines.transformers import hooked_passes
+
+    hf_model = hfref.tiny_hf_model(arch, seed=11)
+    cache = transformers.DynamicCache(config=hf_model.config)
+    passes: list[dict] = []
+
+    def keeper():
+        passes.append({})
+        out = passes[-1]
+        return lambda stage, layer, values: out.__setitem__((stage.value, layer), values)
+
+    with hooked_passes(hf_model) as run_pass:
+        run_pass(ids, keeper(), cache)
+        for token in fed:
+            run_pass([token], keeper(), cache)
+    return passes
+
+
 @pytest.mark.reference
 @pytest.mark.parametrize("arch", ARCHS)
 def test_decode_matches_transformers_cached_decode(arch, tiny_dirs):
     model = load_model(tiny_dirs[arch])
     ours = capture_decode(model, PROMPT, 4)
-    theirs = capture_decode(
-        model, PROMPT, 4, tokens=[s.token for s in ours.steps], engine="transformers"
-    )
+    fed = [s.token for s in ours.steps]
+    theirs = capture_decode(model, PROMPT, 4, tokens=fed, engine="transformers")
     assert [s.position for s in theirs.steps] == [s.position for s in ours.steps]
     assert [s.argmax for s in theirs.steps] == [s.argmax for s in ours.steps]
-    for k, (a, b) in enumerate(zip(ours.stages, theirs.stages, strict=True)):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_close(a[key], b[key], RELATIVE_BOUND, f"step {k} {key}")
+    original = original_model_decode(arch, ours.token_ids, fed)
+    for k, a in enumerate(ours.stages):
+        for reference in (theirs.stages[k], original[k]):
+            assert a.keys() == reference.keys()
+            for key in a:
+                assert_close(a[key], reference[key], RELATIVE_BOUND, f"step {k} {key}")
 
 
 def test_decode_requests_are_validated(tiny_dirs):
