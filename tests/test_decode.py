@@ -480,3 +480,17 @@ def test_engine_without_decode_is_refused_before_anything_runs(
     assert result.exit_code == 5, result.output
     assert "--decode is not implemented for the llama.cpp engine" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("decode", ["garbage", {"steps": "x"}, {"steps": [1, {"step": 1}]}, None])
+def test_a_malformed_decode_field_does_not_break_reading_a_manifest(decode, tmp_path):
+    from aprtrace.manifest import parse_manifest
+
+    doc = {"schema": "aprtrace-manifest-v1", "files": [], "decode": decode}
+    manifest = parse_manifest(doc, tmp_path / "manifest.json")
+    steps = manifest.decode_steps
+    assert all(isinstance(s, dict) for s in steps)
+    key = key_for("decode-1/layer-0/attn_scores.bin")
+    from aprtrace.diff import infer_shape
+
+    assert infer_shape(key, 12, [manifest]) is None
