@@ -494,3 +494,24 @@ def test_a_malformed_decode_field_does_not_break_reading_a_manifest(decode, tmp_
     from aprtrace.diff import infer_shape
 
     assert infer_shape(key, 12, [manifest]) is None
+
+
+def test_first_nan_of_a_step_is_reported_per_step(tiny_gguf, tmp_path, runner, monkeypatch):
+    original = KVCache.extend
+
+    def poisoned(self, layer, k, v, positions):
+        keys, values, pos = original(self, layer, k, v, positions)
+        if positions[0] == pos[0] + 7:  # the second decode step of a 6-token prompt
+            values = np.full_like(values, np.nan)
+        return keys, values, pos
+
+    monkeypatch.setattr(KVCache, "extend", poisoned)
+    out = tmp_path / "nan"
+    args = ["trace", str(tiny_gguf), "--save-tensor", "lm_head", "--save-tensor-dir", str(out)]
+    result = runner.invoke(main, [*args, "--decode-tokens", "5,17,9", "-q"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split(":")[0].strip(): line for line in result.output.splitlines()}
+    assert "NaN" not in lines["step 1"]
+    assert lines["step 2"].endswith("(first NaN/Inf at layer 0 attention)")
+    # Step 2's NaN rows of layer 1 are in the cache now: step 3 meets them in its scores.
+    assert lines["step 3"].endswith("(first NaN/Inf at layer 1 attn_scores)")

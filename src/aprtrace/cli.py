@@ -403,9 +403,9 @@ def _print_decode_steps(result, model, with_stats: bool) -> None:
         if model.tokenizer is not None:
             text = " " + repr(model.tokenizer.decode([s.token], skip_special_tokens=False))
         line = f"  step {s.step}: fed {s.token}{text} at position {s.position} -> argmax {s.argmax}"
-        bad = next((x for x in result.step_stats.get(s.step, []) if x.nan or x.inf), None)
-        if bad is not None:
-            where = f"layer {bad.layer} {bad.stage}" if bad.layer is not None else bad.stage
+        if s.step in result.step_nonfinite:
+            stage, layer = result.step_nonfinite[s.step]
+            where = f"layer {layer} {stage}" if layer is not None else stage
             line += f"  (first NaN/Inf at {where})"
         click.echo(line)
     if with_stats and run.steps:

@@ -110,9 +110,11 @@ class TraceResult:
     seconds: float
     stale_files: list[Path] = field(default_factory=list)
     manifest_path: Path | None = None
-    # With --decode: the steps, and the statistics of each step's pass (step -> stats).
+    # With --decode: the steps, the statistics of each step's pass (step -> stats) and the
+    # first non-finite capture of each step that has one (step -> (stage, layer)).
     decode: DecodeRun | None = None
     step_stats: dict[int, list[StageStats]] = field(default_factory=dict)
+    step_nonfinite: dict[int, tuple[str, int | None]] = field(default_factory=dict)
 
 
 def cache_dir() -> Path:
@@ -264,9 +266,9 @@ def run_trace(
             first_bad.append((stage.value, layer))
 
     start = time.perf_counter()
-    decoded, step_stats = None, {}
+    decoded, step_stats, step_bad = None, {}, {}
     if decode or decode_tokens is not None:
-        decoded, step_stats = _decode_passes(
+        decoded, step_stats, step_bad = _decode_passes(
             engine,
             model,
             token_ids,
@@ -295,6 +297,7 @@ def run_trace(
         stale_files=stale,
         decode=decoded,
         step_stats=step_stats,
+        step_nonfinite=step_bad,
     )
     if plan is not None:
         extra = dict(getattr(run_forward, "manifest_info", None) or {})
@@ -353,7 +356,7 @@ def engine_decode(engine: str):
 
 def _decode_passes(
     engine, model, token_ids, plan, log, emit, progress, steps, forced, collect_stats
-) -> tuple[DecodeRun, dict[int, list[StageStats]]]:
+) -> tuple[DecodeRun, dict[int, list[StageStats]], dict[int, tuple[str, int | None]]]:
     """The prompt pass through ``emit`` (the dump root), then each step k into ``decode-k/``."""
     from dataclasses import replace
 
@@ -362,6 +365,7 @@ def _decode_passes(
     if forced is not None and not steps:
         steps = len(forced)
     step_stats: dict[int, list[StageStats]] = {}
+    step_bad: dict[int, tuple[str, int | None]] = {}
 
     def emit_for(step: int):
         if step == 0:
@@ -373,11 +377,13 @@ def _decode_passes(
             maybe_save_stage(step_plan, stage, layer, values, log)
             if collect_stats:
                 stats.append(stage_stats(stage, layer, values))
+            if step not in step_bad and not np.isfinite(values).all():
+                step_bad[step] = (stage.value, layer)
 
         return emit_step
 
     run = engine_decode(engine)(model, token_ids, steps, emit_for, progress, forced)
-    return run, step_stats
+    return run, step_stats, step_bad
 
 
 def decode_manifest(run: DecodeRun) -> dict:
