@@ -19,6 +19,7 @@ from aprtrace.formats import load_model
 from aprtrace.formats.gguf_writer import tokenizer_dict_from_hf, write_gguf
 from aprtrace.forward import forward
 
+TINY_ARCHS = ("phi3", "olmo2", "granite", "stablelm", "starcoder2", "mistral")
 CONTAINERS = ("safetensors", "gguf-F32", "gguf-Q8_0", "apr-Q8_0")
 PROMPT = "What is 2+2? The quick brown fox, 1234 times.\n"
 RELATIVE_BOUND = 1e-4
