@@ -314,3 +314,34 @@ def test_unknown_activation_is_refused(files, tmp_path):
     path = _edited_copy(files, "olmo2", tmp_path, lambda c: c.update(hidden_act="gelu"))
     with pytest.raises(ModelLoadError, match="activation 'gelu'"):
         load_model(path)
+
+
+def test_teacher_forcing_covers_phi3_and_says_so_for_olmo2(files, token_ids, tmp_path):
+    """Phi-3 runs Llama's stage functions (split weights, partial rotary, window): a dump
+    localized against its own model has zero local and inherited error everywhere; OLMo 2's
+    rows say teacher forcing is not implemented."""
+    from aprtrace.diff import diff_dirs
+    from aprtrace.localize import localize
+    from aprtrace.plan import make_plan
+    from aprtrace.trace import run_trace
+
+    def dump(path, out):
+        run_trace(load_model(path), token_ids, make_plan("all", "all", out, path), clean=True)
+        return out
+
+    f32, q8 = files[("phi3", "gguf-F32")][0], files[("phi3", "gguf-Q8_0")][0]
+    a, b = dump(f32, tmp_path / "a"), dump(q8, tmp_path / "b")
+    same = diff_dirs(a, a)
+    loc = localize(same, load_model(f32))
+    assert len(same.pairs) == 1 + 16 * 3 + 2
+    for p in same.pairs:
+        s = loc.get(p)
+        assert s.note is None and (s.local_rel_l2, s.inherited_rel_l2) == (0.0, 0.0), p.key.label
+    quantized = diff_dirs(a, b)
+    loc = localize(quantized, load_model(f32))
+    local = {p.key.label for p in quantized.pairs if loc.get(p).local_rel_l2 > 1e-4}
+    assert "layer 0 qkv_matmul" in local and "layer 0 attn_softmax" not in local, local
+    olmo = files[("olmo2", "gguf-F32")][0]
+    o = dump(olmo, tmp_path / "o")
+    loc = localize(diff_dirs(o, o), load_model(olmo))
+    assert all("not implemented for olmo2" in s.note for s in loc.stages.values())
