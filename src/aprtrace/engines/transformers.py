@@ -4,8 +4,9 @@
 ``aprtrace.forward.forward``: it loads the *same* decoded weights (``Model.weight``, Hugging Face
 names and layout, llama Q/K un-permuted, Phi-3's projections fused again) into a transformers
 ``LlamaForCausalLM`` / ``MistralForCausalLM`` (a llama with a sliding window) /
-``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Phi3ForCausalLM`` / ``Olmo2ForCausalLM`` and
-captures the 20 stages of FORMATS.md section 2
+``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Phi3ForCausalLM`` / ``Olmo2ForCausalLM`` /
+``GraniteForCausalLM`` / ``StableLmForCausalLM`` / ``Starcoder2ForCausalLM`` and captures the
+stages of FORMATS.md section 2 the stage graph gives the architecture
 with forward hooks plus a wrapped eager attention (q/k after RoPE, scores, softmax), in the
 APRT layouts. So any container aprtrace reads (GGUF, APR, safetensors) gets a reference dump
 that ``aprtrace diff --values`` can put next to the NumPy engine's.
@@ -129,7 +130,7 @@ def _hf_family(cfg: ModelConfig) -> str:
 
 
 def hf_config(model: Model):
-    """The transformers config (Llama / Qwen2 / Qwen3) of ``model``'s ModelConfig, eager, f32.
+    """The transformers config of ``model``'s ModelConfig (its family's class), eager, f32.
 
     Biases present in the file switch on the matching transformers flag (``attention_bias``,
     ``mlp_bias``); the parts transformers then expects but the file lacks load as zeros.

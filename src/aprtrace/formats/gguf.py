@@ -635,7 +635,7 @@ def check_tensors(tensors: dict[str, LazyTensor], config: ModelConfig, where: st
         if t is None:
             raise ModelLoadError(
                 f"{where}: tensor '{name}' is missing",
-                hint="the file is incomplete or not a Llama/Qwen checkpoint",
+                hint=f"the file is incomplete or not a {config.architecture} checkpoint",
             )
         if not is_decodable(t.qtype):
             raise ModelLoadError(
