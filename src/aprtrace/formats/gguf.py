@@ -510,6 +510,8 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
     _refuse_unsupported_gguf(gf, p, where)
     rope_dims = _int_key(meta, p + "rope.dimension_count", where, default=head_dim)
     window = _int_key(meta, p + "attention.sliding_window", where, default=0)
+    if arch in ("qwen2", "qwen3"):  # a config value without use_sliding_window: not applied
+        window = 0
     config = ModelConfig(
         architecture=arch,
         hidden_size=hidden,
