@@ -345,3 +345,22 @@ def test_teacher_forcing_covers_phi3_and_says_so_for_olmo2(files, token_ids, tmp
     o = dump(olmo, tmp_path / "o")
     loc = localize(diff_dirs(o, o), load_model(olmo))
     assert all("not implemented for olmo2" in s.note for s in loc.stages.values())
+
+
+@pytest.mark.parametrize("arch", ["phi3", "olmo2", "granite", "stablelm", "starcoder2", "mistral"])
+def test_f32_dumps_identical_across_containers(arch, tokenizer, token_ids, tmp_path):
+    """Every reader hands the forward pass the same float32 weights: safetensors, the F32
+    GGUF written from it and the APR converted from it give bit-identical stages."""
+    from aprtrace.convert import convert_model
+    from archref import build_files as build
+
+    built = build((arch,), tokenizer, tmp_path)
+    hf_dir, gguf = built[(arch, "safetensors")][0], built[(arch, "gguf-F32")][0]
+    apr = tmp_path / f"{arch}-from-hf.apr"
+    convert_model(hf_dir, apr, dtype="keep")
+    reference = aprtrace_stages(hf_dir, token_ids)
+    for path in (gguf, apr):
+        other = aprtrace_stages(path, token_ids)
+        assert other.keys() == reference.keys()
+        different = [k for k in reference if not np.array_equal(reference[k], other[k])]
+        assert not different, f"{path.name}: {different[:4]}"
