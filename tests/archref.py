@@ -238,3 +238,25 @@ def over_bound(ours: dict, ref: dict) -> list[str]:
         if not err <= RELATIVE_BOUND * scale:
             bad.append(f"{key}: {err:.3g} / {scale:.3g}")
     return bad
+
+
+def assert_stages_match_transformers(files: dict, arch: str, container: str, ids) -> None:
+    """Every stage of ``files[(arch, container)]`` equals transformers' on the file's weights."""
+    path, weights = files[(arch, container)]
+    ref = transformers_stages(arch, weights, ids)
+    ours = aprtrace_stages(path, ids)
+    assert set(ours) == set(ref), (set(ours) ^ set(ref), container)
+    bad = over_bound(ours, ref)
+    assert not bad, f"{arch} {container}: " + "; ".join(bad[:6])
+
+
+def assert_engines_agree(files: dict, arch: str, ids) -> None:
+    """``--engine transformers`` on the Q8_0 GGUF: the NumPy engine's stages, order, values."""
+    from aprtrace.engines.transformers import hf_forward
+
+    path, _ = files[(arch, "gguf-Q8_0")]
+    ours = aprtrace_stages(path, ids)
+    theirs = aprtrace_stages(path, ids, engine=hf_forward)
+    assert list(theirs) == list(ours)  # same stages, same order
+    bad = over_bound(theirs, ours)
+    assert not bad, "; ".join(bad[:6])

@@ -19,9 +19,9 @@ from archref import (
     GRANITE,
     PROMPT,
     aprtrace_stages,
+    assert_engines_agree,
+    assert_stages_match_transformers,
     build_files,
-    over_bound,
-    transformers_stages,
 )
 
 pytestmark = pytest.mark.reference
@@ -44,12 +44,7 @@ def files(tokenizer, tmp_path_factory):
 
 @pytest.mark.parametrize("container", CONTAINERS)
 def test_every_stage_matches_transformers(container, files, token_ids):
-    path, weights = files[("granite", container)]
-    ref = transformers_stages("granite", weights, token_ids)
-    ours = aprtrace_stages(path, token_ids)
-    assert set(ours) == set(ref)
-    bad = over_bound(ours, ref)
-    assert not bad, f"granite {container}: " + "; ".join(bad[:6])
+    assert_stages_match_transformers(files, "granite", container, token_ids)
 
 
 def test_multipliers_reach_every_container(files):
@@ -85,11 +80,4 @@ def test_multipliers_change_the_stages_they_should(files, token_ids):
 
 
 def test_transformers_engine_agrees(files, token_ids):
-    from aprtrace.engines.transformers import hf_forward
-
-    path, _ = files[("granite", "gguf-Q8_0")]
-    ours = aprtrace_stages(path, token_ids)
-    theirs = aprtrace_stages(path, token_ids, engine=hf_forward)
-    assert list(theirs) == list(ours)
-    bad = over_bound(theirs, ours)
-    assert not bad, "; ".join(bad[:6])
+    assert_engines_agree(files, "granite", token_ids)

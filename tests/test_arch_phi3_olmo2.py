@@ -29,9 +29,9 @@ from archref import (
     PROMPT,
     WINDOW,
     aprtrace_stages,
+    assert_engines_agree,
+    assert_stages_match_transformers,
     build_files,
-    over_bound,
-    transformers_stages,
 )
 
 pytestmark = pytest.mark.reference
@@ -59,12 +59,7 @@ def files(tokenizer, tmp_path_factory):
 @pytest.mark.parametrize("container", CONTAINERS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_stage_matches_transformers(arch, container, files, token_ids):
-    path, weights = files[(arch, container)]
-    ref = transformers_stages(arch, weights, token_ids)
-    ours = aprtrace_stages(path, token_ids)
-    assert set(ours) == set(ref), (set(ours) ^ set(ref), container)
-    bad = over_bound(ours, ref)
-    assert not bad, f"{arch} {container}: " + "; ".join(bad[:6])
+    assert_stages_match_transformers(files, arch, container, token_ids)
 
 
 def test_quantized_files_hold_other_weights_than_the_original(files):
@@ -155,14 +150,7 @@ def test_sliding_window_masks_attention_maps(files, token_ids):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_transformers_engine_agrees(arch, files, token_ids):
-    from aprtrace.engines.transformers import hf_forward
-
-    path, _ = files[(arch, "gguf-Q8_0")]
-    ours = aprtrace_stages(path, token_ids)
-    theirs = aprtrace_stages(path, token_ids, engine=hf_forward)
-    assert list(theirs) == list(ours)  # same stages, same order
-    bad = over_bound(theirs, ours)
-    assert not bad, "; ".join(bad[:6])
+    assert_engines_agree(files, arch, token_ids)
 
 
 # --- refusals -------------------------------------------------------------------------------

@@ -71,12 +71,22 @@ def attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def mlp_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    return {
-        "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-        "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-        "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+# Hugging Face modules of a SwiGLU MLP's gate, up and down projections.
+GATED_MLP: tuple[str | None, str, str] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def mlp_shapes(
+    c: ModelConfig, modules: tuple[str | None, str, str] = GATED_MLP
+) -> dict[str, tuple[int, ...]]:
+    """Per-layer MLP weights; ``modules`` are (gate or None, up, down)."""
+    gate, up, down = modules
+    shapes = {
+        f"{up}.weight": (c.intermediate_size, c.hidden_size),
+        f"{down}.weight": (c.hidden_size, c.intermediate_size),
     }
+    if gate is not None:
+        shapes[f"{gate}.weight"] = (c.intermediate_size, c.hidden_size)
+    return shapes
 
 
 def model_shapes(
@@ -127,6 +137,32 @@ def split_qkv(cfg: ModelConfig, qkv: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return q, k, v
 
 
+def attend_and_project(
+    cfg: ModelConfig,
+    w: LayerWeights,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    layer: int,
+    ctx: PassContext,
+    emit: Emit,
+) -> np.ndarray:
+    """Causal (windowed) GQA attention of the RoPE'd ``q``/``k`` over the pass's keys, then
+    the output projection: the stages attn_scores .. attn_out of every Llama-style block."""
+    keys, values, key_pos = ctx.keys_values(layer, k, v)
+    mask = ops.attention_mask(ctx.positions, key_pos, cfg.sliding_window)
+    scores = ops.attention_scores(q, keys, cfg.attention_scale, mask)
+    emit(Stage.ATTN_SCORES, layer, scores)
+    probs = ops.masked_softmax(scores, mask)
+    emit(Stage.ATTN_SOFTMAX, layer, probs)
+    context = ops.attend(probs, values)
+    emit(Stage.ATTENTION, layer, context)
+
+    attn_out = ops.linear(context, w.o_proj, w.o_bias)
+    emit(Stage.ATTN_OUT, layer, attn_out)
+    return attn_out
+
+
 def norm_and_rope(
     x: np.ndarray, norm: np.ndarray | None, eps: float, cos: np.ndarray, sin: np.ndarray
 ) -> np.ndarray:
@@ -138,11 +174,14 @@ def norm_and_rope(
 
 class Llama(Architecture):
     names = ("llama", "qwen2", "qwen3")
+    #: The MLP's (gate, up, down) modules; gate None: a non-gated MLP (StarCoder2).
+    mlp_modules: tuple[str | None, str, str] = GATED_MLP
 
     def expected_shapes(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         h = (cfg.hidden_size,)
         per_layer = {"input_layernorm.weight": h, "post_attention_layernorm.weight": h}
-        return model_shapes(cfg, per_layer | attention_shapes(cfg) | mlp_shapes(cfg))
+        mlp = mlp_shapes(cfg, self.mlp_modules)
+        return model_shapes(cfg, per_layer | attention_shapes(cfg) | mlp)
 
     def load_layer(self, model, layer: int) -> LayerWeights:
         """Decode the weights of block ``layer``, checking every shape against the config."""
@@ -156,6 +195,7 @@ class Llama(Architecture):
         def opt(suffix: str, shape: tuple[int, ...]) -> np.ndarray | None:
             return model.optional_weight(layer_name(layer, suffix), shape)
 
+        gate, up, down = self.mlp_modules
         return LayerWeights(
             input_layernorm=w("input_layernorm.weight", (h,)),
             q_proj=w("self_attn.q_proj.weight", (q, h)),
@@ -169,12 +209,12 @@ class Llama(Architecture):
             o_proj=w("self_attn.o_proj.weight", (h, q)),
             o_bias=opt("self_attn.o_proj.bias", (h,)),
             post_attention_layernorm=w("post_attention_layernorm.weight", (h,)),
-            gate_proj=w("mlp.gate_proj.weight", (inter, h)),
-            up_proj=w("mlp.up_proj.weight", (inter, h)),
-            down_proj=w("mlp.down_proj.weight", (h, inter)),
-            gate_bias=opt("mlp.gate_proj.bias", (inter,)),
-            up_bias=opt("mlp.up_proj.bias", (inter,)),
-            down_bias=opt("mlp.down_proj.bias", (h,)),
+            gate_proj=w(f"{gate}.weight", (inter, h)) if gate else None,
+            up_proj=w(f"{up}.weight", (inter, h)),
+            down_proj=w(f"{down}.weight", (h, inter)),
+            gate_bias=opt(f"{gate}.bias", (inter,)) if gate else None,
+            up_bias=opt(f"{up}.bias", (inter,)),
+            down_bias=opt(f"{down}.bias", (h,)),
         )
 
     def norm(
@@ -211,18 +251,7 @@ class Llama(Architecture):
         k = norm_and_rope(k, w.k_norm, cfg.rms_norm_eps, cos, sin)
         emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim))
 
-        keys, values, key_pos = ctx.keys_values(layer, k, v)
-        mask = ops.attention_mask(ctx.positions, key_pos, cfg.sliding_window)
-        scores = ops.attention_scores(q, keys, cfg.attention_scale, mask)
-        emit(Stage.ATTN_SCORES, layer, scores)
-        probs = ops.masked_softmax(scores, mask)
-        emit(Stage.ATTN_SOFTMAX, layer, probs)
-        context = ops.attend(probs, values)
-        emit(Stage.ATTENTION, layer, context)
-
-        attn_out = ops.linear(context, w.o_proj, w.o_bias)
-        emit(Stage.ATTN_OUT, layer, attn_out)
-        return attn_out
+        return attend_and_project(cfg, w, q, k, v, layer, ctx, emit)
 
     def mlp(
         self, cfg: ModelConfig, w: LayerWeights, x: np.ndarray, layer: int, emit: Emit

@@ -18,7 +18,14 @@ import numpy as np
 
 from aprtrace.arch import ops
 from aprtrace.arch.base import Architecture, Emit, PassContext
-from aprtrace.arch.llama import add_qkv_bias, mlp_shapes, model_shapes, qkv_projection, split_qkv
+from aprtrace.arch.llama import (
+    add_qkv_bias,
+    attend_and_project,
+    mlp_shapes,
+    model_shapes,
+    qkv_projection,
+    split_qkv,
+)
 from aprtrace.config import ModelConfig
 from aprtrace.model import layer_name
 from aprtrace.stages import Stage
@@ -121,18 +128,7 @@ class Olmo2(Architecture):
         k = ops.apply_rope(k, cos, sin)
         emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim))
 
-        keys, values, key_pos = ctx.keys_values(layer, k, v)
-        mask = ops.attention_mask(ctx.positions, key_pos, cfg.sliding_window)
-        scores = ops.attention_scores(q, keys, cfg.attention_scale, mask)
-        emit(Stage.ATTN_SCORES, layer, scores)
-        probs = ops.masked_softmax(scores, mask)
-        emit(Stage.ATTN_SOFTMAX, layer, probs)
-        context = ops.attend(probs, values)
-        emit(Stage.ATTENTION, layer, context)
-
-        attn_out = ops.linear(context, w.o_proj, w.o_bias)
-        emit(Stage.ATTN_OUT, layer, attn_out)
-        return attn_out
+        return attend_and_project(cfg, w, q, k, v, layer, ctx, emit)
 
     def mlp(
         self, cfg: ModelConfig, w: Olmo2LayerWeights, x: np.ndarray, layer: int, emit: Emit

@@ -41,11 +41,13 @@ class LayerNormLlama(Llama):
             shapes |= {layer_name(i, f"{norm}.bias"): h for norm in _NORMS}
         return shapes
 
-    def norm_biases(self, model, layer: int) -> dict[str, np.ndarray]:
+    def load_layer(self, model, layer: int) -> LayerWeights:
+        """Llama's weights plus the LayerNorm biases."""
         h = (model.config.hidden_size,)
-        return {
+        biases = {
             f"{norm}_bias": model.weight(layer_name(layer, f"{norm}.bias"), h) for norm in _NORMS
         }
+        return dataclasses.replace(super().load_layer(model, layer), **biases)
 
     def final_norm(self, model, hidden: np.ndarray) -> np.ndarray:
         cfg = model.config
@@ -56,8 +58,3 @@ class LayerNormLlama(Llama):
 
 class StableLM(LayerNormLlama):
     names = ("stablelm",)
-
-    def load_layer(self, model, layer: int) -> LayerWeights:
-        return dataclasses.replace(
-            super().load_layer(model, layer), **self.norm_biases(model, layer)
-        )

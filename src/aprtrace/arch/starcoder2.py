@@ -14,61 +14,15 @@ import numpy as np
 
 from aprtrace.arch import ops
 from aprtrace.arch.base import Emit
-from aprtrace.arch.llama import LayerWeights, attention_shapes, model_shapes
+from aprtrace.arch.llama import LayerWeights
 from aprtrace.arch.stablelm import LayerNormLlama
 from aprtrace.config import ModelConfig
-from aprtrace.model import layer_name
 from aprtrace.stages import Stage
 
 
 class Starcoder2(LayerNormLlama):
     names = ("starcoder2",)
-
-    def expected_shapes(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-        h = (cfg.hidden_size,)
-        per_layer = {
-            "input_layernorm.weight": h,
-            "input_layernorm.bias": h,
-            "post_attention_layernorm.weight": h,
-            "post_attention_layernorm.bias": h,
-            "mlp.c_fc.weight": (cfg.intermediate_size, cfg.hidden_size),
-            "mlp.c_proj.weight": (cfg.hidden_size, cfg.intermediate_size),
-        }
-        shapes = model_shapes(cfg, per_layer | attention_shapes(cfg))
-        shapes["model.norm.bias"] = h
-        return shapes
-
-    def load_layer(self, model, layer: int) -> LayerWeights:
-        cfg = model.config
-        h, q, kv, inter = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
-
-        def w(suffix: str, shape: tuple[int, ...]) -> np.ndarray:
-            return model.weight(layer_name(layer, suffix), shape)
-
-        def opt(suffix: str, shape: tuple[int, ...]) -> np.ndarray | None:
-            return model.optional_weight(layer_name(layer, suffix), shape)
-
-        return LayerWeights(
-            input_layernorm=w("input_layernorm.weight", (h,)),
-            q_proj=w("self_attn.q_proj.weight", (q, h)),
-            k_proj=w("self_attn.k_proj.weight", (kv, h)),
-            v_proj=w("self_attn.v_proj.weight", (kv, h)),
-            q_bias=opt("self_attn.q_proj.bias", (q,)),
-            k_bias=opt("self_attn.k_proj.bias", (kv,)),
-            v_bias=opt("self_attn.v_proj.bias", (kv,)),
-            q_norm=None,
-            k_norm=None,
-            o_proj=w("self_attn.o_proj.weight", (h, q)),
-            o_bias=opt("self_attn.o_proj.bias", (h,)),
-            post_attention_layernorm=w("post_attention_layernorm.weight", (h,)),
-            gate_proj=None,
-            up_proj=w("mlp.c_fc.weight", (inter, h)),
-            down_proj=w("mlp.c_proj.weight", (h, inter)),
-            gate_bias=None,
-            up_bias=opt("mlp.c_fc.bias", (inter,)),
-            down_bias=opt("mlp.c_proj.bias", (h,)),
-            **self.norm_biases(model, layer),
-        )
+    mlp_modules = (None, "mlp.c_fc", "mlp.c_proj")
 
     def mlp(
         self, cfg: ModelConfig, w: LayerWeights, x: np.ndarray, layer: int, emit: Emit
