@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from aprtrace.config import ROPE_FREQS, ModelConfig
+from aprtrace.config import ROPE_FREQS, ModelConfig, normalize_architecture
 from aprtrace.errors import InferenceError, ValidationError
 from aprtrace.forward import Emit, Progress, check_token_ids
 from aprtrace.model import Model
@@ -45,6 +45,8 @@ _CAUSAL_LM_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
 }
 _ATTENTION_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
 _MLP_BIASES = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
@@ -130,6 +132,12 @@ def hf_config(model: Model):
     rope_scaling = None
     if cfg.rope_linear_factor != 1.0:
         rope_scaling = {"rope_type": "linear", "factor": float(cfg.rope_linear_factor)}
+    if cfg.architecture in ("gemma2", "gemma3"):
+        extra = _gemma_config_arguments(cfg, rope_scaling)
+    else:
+        extra |= dict(
+            rope_theta=float(cfg.rope_theta), rope_scaling=rope_scaling, hidden_act="silu"
+        )
     config = getattr(transformers, config_name)(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -140,10 +148,7 @@ def hf_config(model: Model):
         head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=float(cfg.rope_theta),
-        rope_scaling=rope_scaling,
         tie_word_embeddings=model.lm_head_name == "model.embed_tokens.weight",
-        hidden_act="silu",
         pad_token_id=None,
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
@@ -151,6 +156,34 @@ def hf_config(model: Model):
     )
     config._attn_implementation = "eager"
     return config
+
+
+def _gemma_config_arguments(cfg: ModelConfig, rope_scaling: dict | None) -> dict[str, Any]:
+    """Gemma2Config / Gemma3TextConfig arguments beyond the shared ones: query scale, window
+    and layer kinds, soft-caps, GELU, and Gemma 3's per-kind RoPE (scaling on global layers)."""
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    args: dict[str, Any] = dict(
+        query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+        sliding_window=cfg.sliding_window,
+        layer_types=list(cfg.layer_types) if cfg.layer_types is not None else None,
+        attn_logit_softcapping=cfg.attn_logit_softcapping,
+        final_logit_softcapping=cfg.final_logit_softcapping,
+        hidden_activation="gelu_pytorch_tanh",
+        attention_bias=False,
+    )
+    if cfg.architecture == "gemma3":
+        full = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+        if rope_scaling is not None:
+            full |= rope_scaling
+        local = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
+        args["rope_parameters"] = {
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": float(local)},
+        }
+    else:
+        args["rope_theta"] = float(cfg.rope_theta)
+        args["rope_scaling"] = rope_scaling
+    return args
 
 
 def _state_dict(model: Model, expected: dict[str, tuple[int, ...]], torch) -> dict:
@@ -213,6 +246,9 @@ def build_hf_model(model: Model):
     _check_all_used(model, expected, class_name)
     hf_model.load_state_dict(_state_dict(model, expected, torch), strict=True, assign=True)
     _set_rope_frequencies(hf_model, config, model, torch)
+    embed = hf_model.model.embed_tokens
+    if hasattr(embed, "embed_scale"):  # Gemma's sqrt(hidden): a buffer, not a weight
+        embed.embed_scale = torch.tensor(embed.scalar_embed_scale)
     empty = [n for n, t in (*hf_model.named_parameters(), *hf_model.named_buffers()) if t.is_meta]
     if empty:
         raise InferenceError(f"transformers model left without values: {', '.join(empty[:5])}")
@@ -241,11 +277,10 @@ def _wrapped_eager_attention(hf_model, record: Callable) -> Iterator[None]:
     module = sys.modules[type(hf_model).__module__]
     original = module.eager_attention_forward
 
-    def wrapper(attn_module, query, key, value, attention_mask, scaling, *args, **kwargs):
-        out, weights = original(
-            attn_module, query, key, value, attention_mask, scaling, *args, **kwargs
-        )
-        record(attn_module, query, key, weights, scaling)
+    def wrapper(attn_module, query, key, value, attention_mask, *args, **kwargs):
+        out, weights = original(attn_module, query, key, value, attention_mask, *args, **kwargs)
+        scaling = kwargs.get("scaling", attn_module.scaling)
+        record(attn_module, query, key, weights, scaling, kwargs.get("softcap"), attention_mask)
         return out, weights
 
     module.eager_attention_forward = wrapper
@@ -315,7 +350,8 @@ def capture_stages(
         handles.append(proj.register_forward_hook(hook))
 
     # The stages this architecture computes, from the stage graph (as the NumPy engine).
-    graph_view = SimpleNamespace(architecture=hf_model.config.model_type, qkv_bias=has_qkv_bias)
+    architecture = normalize_architecture(hf_model.config.model_type)
+    graph_view = SimpleNamespace(architecture=architecture, qkv_bias=has_qkv_bias)
     per_layer = {s for s in stages_for(graph_view) if s.per_layer and s is not Stage.EMBEDDING}
 
     def flush(layer: int) -> None:
@@ -336,17 +372,19 @@ def capture_stages(
 
         handles.append(module.register_forward_hook(hook))
 
-    def record(attn_module, query, key, weights, scaling) -> None:
+    def record(attn_module, query, key, weights, scaling, softcap, attention_mask) -> None:
         layer = attn_module.layer_idx
         q, k = query[0], key[0]  # [heads, seq, d], [kv_heads, seq, d]
         seq = q.shape[1]
         put(Stage.Q_POST_ROPE, layer, q.transpose(0, 1).reshape(seq, -1))
         put(Stage.K_POST_ROPE, layer, k.transpose(0, 1).reshape(seq, -1))
         k_rep = k.repeat_interleave(n_heads // k.shape[0], dim=0)
-        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+        allowed = _allowed_keys(torch, attention_mask, seq, k.shape[1])
         scores = torch.matmul(q, k_rep.transpose(1, 2)) * scaling
-        put(Stage.ATTN_SCORES, layer, scores.masked_fill(~causal, 0.0))
-        put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~causal, 0.0))
+        if softcap is not None:  # Gemma 2, as its eager attention
+            scores = torch.tanh(scores / softcap) * softcap
+        put(Stage.ATTN_SCORES, layer, scores.masked_fill(~allowed, 0.0))
+        put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~allowed, 0.0))
 
     handles.append(
         base.embed_tokens.register_forward_hook(
@@ -360,8 +398,14 @@ def capture_stages(
             on_projection(proj, i)
         on_input(attn.o_proj, Stage.ATTENTION, i)
         on_output(attn.o_proj, Stage.ATTN_OUT, i)
-        on_input(layer.post_attention_layernorm, Stage.POST_ATTN_RESIDUAL, i)
-        on_output(layer.post_attention_layernorm, Stage.FFN_NORM, i)
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: norms after each sublayer
+            on_output(layer.post_attention_layernorm, Stage.POST_ATTN_NORM, i)
+            on_input(layer.pre_feedforward_layernorm, Stage.POST_ATTN_RESIDUAL, i)
+            on_output(layer.pre_feedforward_layernorm, Stage.FFN_NORM, i)
+            on_output(layer.post_feedforward_layernorm, Stage.POST_FFN_NORM, i)
+        else:
+            on_input(layer.post_attention_layernorm, Stage.POST_ATTN_RESIDUAL, i)
+            on_output(layer.post_attention_layernorm, Stage.FFN_NORM, i)
         on_output(mlp.gate_proj, Stage.FFN_GATE, i)
         on_output(mlp.up_proj, Stage.FFN_UP, i)
         on_output(mlp.act_fn, Stage.FFN_SILU, i)
@@ -384,6 +428,17 @@ def capture_stages(
     logits = _np(result.logits[0, -1])
     emit(Stage.LM_HEAD, None, logits)
     return logits
+
+
+def _allowed_keys(torch, attention_mask, queries: int, keys: int):
+    """``[queries, keys]`` True where transformers' mask lets a query attend a key (its
+    additive float mask is 0 there, or its boolean mask True); causal when it passes none."""
+    if attention_mask is None:
+        return torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
+    mask = attention_mask[0, 0, :queries, :keys]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
 
 
 def stage_activations(hf_model, token_ids: Sequence[int]) -> StageValues:
