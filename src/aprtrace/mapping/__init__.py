@@ -94,6 +94,13 @@ def hf_config_fields(arch: str, raw, num_layers: int, where: str) -> dict:
     return module.hf_config_fields(arch, raw, num_layers, where) if module else {}
 
 
+def apr_metadata_fields(cfg) -> dict:
+    """APR custom metadata for the ModelConfig fields beyond the Llama ones, under their
+    config.json names (read back by ``hf_config_fields``); {} for Llama."""
+    module = _CONFIG_FIELDS.get(cfg.architecture)
+    return module.apr_metadata_fields(cfg) if module else {}
+
+
 def hf_global_rope(arch: str, raw: dict) -> dict:
     """``raw`` with the global layers' RoPE parameters where the Llama reader looks for them."""
     module = _CONFIG_FIELDS.get(arch)
@@ -111,6 +118,7 @@ def is_norm_weight(hf_name: str) -> bool:
 
 
 __all__ = [
+    "apr_metadata_fields",
     "gguf_config_fields",
     "hf_config_fields",
     "hf_global_rope",

@@ -155,3 +155,17 @@ def hf_global_rope(raw: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
         return {**raw, "rope_parameters": rope["full_attention"]}
     return dict(raw)
+
+
+def apr_metadata_fields(cfg: Any) -> dict[str, Any]:
+    """The Gemma fields of ``cfg`` under their config.json names (APR custom metadata)."""
+    fields: dict[str, Any] = {
+        "sliding_window": cfg.sliding_window,
+        "layer_types": list(cfg.layer_types) if cfg.layer_types is not None else None,
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+        "attn_logit_softcapping": cfg.attn_logit_softcapping,
+        "final_logit_softcapping": cfg.final_logit_softcapping,
+    }
+    if cfg.architecture == "gemma3":
+        fields["rope_local_base_freq"] = cfg.rope_local_theta
+    return fields
