@@ -386,11 +386,13 @@ def capture_stages(
         put(Stage.ATTN_SCORES, layer, scores.masked_fill(~allowed, 0.0))
         put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~allowed, 0.0))
 
-    handles.append(
-        base.embed_tokens.register_forward_hook(
-            lambda _m, _i, o: emit(Stage.EMBEDDING, 0, _np(o[0]))
-        )
-    )
+    def emit_output(stage: Stage, layer: int | None):
+        def hook(_m, _i, output) -> None:  # returns None: the module's output stays as is
+            emit(stage, layer, _np(output[0]))
+
+        return hook
+
+    handles.append(base.embed_tokens.register_forward_hook(emit_output(Stage.EMBEDDING, 0)))
     for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
         on_output(layer.input_layernorm, Stage.ATTN_NORM, i)
@@ -412,9 +414,7 @@ def capture_stages(
         on_input(mlp.down_proj, Stage.FFN_SWIGL, i)
         on_output(mlp.down_proj, Stage.FFN_OUT, i)
         on_layer_done(layer, i)
-    handles.append(
-        base.norm.register_forward_hook(lambda _m, _i, o: emit(Stage.FINAL_NORM, None, _np(o[0])))
-    )
+    handles.append(base.norm.register_forward_hook(emit_output(Stage.FINAL_NORM, None)))
 
     ids = torch.tensor([list(map(int, token_ids))], dtype=torch.long)
     try:

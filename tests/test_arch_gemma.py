@@ -1,0 +1,294 @@
+"""Gemma 2 and Gemma 3, every stage of every layer, against transformers' own model classes.
+
+Tiny seeded ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` models (head_dim 32 != hidden/heads,
+GQA, tied embeddings, a sliding window of 5 shorter than the prompt, Gemma 2 with soft-caps
+small enough to bite, Gemma 3 with Q/K norms and a local RoPE base) are saved as safetensors,
+written as GGUF with llama.cpp's conventions (F32 and Q8_0) and converted to APR. transformers
+then runs on the weights each container holds (GGUF decoded by gguf-py here, norms un-offset
+here) and its stages are captured by the transformers engine's hooks. Bound as in
+test_reference_tiny: max abs error <= 1e-4 of the stage's largest magnitude.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+import hfref
+from aprtrace.convert import convert_model
+from aprtrace.errors import ValidationError
+from aprtrace.formats import load_model
+from aprtrace.formats.gguf_writer import tokenizer_dict_from_hf, write_gguf
+from aprtrace.stages import Stage, stages_for
+from test_reference_tiny import PROMPT, aprtrace_stages, stage_errors
+
+pytestmark = pytest.mark.reference
+
+ARCHS = ("gemma2", "gemma3")
+CONTAINERS = ("safetensors", "gguf-F32", "gguf-Q8_0", "apr")
+WINDOW = 5
+# Gemma 3's default pattern (every 6th layer global) needs 6 layers to show a global one.
+LAYERS = {"gemma2": 3, "gemma3": 6}
+
+# llama.cpp's GGUF names of a Gemma block, written out here (not taken from aprtrace).
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_output": "self_attn.o_proj",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
+
+
+def tiny_gemma(arch: str, seed: int = 5):
+    """A tiny seeded float32 transformers Gemma causal LM."""
+    import transformers
+
+    common = dict(
+        vocab_size=hfref.tiny_tokenizer().get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS[arch],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        query_pre_attn_scalar=32,  # llama.cpp derives head_dim for these shapes
+        sliding_window=WINDOW,
+        tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh",
+    )
+    if arch == "gemma2":
+        config = transformers.Gemma2Config(
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=2.0,
+            **common,
+        )
+        cls = transformers.Gemma2ForCausalLM
+    else:
+        config = transformers.Gemma3TextConfig(
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            **common,
+        )
+        cls = transformers.Gemma3ForCausalLM
+    return hfref.seeded_model(cls, config, seed)
+
+
+def gguf_weights(path) -> dict[str, np.ndarray]:
+    """``{hf_name: float32}`` of a Gemma GGUF via gguf-py, with llama.cpp's ``+1`` on the norm
+    weights undone."""
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        values = np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type), np.float32)
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}.{parts[3]}"
+        else:
+            name = f"{_GGUF_GLOBAL[parts[0]]}.{parts[1]}"
+        if name.endswith("norm.weight"):
+            values = values - np.float32(1.0)
+        out[name] = values.reshape(shape)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return hfref.tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tokenizer):
+    """arch -> (transformers model, {container: path}), each model in every container."""
+    out = {}
+    for arch in ARCHS:
+        directory = tmp_path_factory.mktemp(f"tiny_{arch}")
+        hf_model = tiny_gemma(arch)
+        st_dir = directory / "safetensors"
+        hf_model.save_pretrained(st_dir)
+        tokenizer.save(str(st_dir / "tokenizer.json"))
+        config = load_model(st_dir).config
+        state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+        meta = tokenizer_dict_from_hf(tokenizer, eos_token="<|endoftext|>")
+        paths = {"safetensors": st_dir}
+        for qtype in ("F32", "Q8_0"):
+            paths[f"gguf-{qtype}"] = write_gguf(
+                directory / f"{arch}-{qtype}.gguf", config, state, meta, qtype
+            )
+        convert_model(paths["gguf-F32"], directory / f"{arch}.apr")
+        paths["apr"] = directory / f"{arch}.apr"
+        out[arch] = (hf_model, paths, {k: v.copy() for k, v in state.items()})
+    return out
+
+
+def reference(built_arch, container: str, token_ids):
+    """transformers' stages on the weights ``container`` holds (the APR is converted from the
+    F32 GGUF, so it holds that file's values)."""
+    hf_model, paths, original = built_arch
+    if container == "safetensors":
+        hfref.load_weights_into(hf_model, original)
+    else:
+        source = paths["gguf-F32" if container == "apr" else container]
+        hfref.load_weights_into(hf_model, gguf_weights(source))
+    return hfref.hf_stage_activations(hf_model, token_ids)
+
+
+@pytest.mark.parametrize("container", CONTAINERS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_stage_matches_transformers(arch, container, built, tokenizer):
+    paths = built[arch][1]
+    token_ids = tokenizer.encode(PROMPT).ids
+    assert len(token_ids) > 2 * WINDOW
+    ref = reference(built[arch], container, token_ids)
+    model, ours, logits = aprtrace_stages(paths[container], token_ids)
+
+    assert model.config.architecture == arch
+    assert set(ours) == set(ref), set(ours) ^ set(ref)
+    for stage in (Stage.POST_ATTN_NORM, Stage.POST_FFN_NORM):
+        assert all((stage.value, i) in ours for i in range(LAYERS[arch]))
+    bad = stage_errors(ours, ref)
+    assert not bad, "; ".join(f"{k}: {e:.3g} / {s:.3g}" for k, e, s in bad[:6])
+    assert int(np.argmax(logits)) == int(np.argmax(ref[("lm_head", None)]))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_config_is_the_same_in_every_container(arch, built):
+    paths = built[arch][1]
+    configs = {c: load_model(p).config for c, p in paths.items()}
+    expected = configs["safetensors"]
+    assert expected.sliding_window == WINDOW
+    assert expected.query_pre_attn_scalar == 32 and expected.head_dim * 4 != expected.hidden_size
+    if arch == "gemma3":
+        assert expected.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
+        assert (expected.rope_theta, expected.rope_local_theta) == (1e6, 1e4)
+        assert expected.qk_norm
+    else:
+        assert expected.layer_types == ("sliding_attention", "full_attention", "sliding_attention")
+        assert (expected.attn_logit_softcapping, expected.final_logit_softcapping) == (3.0, 2.0)
+    fields = (
+        "architecture",
+        "num_layers",
+        "head_dim",
+        "qk_norm",
+        "tie_word_embeddings",
+        "rope_theta",
+        "sliding_window",
+        "layer_types",
+        "rope_local_theta",
+        "query_pre_attn_scalar",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+    )
+    for container, config in configs.items():
+        for name in fields:
+            assert getattr(config, name) == getattr(expected, name), (container, name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sliding_layers_mask_outside_the_window(arch, built, tokenizer):
+    paths = built[arch][1]
+    ids = tokenizer.encode(PROMPT).ids
+    model, ours, _ = aprtrace_stages(paths["gguf-F32"], ids)
+    q, k = np.indices((len(ids), len(ids)))
+    for layer in range(LAYERS[arch]):
+        probs, scores = ours[("attn_softmax", layer)], ours[("attn_scores", layer)]
+        inside = (k <= q) & ((q - k < WINDOW) if model.config.is_sliding(layer) else True)
+        assert np.all(probs[:, ~inside] == 0) and np.all(scores[:, ~inside] == 0)
+        assert np.all(probs[:, inside] > 0)
+    assert not model.config.is_sliding(1 if arch == "gemma2" else 5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_transformers_agrees_with_numpy(arch, built, tokenizer):
+    from aprtrace.engines.transformers import hf_forward
+
+    paths = built[arch][1]
+    ids = tokenizer.encode(PROMPT).ids
+    model, ours, _ = aprtrace_stages(paths["gguf-Q8_0"], ids)
+    theirs = {}
+    hf_forward(model, ids, lambda s, layer, v: theirs.setdefault((s.value, layer), v.copy()))
+    assert set(theirs) == set(ours)
+    assert {s for s, _ in ours} == {s.value for s in stages_for(model.config)}
+    bad = stage_errors(ours, theirs)
+    assert not bad, "; ".join(f"{k}: {e:.3g} / {s:.3g}" for k, e, s in bad[:6])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transformers_capture_is_gemma_shaped(arch, tokenizer):
+    """Identities between the captured transformers buffers: the post-norms sit between each
+    sublayer and its residual add, the embedding is scaled by sqrt(hidden)."""
+    hf_model = tiny_gemma(arch, seed=9)
+    ids = tokenizer.encode(PROMPT).ids
+    ref = hfref.hf_stage_activations(hf_model, ids)
+    embed = hf_model.state_dict()["model.embed_tokens.weight"].numpy()
+    np.testing.assert_array_equal(ref[("embedding", 0)], embed[ids] * np.float32(64**0.5))
+    for layer in range(LAYERS[arch]):
+        x = ref[("embedding", 0)] if layer == 0 else ref[("post_ffn_residual", layer - 1)]
+        h = ref[("post_attn_residual", layer)]
+        np.testing.assert_allclose(h, x + ref[("post_attn_norm", layer)], atol=1e-5)
+        np.testing.assert_allclose(
+            ref[("post_ffn_residual", layer)], h + ref[("post_ffn_norm", layer)], atol=1e-5
+        )
+        assert not np.allclose(ref[("post_attn_norm", layer)], ref[("attn_out", layer)])
+        if arch == "gemma2":
+            assert np.max(np.abs(ref[("attn_scores", layer)])) < 3.0
+    if arch == "gemma2":
+        assert np.max(np.abs(ref[("lm_head", None)])) < 2.0
+
+
+def test_gguf_follows_llama_cpp_conventions(built):
+    """Tensor names as llama.cpp's gguf-py lists them for the architecture, norms stored
+    as w + 1, and the Gemma metadata keys."""
+    for arch, (_, paths, original) in built.items():
+        reader = gguf.GGUFReader(str(paths["gguf-F32"]))
+        arch_id = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+        allowed = {
+            gguf.TENSOR_NAMES[t].format(bid=i) + ".weight"
+            for t in gguf.MODEL_TENSORS[arch_id]
+            for i in range(LAYERS[arch])
+        }
+        names = {t.name for t in reader.tensors}
+        assert names <= allowed and len(names) == 2 + LAYERS[arch] * (
+            11 if arch == "gemma2" else 13
+        )
+        stored = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight")
+        hf_w = original["model.layers.0.input_layernorm.weight"]
+        np.testing.assert_array_equal(np.asarray(stored.data), hf_w + np.float32(1.0))
+        fields = reader.fields
+        assert int(fields[f"{arch}.attention.sliding_window"].parts[-1][0]) == WINDOW
+        assert f"{arch}.attention.sliding_window_pattern" not in fields  # llama.cpp's default
+        if arch == "gemma2":
+            assert float(fields["gemma2.attn_logit_softcapping"].parts[-1][0]) == 3.0
+            assert float(fields["gemma2.final_logit_softcapping"].parts[-1][0]) == 2.0
+
+
+def test_gguf_writer_refuses_what_llama_cpp_cannot_read(built, tmp_path):
+    import dataclasses
+
+    paths = built["gemma2"][1]
+    model = load_model(paths["safetensors"])
+    state = {name: model.weight(name) for name in model.tensors}
+    for change in (
+        {"query_pre_attn_scalar": 48.0},
+        {"attn_logit_softcapping": None},
+        {"tie_word_embeddings": False},
+    ):
+        config = dataclasses.replace(model.config, **change)
+        with pytest.raises(ValidationError):
+            write_gguf(tmp_path / "x.gguf", config, state)
