@@ -50,8 +50,9 @@ _GGUF_LAYER = {
 _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
 
 
-def tiny_gemma(arch: str, seed: int = 5):
-    """A tiny seeded float32 transformers Gemma causal LM."""
+def tiny_gemma(arch: str, seed: int = 5, global_rope: dict | None = None):
+    """A tiny seeded float32 transformers Gemma causal LM (``global_rope``: Gemma 3's RoPE
+    parameters of the global layers)."""
     import transformers
 
     common = dict(
@@ -80,7 +81,7 @@ def tiny_gemma(arch: str, seed: int = 5):
     else:
         config = transformers.Gemma3TextConfig(
             rope_parameters={
-                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "full_attention": global_rope or {"rope_type": "default", "rope_theta": 1000000.0},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             },
             **common,
@@ -292,3 +293,40 @@ def test_gguf_writer_refuses_what_llama_cpp_cannot_read(built, tmp_path):
         config = dataclasses.replace(model.config, **change)
         with pytest.raises(ValidationError):
             write_gguf(tmp_path / "x.gguf", config, state)
+
+
+def test_gemma3_linear_rope_scaling_on_global_layers_only(tmp_path, tokenizer):
+    """Gemma 3 4B+ scale RoPE linearly on the global layers only (transformers' per-kind
+    rope_parameters, llama.cpp's rope_freq_scale_train_swa = 1)."""
+    import dataclasses
+
+    scaled = {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}
+    hf_model = tiny_gemma("gemma3", seed=13, global_rope=scaled)
+    original = {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
+    hf_model.save_pretrained(tmp_path / "st")
+    config = load_model(tmp_path / "st").config
+    assert config.rope_linear_factor == 4.0
+    meta = tokenizer_dict_from_hf(tokenizer, eos_token="<|endoftext|>")
+    gguf_path = write_gguf(tmp_path / "scaled.gguf", config, original, meta, "F32")
+    ids = tokenizer.encode(PROMPT).ids
+    for path, weights in ((tmp_path / "st", original), (gguf_path, gguf_weights(gguf_path))):
+        hfref.load_weights_into(hf_model, weights)
+        ref = hfref.hf_stage_activations(hf_model, ids)
+        model, ours, _ = aprtrace_stages(path, ids)
+        assert model.config.rope_linear_factor == 4.0
+        bad = stage_errors(ours, ref)
+        assert not bad, "; ".join(f"{k}: {e:.3g} / {s:.3g}" for k, e, s in bad[:6])
+    model.config = dataclasses.replace(model.config, rope_linear_factor=1.0)
+    _, unscaled, _ = aprtrace_stages_of(model, ids)
+    np.testing.assert_array_equal(unscaled[("q_post_rope", 0)], ours[("q_post_rope", 0)])
+    assert not np.allclose(unscaled[("q_post_rope", 5)], ours[("q_post_rope", 5)], atol=1e-3)
+
+
+def aprtrace_stages_of(model, ids):
+    from aprtrace.forward import forward
+
+    captured: dict = {}
+    logits = forward(
+        model, list(ids), lambda s, layer, v: captured.setdefault((s.value, layer), v.copy())
+    )
+    return model, captured, logits

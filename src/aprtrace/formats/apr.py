@@ -479,7 +479,7 @@ def resolve_architecture(path: Path, metadata: Mapping, arch: str | None) -> str
             raise ModelLoadError(
                 f"{path}: the APR metadata has no architecture, so the Q/K layout (llama "
                 "adjacent-pair or qwen split-half RoPE) is unknown",
-                hint="pass --arch llama|qwen2|qwen3",
+                hint="pass --arch llama|qwen2|qwen3|gemma2|gemma3",
             )
         architecture = normalize_architecture(arch, "--arch")
     else:

@@ -117,6 +117,12 @@ def gguf_config_fields(
 
 def hf_config_fields(arch: str, raw: Mapping[str, Any], num_layers: int, where: str) -> dict:
     """The Gemma fields of ModelConfig from a transformers config.json (v4 or v5 layout)."""
+    activation = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    if activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ModelLoadError(
+            f"{where}: {arch} with hidden_activation {activation!r} is not supported",
+            hint="aprtrace's Gemma MLP is GELU with the tanh approximation (gelu_pytorch_tanh)",
+        )
     window = raw.get("sliding_window")
     kinds = raw.get("layer_types")
     if kinds is None:
@@ -142,6 +148,12 @@ def hf_config_fields(arch: str, raw: Mapping[str, Any], num_layers: int, where: 
         local = None
         if isinstance(rope, dict) and isinstance(rope.get("sliding_attention"), dict):
             local = rope["sliding_attention"].get("rope_theta")
+            kind = rope["sliding_attention"].get("rope_type", "default")
+            if kind != "default":
+                raise ModelLoadError(
+                    f"{where}: RoPE scaling '{kind}' on the sliding-window layers is not supported",
+                    hint="aprtrace scales (linearly) the global layers of Gemma 3 only",
+                )
         if local is None:
             local = raw.get("rope_local_base_freq", LOCAL_ROPE_THETA)
         fields["rope_local_theta"] = _number(local, "rope_local_base_freq", where)
