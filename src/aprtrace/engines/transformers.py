@@ -2,10 +2,12 @@
 
 ``hf_forward(model, token_ids, emit, progress)`` has the contract of
 ``aprtrace.forward.forward``: it loads the *same* decoded weights (``Model.weight``, Hugging Face
-names and layout, llama Q/K un-permuted) into a transformers ``LlamaForCausalLM`` /
-``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` and captures the 20 stages of FORMATS.md section 2
-with forward hooks plus a wrapped eager attention (q/k after RoPE, scores, softmax), in the
-APRT layouts. So any container aprtrace reads (GGUF, APR, safetensors) gets a reference dump
+names and layout, llama Q/K un-permuted, Gemma norm offsets undone) into a transformers
+``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Gemma2ForCausalLM`` /
+``Gemma3ForCausalLM`` and captures the stages of FORMATS.md section 2 (Gemma: with
+``post_attn_norm`` / ``post_ffn_norm``) with forward hooks plus a wrapped eager attention (q/k
+after RoPE, scores, softmax; masked entries, per transformers' own mask, 0), in the APRT
+layouts. So any container aprtrace reads (GGUF, APR, safetensors) gets a reference dump
 that ``aprtrace diff --values`` can put next to the NumPy engine's.
 
 Memory: unlike the NumPy engine (one layer at a time), this engine holds the whole model as
