@@ -330,3 +330,60 @@ def aprtrace_stages_of(model, ids):
         model, list(ids), lambda s, layer, v: captured.setdefault((s.value, layer), v.copy())
     )
     return model, captured, logits
+
+
+def test_cli_engine_transformers_dump_diffs_clean_against_numpy(built, tmp_path):
+    """`trace --engine transformers` and the NumPy trace of a Gemma GGUF, then `diff --values`:
+    exit 0, every one of the 21 stage kinds (with the post-norms) compared."""
+    from click.testing import CliRunner
+
+    from aprtrace.cli import main
+
+    path = built["gemma3"][1]["gguf-Q8_0"]
+    runner = CliRunner()
+    dumps = []
+    for engine in ("numpy", "transformers"):
+        out = tmp_path / engine
+        args = ["trace", "--engine", engine, "--save-tensor", "all", "--save-tensor-layers"]
+        result = runner.invoke(main, [*args, "all", "--save-tensor-dir", str(out), "-q", str(path)])
+        assert result.exit_code == 0, result.output
+        dumps.append(out)
+    assert {p.stem for p in dumps[0].rglob("*.bin")} == {
+        s.value for s in stages_for(load_model(path).config)
+    }
+    result = runner.invoke(main, ["diff", "--values", str(dumps[0]), str(dumps[1])])
+    assert result.exit_code == 0, result.output
+    assert "post_ffn_norm" in result.output and "OK: all" in result.output
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hidden_activation": "gelu"}, "hidden_activation 'gelu' is not supported"),
+        ({"layer_types": ["sliding_attention"]}, "layer_types must name"),
+        ({"sliding_window": 0}, "sliding_window = 0 must be a positive integer"),
+    ],
+)
+def test_bad_gemma_config_is_exit_6(built, tmp_path, change, message):
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from aprtrace.cli import main
+
+    directory = tmp_path / "model"
+    shutil.copytree(built["gemma2"][1]["safetensors"], directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(config | change))
+    result = CliRunner().invoke(main, ["trace", "-q", str(directory)])
+    assert result.exit_code == 6, result.output
+    assert message in result.output
+
+
+def test_gemma3_gguf_without_sliding_window_is_refused():
+    from aprtrace.errors import ModelLoadError
+    from aprtrace.mapping import gguf_config_fields
+
+    with pytest.raises(ModelLoadError, match="gemma3.attention.sliding_window"):
+        gguf_config_fields("gemma3", {}, 6, 64, 4, 32, "x.gguf")

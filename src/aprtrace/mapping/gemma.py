@@ -134,7 +134,7 @@ def hf_config_fields(arch: str, raw: Mapping[str, Any], num_layers: int, where: 
     if not isinstance(kinds, (list, tuple)) or not all(isinstance(k, str) for k in kinds):
         raise ModelLoadError(f"{where}: config.json layer_types = {kinds!r} is not a list")
     fields: dict[str, Any] = {
-        "sliding_window": _window(window, "sliding_window", where) if window else None,
+        "sliding_window": _window(window, "sliding_window", where) if window is not None else None,
         "layer_types": tuple(kinds),
         "query_pre_attn_scalar": _number(
             raw.get("query_pre_attn_scalar", 256), "query_pre_attn_scalar", where
