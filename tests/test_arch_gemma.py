@@ -387,3 +387,35 @@ def test_gemma3_gguf_without_sliding_window_is_refused():
 
     with pytest.raises(ModelLoadError, match="gemma3.attention.sliding_window"):
         gguf_config_fields("gemma3", {}, 6, 64, 4, 32, "x.gguf")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_diff_model_teacher_forcing_reproduces_gemma_exactly(arch, built, tokenizer, tmp_path):
+    """`diff --values --model`: B traced from the Q8_0 GGUF re-runs bit for bit from its own
+    inputs (local error 0 on every stage, post-norms, windowed and soft-capped attention
+    included), while against the F32 weights the quantized projections show local error."""
+    from aprtrace.diff import diff_dirs
+    from aprtrace.localize import localize
+    from aprtrace.plan import make_plan
+    from aprtrace.trace import run_trace
+
+    paths = built[arch][1]
+    ids = tokenizer.encode(PROMPT).ids
+
+    def trace(model_path, out):
+        plan = make_plan("all", "all", out, model_path)
+        run_trace(load_model(model_path), ids, plan, collect_stats=False, clean=True)
+        return out
+
+    a, b = trace(paths["gguf-F32"], tmp_path / "a"), trace(paths["gguf-Q8_0"], tmp_path / "b")
+    result = diff_dirs(a, b)
+    loc = localize(result, load_model(paths["gguf-Q8_0"]))
+    assert len(result.pairs) == 1 + LAYERS[arch] * 18 + 2
+    for p in result.pairs:
+        s = loc.get(p)
+        assert s.note is None and s.local_rel_l2 == 0.0, p.key.label
+        assert p.stats.rel_l2 > 1e-4, p.key.label
+    loc = localize(result, load_model(paths["gguf-F32"]))
+    stages = {p.key.label: loc.get(p) for p in result.pairs}
+    assert 2e-3 < stages["layer 0 qkv_matmul"].local_rel_l2 < 1.5e-2
+    assert stages["layer 0 post_attn_norm"].local_rel_l2 < 1e-6

@@ -51,6 +51,7 @@ class GemmaLayerWeights:
     gate_proj: np.ndarray
     up_proj: np.ndarray
     down_proj: np.ndarray
+    has_qkv_bias = False  # Gemma has no attention biases (load_layer refuses them)
 
 
 def gemma_rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
