@@ -247,10 +247,10 @@ def test_transformers_capture_is_gemma_shaped(arch, tokenizer):
             ref[("post_ffn_residual", layer)], h + ref[("post_ffn_norm", layer)], atol=1e-5
         )
         assert not np.allclose(ref[("post_attn_norm", layer)], ref[("attn_out", layer)])
-        if arch == "gemma2":
-            assert np.max(np.abs(ref[("attn_scores", layer)])) < 3.0
+        if arch == "gemma2":  # saturated just below the cap: the soft-cap is applied and bites
+            assert 2.9 < np.max(np.abs(ref[("attn_scores", layer)])) < 3.0
     if arch == "gemma2":
-        assert np.max(np.abs(ref[("lm_head", None)])) < 2.0
+        assert 1.9 < np.max(np.abs(ref[("lm_head", None)])) < 2.0
 
 
 def test_gguf_follows_llama_cpp_conventions(built):
