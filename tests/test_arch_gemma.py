@@ -27,9 +27,8 @@ pytestmark = pytest.mark.reference
 
 ARCHS = ("gemma2", "gemma3")
 CONTAINERS = ("safetensors", "gguf-F32", "gguf-Q8_0", "apr")
-WINDOW = 5
-# Gemma 3's default pattern (every 6th layer global) needs 6 layers to show a global one.
-LAYERS = {"gemma2": 3, "gemma3": 6}
+WINDOW = hfref.GEMMA_WINDOW
+LAYERS = hfref.GEMMA_LAYERS
 
 # llama.cpp's GGUF names of a Gemma block, written out here (not taken from aprtrace).
 _GGUF_LAYER = {
@@ -48,46 +47,6 @@ _GGUF_LAYER = {
     "ffn_down": "mlp.down_proj",
 }
 _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
-
-
-def tiny_gemma(arch: str, seed: int = 5, global_rope: dict | None = None):
-    """A tiny seeded float32 transformers Gemma causal LM (``global_rope``: Gemma 3's RoPE
-    parameters of the global layers)."""
-    import transformers
-
-    common = dict(
-        vocab_size=hfref.tiny_tokenizer().get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS[arch],
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        query_pre_attn_scalar=32,  # llama.cpp derives head_dim for these shapes
-        sliding_window=WINDOW,
-        tie_word_embeddings=True,
-        hidden_activation="gelu_pytorch_tanh",
-    )
-    if arch == "gemma2":
-        config = transformers.Gemma2Config(
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            attn_logit_softcapping=3.0,
-            final_logit_softcapping=2.0,
-            **common,
-        )
-        cls = transformers.Gemma2ForCausalLM
-    else:
-        config = transformers.Gemma3TextConfig(
-            rope_parameters={
-                "full_attention": global_rope or {"rope_type": "default", "rope_theta": 1000000.0},
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            },
-            **common,
-        )
-        cls = transformers.Gemma3ForCausalLM
-    return hfref.seeded_model(cls, config, seed)
 
 
 def gguf_weights(path) -> dict[str, np.ndarray]:
@@ -120,7 +79,7 @@ def built(tmp_path_factory, tokenizer):
     out = {}
     for arch in ARCHS:
         directory = tmp_path_factory.mktemp(f"tiny_{arch}")
-        hf_model = tiny_gemma(arch)
+        hf_model = hfref.tiny_gemma(arch)
         st_dir = directory / "safetensors"
         hf_model.save_pretrained(st_dir)
         tokenizer.save(str(st_dir / "tokenizer.json"))
@@ -234,7 +193,7 @@ def test_engine_transformers_agrees_with_numpy(arch, built, tokenizer):
 def test_transformers_capture_is_gemma_shaped(arch, tokenizer):
     """Identities between the captured transformers buffers: the post-norms sit between each
     sublayer and its residual add, the embedding is scaled by sqrt(hidden)."""
-    hf_model = tiny_gemma(arch, seed=9)
+    hf_model = hfref.tiny_gemma(arch, seed=9)
     ids = tokenizer.encode(PROMPT).ids
     ref = hfref.hf_stage_activations(hf_model, ids)
     embed = hf_model.state_dict()["model.embed_tokens.weight"].numpy()
@@ -301,7 +260,7 @@ def test_gemma3_linear_rope_scaling_on_global_layers_only(tmp_path, tokenizer):
     import dataclasses
 
     scaled = {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}
-    hf_model = tiny_gemma("gemma3", seed=13, global_rope=scaled)
+    hf_model = hfref.tiny_gemma("gemma3", seed=13, global_rope=scaled)
     original = {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
     hf_model.save_pretrained(tmp_path / "st")
     config = load_model(tmp_path / "st").config

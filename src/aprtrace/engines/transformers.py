@@ -550,7 +550,9 @@ def hf_decode(
     threads = max(1, min(TORCH_THREADS, os.cpu_count() or 1))
     with _torch_threads(torch, threads), torch.no_grad():
         hf_model = build_hf_model(model)
-        cache = transformers.DynamicCache(config=hf_model.config)
+        # Full layers only (no config): a sliding-window layer would drop the keys outside its
+        # window, and the attention maps keep every position ([heads, 1, past + 1]).
+        cache = transformers.DynamicCache()
         with hooked_passes(hf_model, progress, _has_qkv_bias(model)) as run_pass:
             logits = run_pass(ids.tolist(), emit_for(0), cache)
 
