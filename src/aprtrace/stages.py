@@ -350,7 +350,7 @@ GRAPH: dict[Stage, StageSpec] = dict(
             "Qwen2-MoE shared expert, every position: sigmoid(shared_expert_gate . x) * "
             "SwiGLU_shared(x), before it joins the routed experts",
             weights="matrix",
-            archs=_MOE,
+            archs=("qwen2moe",),
             when=_shared_expert,
         ),
         _row(

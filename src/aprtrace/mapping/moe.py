@@ -279,3 +279,39 @@ def hf_tensor_names(tensors: dict, cfg, where: str) -> dict:
     if cfg.architecture == "mixtral":
         tensors = rename_mixtral(tensors)
     return split_stacked_experts(tensors, cfg.num_experts, cfg.moe_intermediate_size, where)
+
+
+def apr_moe_fields(metadata: Mapping, arch: str, tensors: Mapping, where: str) -> dict:
+    """The ModelConfig MoE fields of APR metadata: aprender's ``num_experts``,
+    ``num_experts_per_tok``, ``moe_intermediate_size``, and aprtrace's
+    ``shared_expert_intermediate_size`` / ``norm_topk_prob`` (defaults: the shared expert's
+    tensor shape, llama.cpp's per-architecture routing norm)."""
+    if arch not in GGUF_ARCH:
+        return {}
+    fields = {}
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        value = _meta_int(metadata, key, where)
+        if not value:
+            raise ModelLoadError(
+                f"{where}: a {arch} APR file needs metadata {key}",
+                hint="aprender writes num_experts, num_experts_per_tok and moe_intermediate_size",
+            )
+        fields[key] = value
+    shared = _meta_int(metadata, "shared_expert_intermediate_size", where)
+    if shared is None:
+        tensor = tensors.get("model.layers.0.mlp.shared_expert.gate_proj.weight")
+        shared = tensor.shape[0] if tensor is not None else 0
+    norm = metadata.get("norm_topk_prob")
+    fields["shared_expert_intermediate_size"] = shared
+    fields["norm_topk_prob"] = norm if isinstance(norm, bool) else GGUF_NORM_TOPK[arch]
+    return fields
+
+
+def hf_names_of_gguf_names(tensors: Mapping, arch: str) -> dict:
+    """Tensors still under GGUF names (``blk.N.ffn_gate_exps.weight``) under HF names."""
+    from aprtrace.mapping import gguf_to_hf
+
+    return {
+        (gguf_to_hf(name, arch) or name) if name.startswith("blk.") else name: tensor
+        for name, tensor in tensors.items()
+    }
