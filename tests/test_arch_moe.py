@@ -505,3 +505,26 @@ def test_moe_gguf_without_expert_used_count_is_refused(tokenizer, tmp_path):
         from aprtrace.formats.gguf import model_from_gguf
 
         model_from_gguf(parse_gguf(broken, tmp_path / "broken.gguf"))
+
+
+def test_fused_transformers5_expert_names(tokenizer, token_ids, tmp_path):
+    """A checkpoint saved with transformers 5.x's in-memory names: ``mlp.experts.gate_up_proj``
+    ``[E, 2*I, H]`` and ``mlp.experts.down_proj``, split per expert without a copy."""
+    from safetensors.torch import save_file
+
+    hf_model = tiny_moe_model("qwen3moe", seed=6)
+    hf_dir = tmp_path / "fused"
+    hf_model.save_pretrained(hf_dir, safe_serialization=True)
+    for f in hf_dir.glob("*.safetensors"):
+        f.unlink()
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, str(hf_dir / "model.safetensors"))
+    model = load_model(hf_dir)
+    up = model.tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+    np.testing.assert_array_equal(
+        up.load(), state["model.layers.1.mlp.experts.gate_up_proj"][3, 32:].numpy()
+    )
+    assert isinstance(up.raw.base, np.ndarray)  # a view into the memory map, not a copy
+    ours = aprtrace_stages(model, token_ids)
+    assert_stages_match(ours, hfref.hf_stage_activations(hf_model, token_ids))
