@@ -45,9 +45,9 @@ class Stage(enum.Enum):
     POST_FFN_NORM = "post_ffn_norm"
     POST_FFN_RESIDUAL = "post_ffn_residual"
     MOE_ROUTER = "moe_router"
+    MOE_SHARED_EXPERT = "moe_shared_expert"
     MOE_FFN_OUT = "moe_ffn_out"
     MOE_ROUTER_INDICES = "moe_router_indices"
-    MOE_SHARED_EXPERT = "moe_shared_expert"
     FINAL_NORM = "final_norm"
     LM_HEAD = "lm_head"
 
@@ -312,9 +312,10 @@ GRAPH: dict[Stage, StageSpec] = dict(
             _SEQ_H,
             "hidden after the FFN residual add (alias layer_output)",
         ),
-        # MoE stages, in apr's order after post_ffn_residual. As aprender's qwen3_moe forward
-        # writes them, moe_router / moe_ffn_out / moe_router_indices hold the LAST position
-        # only; experts are ranked by routing probability, highest first.
+        # MoE stages, in apr's order after post_ffn_residual although post_ffn_residual is
+        # computed from them (apr appended them to its enum; MOE_BLOCK below). As aprender's
+        # qwen3_moe forward writes them, moe_router / moe_ffn_out / moe_router_indices hold
+        # the LAST position only; experts are ranked by routing probability, highest first.
         _row(
             Stage.MOE_ROUTER,
             ("ffn_norm",),
@@ -323,6 +324,16 @@ GRAPH: dict[Stage, StageSpec] = dict(
             "renormalised to sum 1 when the config says (Mixtral, Qwen3-MoE), highest first",
             weights="matrix",
             archs=_MOE,
+        ),
+        _row(
+            Stage.MOE_SHARED_EXPERT,
+            ("ffn_norm",),
+            _SEQ_H,
+            "Qwen2-MoE shared expert, every position: sigmoid(shared_expert_gate . x) * "
+            "SwiGLU_shared(x), before it joins the routed experts",
+            weights="matrix",
+            archs=("qwen2moe",),
+            when=_shared_expert,
         ),
         _row(
             Stage.MOE_FFN_OUT,
@@ -344,16 +355,6 @@ GRAPH: dict[Stage, StageSpec] = dict(
             index_payload=True,
         ),
         _row(
-            Stage.MOE_SHARED_EXPERT,
-            ("ffn_norm",),
-            _SEQ_H,
-            "Qwen2-MoE shared expert, every position: sigmoid(shared_expert_gate . x) * "
-            "SwiGLU_shared(x), before it joins the routed experts",
-            weights="matrix",
-            archs=("qwen2moe",),
-            when=_shared_expert,
-        ),
-        _row(
             Stage.FINAL_NORM,
             (LAST_LAYER_OUTPUT,),
             _SEQ_H,
@@ -372,6 +373,10 @@ GRAPH: dict[Stage, StageSpec] = dict(
     ]
 )
 assert list(GRAPH) == list(Stage), "every stage has exactly one row, in enum order"
+# The MoE stages: written after post_ffn_residual (apr's file order), computed before it.
+MOE_BLOCK = frozenset(
+    {Stage.MOE_ROUTER, Stage.MOE_SHARED_EXPERT, Stage.MOE_FFN_OUT, Stage.MOE_ROUTER_INDICES}
+)
 _ORDER = {stage: i for i, stage in enumerate(Stage)}
 
 ALIASES = {"layer_output": Stage.POST_FFN_RESIDUAL}
