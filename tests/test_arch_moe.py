@@ -304,10 +304,15 @@ def test_safetensors_and_apr_every_stage_matches_transformers(arch, tokenizer, t
     convert_model(hf_dir, apr)
     metadata = load_model(apr).metadata
     assert (metadata["num_experts"], metadata["num_experts_per_tok"]) == (8, 2)
-    from_apr = aprtrace_stages(load_model(apr), token_ids)
-    assert set(from_apr) == set(ours)
-    for key in ours:  # the same float32 weights: bit-identical dumps
-        np.testing.assert_array_equal(from_apr[key], ours[key], err_msg=str(key))
+    # The same float32 weights from GGUF (per-expert tensors stacked, Mixtral's Q/K permuted
+    # and back) and APR: bit-identical dumps.
+    tensors = {name: t.load() for name, t in from_st.tensors.items()}
+    gguf = write_gguf(tmp_path / f"{arch}.gguf", from_st.config, tensors, None, "F32")
+    for other in (apr, gguf):
+        from_other = aprtrace_stages(load_model(other), token_ids)
+        assert set(from_other) == set(ours)
+        for key in ours:
+            np.testing.assert_array_equal(from_other[key], ours[key], err_msg=f"{other} {key}")
 
 
 def test_apr_from_quantized_gguf_keeps_q8_experts(tokenizer, token_ids, tmp_path):
