@@ -533,3 +533,28 @@ def test_fused_transformers5_expert_names(tokenizer, token_ids, tmp_path):
     assert isinstance(up.raw.base, np.ndarray)  # a view into the memory map, not a copy
     ours = aprtrace_stages(model, token_ids)
     assert_stages_match(ours, hfref.hf_stage_activations(hf_model, token_ids))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llamacpp_engine_reads_the_tiny_gguf_and_agrees(arch, tokenizer, token_ids, tmp_path):
+    """llama.cpp itself loads the writer's MoE GGUFs (its conventions: Mixtral as a ``llama``
+    GGUF with experts, per-architecture top-k renormalisation) and computes every stage,
+    expert ids included, as aprtrace does (f16 KV cache: 5e-3 of the scale)."""
+    pytest.importorskip("cyllama", reason="the llama.cpp engine needs the `llamacpp` extra")
+    from aprtrace.engines.llamacpp import LlamaCppEngine, not_captured
+
+    _, path = write_tiny_gguf(arch, "F32", tokenizer, tmp_path)
+    model = load_model(path)
+    ours = aprtrace_stages(model, token_ids)
+    theirs: dict = {}
+    LlamaCppEngine()(
+        model, list(token_ids), lambda s, layer, v: theirs.__setitem__((s.value, layer), v)
+    )
+    assert not_captured(model.config) == []
+    assert set(theirs) == set(ours)
+    for key, values in theirs.items():
+        if key[0] == Stage.MOE_ROUTER_INDICES.value:
+            np.testing.assert_array_equal(values, ours[key], err_msg=str(key))
+            continue
+        scale = float(np.abs(ours[key]).max())
+        assert np.abs(values - ours[key]).max() <= 5e-3 * scale, key
