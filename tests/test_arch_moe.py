@@ -558,3 +558,20 @@ def test_llamacpp_engine_reads_the_tiny_gguf_and_agrees(arch, tokenizer, token_i
             continue
         scale = float(np.abs(ours[key]).max())
         assert np.abs(values - ours[key]).max() <= 5e-3 * scale, key
+
+
+def test_stacked_experts_of_the_wrong_shape_are_refused():
+    from aprtrace.mapping.moe import split_stacked_experts
+    from aprtrace.model import LazyTensor
+
+    values = np.zeros((4, 32, 64), np.float32)
+    stacked = LazyTensor("blk.0.ffn_up_exps.weight", values.shape, "F32", values.view(np.uint8))
+    tensors = {"model.layers.0.mlp.experts.up_proj.weight": stacked}
+    views = split_stacked_experts(tensors, 4, 32, "m.gguf")
+    assert sorted(views) == [f"model.layers.0.mlp.experts.{e}.up_proj.weight" for e in range(4)]
+    assert all(np.shares_memory(v.raw, values) for v in views.values())  # zero-copy views
+    with pytest.raises(ModelLoadError, match=r"has shape \[4, 32, 64\], expected \[8, rows"):
+        split_stacked_experts(tensors, 8, 32, "m.gguf")
+    fused = {"model.layers.0.mlp.experts.gate_up_proj": stacked}
+    with pytest.raises(ModelLoadError, match="32 rows per expert, expected 64"):
+        split_stacked_experts(fused, 4, 32, "m.gguf")

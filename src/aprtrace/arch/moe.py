@@ -59,10 +59,10 @@ class MoeLayerWeights(AttentionWeights):
 
     router: np.ndarray  # [num_experts, hidden]
     experts: Experts
-    shared_gate_proj: np.ndarray | None  # Qwen2-MoE shared expert [shared, hidden]
-    shared_up_proj: np.ndarray | None
-    shared_down_proj: np.ndarray | None
-    shared_expert_gate: np.ndarray | None  # [hidden]: one sigmoid gate per token
+    shared_gate_proj: np.ndarray | None = None  # Qwen2-MoE shared expert [shared, hidden]
+    shared_up_proj: np.ndarray | None = None
+    shared_down_proj: np.ndarray | None = None
+    shared_expert_gate: np.ndarray | None = None  # [hidden]: one sigmoid gate per token
 
 
 def swiglu(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
@@ -123,20 +123,19 @@ class MoE(Llama):
         def w(suffix: str, shape: tuple[int, ...] | None) -> np.ndarray:
             return model.weight(layer_name(layer, suffix), shape)
 
+        shared_expert = {}
+        if shared:
+            shared_expert = dict(
+                shared_gate_proj=w("mlp.shared_expert.gate_proj.weight", (shared, h)),
+                shared_up_proj=w("mlp.shared_expert.up_proj.weight", (shared, h)),
+                shared_down_proj=w("mlp.shared_expert.down_proj.weight", (h, shared)),
+                shared_expert_gate=w("mlp.shared_expert_gate.weight", None).reshape(h),
+            )
         return MoeLayerWeights(
             **load_attention(model, layer),
             router=w("mlp.gate.weight", (cfg.num_experts, h)),
             experts=Experts(model, layer),
-            shared_gate_proj=w("mlp.shared_expert.gate_proj.weight", (shared, h))
-            if shared
-            else None,
-            shared_up_proj=w("mlp.shared_expert.up_proj.weight", (shared, h)) if shared else None,
-            shared_down_proj=w("mlp.shared_expert.down_proj.weight", (h, shared))
-            if shared
-            else None,
-            shared_expert_gate=w("mlp.shared_expert_gate.weight", None).reshape(h)
-            if shared
-            else None,
+            **shared_expert,
         )
 
     def mlp(

@@ -75,9 +75,11 @@ def rename_mixtral(tensors: dict) -> dict:
     return out
 
 
-def _expert_slices(tensor, n_experts: int, parts: tuple[tuple[str, int], ...], where: str):
-    """Zero-copy per-expert LazyTensors of a stacked ``[n_expert, rows, cols]`` tensor, the
-    rows of each expert cut into ``parts`` (name, rows) in order."""
+def _expert_views(
+    tensor, layer: int, n_experts: int, parts: tuple[tuple[str, int], ...], where: str
+) -> dict:
+    """Zero-copy per-expert LazyTensors of a stacked ``[n_expert, rows, cols]`` tensor, each
+    expert's rows cut into ``parts`` (projection, rows) in order, under per-expert names."""
     from aprtrace.model import LazyTensor
 
     if len(tensor.shape) != 3 or tensor.shape[0] != n_experts:
@@ -91,16 +93,15 @@ def _expert_slices(tensor, n_experts: int, parts: tuple[tuple[str, int], ...], w
             f"{where}: stacked expert tensor '{tensor.name}' has {rows} rows per expert, "
             f"expected {sum(n for _, n in parts)}"
         )
-    per_row = quant.row_bytes(tensor.qtype, cols)
+    per_row = quant.row_bytes(tensor.qtype, cols)  # rows of whole blocks: exact byte slices
     raw = tensor.raw.reshape(-1).view("uint8")
-    out = []
-    for e in range(n_experts):
-        start = e * rows * per_row
-        for name_of, n_rows in parts:
+    out = {}
+    start = 0
+    for expert in range(n_experts):
+        for projection, n_rows in parts:
+            name = expert_name(layer, expert, projection)
             chunk = raw[start : start + n_rows * per_row]
-            out.append(
-                (e, name_of, LazyTensor("", (n_rows, cols), tensor.qtype, chunk, tensor.where))
-            )
+            out[name] = LazyTensor(name, (n_rows, cols), tensor.qtype, chunk, tensor.where)
             start += n_rows * per_row
     return out
 
@@ -109,20 +110,16 @@ def split_stacked_experts(tensors: Mapping, n_experts: int, moe_intermediate: in
     """``tensors`` with stacked expert tensors replaced by per-expert views (see module doc)."""
     out = dict(tensors)
     for name in list(out):
-        stacked, fused = _STACKED.match(name), _FUSED.match(name)
-        if not (stacked or fused):
+        match = _STACKED.match(name) or _FUSED.match(name)
+        if not match:
             continue
         tensor = out.pop(name)
-        layer = int((stacked or fused).group(1))
-        kind = (stacked or fused).group(2)
+        layer, kind = int(match.group(1)), match.group(2)
         if kind == "gate_up_proj":
             parts = (("gate_proj", moe_intermediate), ("up_proj", moe_intermediate))
         else:
-            rows = tensor.shape[1] if len(tensor.shape) == 3 else 0
-            parts = ((kind, rows),)
-        for expert, projection, view in _expert_slices(tensor, n_experts, parts, where):
-            view.name = expert_name(layer, expert, projection)
-            out[view.name] = view
+            parts = ((kind, tensor.shape[1] if len(tensor.shape) == 3 else 0),)
+        out |= _expert_views(tensor, layer, n_experts, parts, where)
     return out
 
 
