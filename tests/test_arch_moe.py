@@ -575,3 +575,41 @@ def test_stacked_experts_of_the_wrong_shape_are_refused():
     fused = {"model.layers.0.mlp.experts.gate_up_proj": stacked}
     with pytest.raises(ModelLoadError, match="32 rows per expert, expected 64"):
         split_stacked_experts(fused, 4, 32, "m.gguf")
+
+
+def test_cli_trace_and_diff_of_a_moe_gguf(tokenizer, tmp_path):
+    """Through the CLI: apr's file layout for the MoE stages (the last position's 2 ids and
+    weights, its hidden-size output), `diff --json` with the index agreement, and a refused
+    model as exit 6 with the reason."""
+    from click.testing import CliRunner
+
+    from aprtrace.aprt import read_aprt
+    from aprtrace.cli import main
+
+    _, path = write_tiny_gguf("qwen2moe", "Q8_0", tokenizer, tmp_path)
+    runner = CliRunner()
+    for name in ("a", "b"):
+        args = ["trace", "-q", "--save-tensor", "all", "--save-tensor-layers", "all"]
+        result = runner.invoke(main, [*args, "--save-tensor-dir", str(tmp_path / name), str(path)])
+        assert result.exit_code == 0, result.output
+    ids = read_aprt(tmp_path / "a" / "layer-1" / "moe_router_indices.bin")
+    assert ids.layer == 1 and ids.values.size == 2 and set(ids.values) <= set(range(8))
+    assert read_aprt(tmp_path / "a" / "layer-1" / "moe_router.bin").values.size == 2
+    assert read_aprt(tmp_path / "a" / "layer-0" / "moe_ffn_out.bin").values.size == 64
+    assert not (tmp_path / "a" / "layer-0" / "ffn_gate.bin").exists()
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["config"]["num_experts"] == 8
+
+    result = runner.invoke(
+        main, ["diff", "--values", "--json", str(tmp_path / "a"), str(tmp_path / "b")]
+    )
+    assert result.exit_code == 0, result.output
+    pairs = {p["path"]: p for p in json.loads(result.output)["pairs"]}
+    assert pairs["layer-0/moe_router_indices.bin"]["index_agreement"]["same_order"] == 1
+    assert pairs["layer-0/moe_ffn_out.bin"]["index_agreement"] is None
+
+    hf_model = tiny_moe_model("qwen2moe", mlp_only_layers=[1])
+    hf_model.save_pretrained(tmp_path / "mixed", safe_serialization=True)
+    result = runner.invoke(main, ["trace", str(tmp_path / "mixed")])
+    assert result.exit_code == 6
+    assert "dense MLP layers between MoE layers" in result.output
