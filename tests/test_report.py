@@ -49,6 +49,7 @@ PAIR_KEYS = {
     "lm_head",
     "index_agreement",
     "top_diffs",
+    "step",
 }
 TOP_KEYS = {
     "schema",
@@ -65,6 +66,7 @@ TOP_KEYS = {
     "only_in_b",
     "summary",
     "first_divergence",
+    "first_token_disagreement",
     "amplifiers",
     "pairs",
 }
