@@ -38,52 +38,11 @@ pytestmark = pytest.mark.reference
 ARCHS = ("qwen2moe", "qwen3moe", "mixtral")
 PROMPT = "What is 2+2? The quick brown fox, 1234 times.\n"
 RELATIVE_BOUND = 1e-4
-MOE_SIZES = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    num_experts_per_tok=2,
-)
 
 
 def tiny_moe_model(arch: str, seed: int = 5, **overrides):
-    """A tiny seeded float32 transformers MoE model: 8 experts, 2 per token, width 32."""
-    import transformers
-
-    vocab = hfref.tiny_tokenizer().get_vocab_size()
-    sizes = MOE_SIZES | {"vocab_size": vocab}
-    if arch == "qwen2moe":
-        config = transformers.Qwen2MoeConfig(
-            intermediate_size=128,
-            num_experts=8,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=64,
-            norm_topk_prob=False,
-            use_sliding_window=False,
-            **(sizes | overrides),
-        )
-        cls = transformers.Qwen2MoeForCausalLM
-    elif arch == "qwen3moe":
-        config = transformers.Qwen3MoeConfig(
-            intermediate_size=128,
-            num_experts=8,
-            moe_intermediate_size=32,
-            norm_topk_prob=True,
-            use_sliding_window=False,
-            **(sizes | overrides),
-        )
-        cls = transformers.Qwen3MoeForCausalLM
-    else:
-        config = transformers.MixtralConfig(
-            intermediate_size=32, num_local_experts=8, **(sizes | overrides)
-        )
-        cls = transformers.MixtralForCausalLM
-    return hfref.seeded_model(cls, config, seed)
+    """The shared tiny seeded MoE model (``hfref.tiny_moe_model``): 2 layers, 8 experts."""
+    return hfref.tiny_moe_model(arch, seed, **overrides)
 
 
 def config_of(arch: str, hf_model) -> ModelConfig:
