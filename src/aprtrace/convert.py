@@ -27,6 +27,7 @@ from aprtrace.formats.apr import (
     write_apr,
 )
 from aprtrace.mapping import apr_metadata_fields, is_norm_weight
+from aprtrace.mapping.moe import apr_metadata as moe_apr_metadata
 from aprtrace.model import LazyTensor, Model, permute_llama_qk, unpermute_llama_qk
 
 DTYPE_CHOICES = ("keep", "f32", "f16")
@@ -214,6 +215,7 @@ def convert_model(src: Path, dst: Path, dtype: str = "keep") -> dict:
         "head_dim": cfg.head_dim,
         "tied_embeddings": cfg.tie_word_embeddings,
         **apr_metadata_fields(cfg),
+        **moe_apr_metadata(cfg),  # MoE: aprender's expert fields (+ shared expert, top-k norm)
         **tokenizer_meta,
     }
     for key, value in (
