@@ -78,12 +78,13 @@ def test_stage_sets_follow_the_block_structure(files, token_ids):
     names = {stage for stage, _ in olmo}
     assert {"post_attn_norm", "post_ffn_norm"} <= names
     assert not names & {"attn_norm", "ffn_norm", "qkv_bias"}
-    phi = aprtrace_stages(files[("phi3", "gguf-F32")][0], token_ids)
-    assert {stage for stage, _ in phi} == {
-        s.value
-        for s in Stage
-        if s not in (Stage.QKV_BIAS, Stage.POST_ATTN_NORM, Stage.POST_FFN_NORM)
-    }
+    from aprtrace.stages import stages_for
+
+    phi_path = files[("phi3", "gguf-F32")][0]
+    phi = aprtrace_stages(phi_path, token_ids)
+    as_llama = dataclasses.replace(load_model(phi_path).config, architecture="llama")
+    assert {stage for stage, _ in phi} == {s.value for s in stages_for(as_llama)}
+    assert {"qkv_matmul", "ffn_gate", "ffn_up", "ffn_swigl"} <= {stage for stage, _ in phi}
 
 
 def test_olmo2_attribution_reads_the_residual_stream():

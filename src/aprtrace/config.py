@@ -16,6 +16,11 @@ SUPPORTED_ARCHITECTURES = (
     "granite",
     "stablelm",
     "starcoder2",
+    "qwen2moe",
+    "qwen3moe",
+    "mixtral",
+    "gemma2",
+    "gemma3",
 )
 # Architecture strings that mean one of the supported families.
 ARCH_ALIASES = {
@@ -34,6 +39,22 @@ ARCH_ALIASES = {
     "stablelm": "stablelm",
     "stablelm_epoch": "stablelm",
     "starcoder2": "starcoder2",
+    # MoE (llama.cpp, Hugging Face model_type and APR spellings)
+    "qwen2moe": "qwen2moe",
+    "qwen2_moe": "qwen2moe",
+    "qwen3moe": "qwen3moe",
+    "qwen3_moe": "qwen3moe",
+    "mixtral": "mixtral",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",  # transformers' model_type of Gemma3ForCausalLM
+}
+
+
+_MOE_CLASS_NAMES = {
+    "qwen2moeforcausallm": "qwen2moe",
+    "qwen3moeforcausallm": "qwen3moe",
+    "mixtralforcausallm": "mixtral",
 }
 
 
@@ -49,17 +70,24 @@ def normalize_architecture(name: str | None, where: str = "model") -> str:
         "graniteforcausallm",
         "stablelmforcausallm",
         "starcoder2forcausallm",
+        "gemma2forcausallm",
+        "gemma3forcausallm",
     ):
         if key == prefix:
             key = prefix.removesuffix("forcausallm")
+    key = _MOE_CLASS_NAMES.get(key, key)
     if key not in ARCH_ALIASES:
         raise ModelLoadError(
             f"{where}: unsupported architecture '{name}'",
             hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-            "(Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Phi-3, OLMo 2, Granite 3, "
-            "StableLM, StarCoder2)",
+            "(Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, "
+            "Mixtral, Gemma 2, Gemma 3, Phi-3, OLMo 2, Granite 3, StableLM, StarCoder2)",
         )
     return ARCH_ALIASES[key]
+
+
+# Mixture-of-experts architectures (aprtrace.arch.moe); the others have a dense MLP.
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "mixtral")
 
 
 # Name of the optional per-frequency RoPE divisor (GGUF `rope_freqs.weight`, Llama 3.1+
@@ -126,6 +154,24 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0
     # Query scale is query_pre_attn_scalar ** -0.5 when set (Gemma), else head_dim ** -0.5.
     query_pre_attn_scalar: float | None = None
+    # MoE: routed experts (0: a dense MLP), experts per token, each expert's SwiGLU width,
+    # the shared expert's width (0: none; Qwen2-MoE gates it with a sigmoid), and whether
+    # the top-k routing weights are renormalised to sum to 1 (Mixtral, Qwen3-MoE).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+
+    # Gemma
+    # Per-layer attention kind, "sliding_attention" or "full_attention" (transformers'
+    # layer_types); None: sliding_window, if any, applies to every layer.
+    layer_types: tuple[str, ...] | None = None
+    # RoPE base of the sliding-window layers (Gemma 3's rope_local_base_freq); None: rope_theta.
+    rope_local_theta: float | None = None
+    attn_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(logits / cap)
+
     # Phi-3 / OLMo 2 / Granite
     # (Phi-3 and OLMo 2 need no field of their own: partial rotary, sliding window and
     # architecture cover them.) Granite's multipliers: embeddings times embedding_multiplier,
@@ -135,6 +181,10 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def q_dim(self) -> int:
@@ -159,6 +209,16 @@ class ModelConfig:
             return float(self.attention_multiplier)
         base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
         return 1.0 / math.sqrt(base)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether ``layer`` attends only the last ``sliding_window`` positions."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of ``layer`` (None: all earlier positions)."""
+        return self.sliding_window if self.is_sliding(layer) else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,6 +264,39 @@ class ModelConfig:
             raise ModelLoadError(
                 f"{where}: sliding window {self.sliding_window!r} must be a positive integer"
             )
+        if self.layer_types is not None and (
+            len(self.layer_types) != self.num_layers
+            or set(self.layer_types) - {"sliding_attention", "full_attention"}
+        ):
+            raise ModelLoadError(
+                f"{where}: layer_types must name 'sliding_attention' or 'full_attention' for "
+                f"each of the {self.num_layers} layers, got {list(self.layer_types)[:8]}"
+            )
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             normalize_architecture(self.architecture, where)
+        self._validate_moe(where)
         return self
+
+    def _validate_moe(self, where: str) -> None:
+        moe_arch = self.architecture in MOE_ARCHITECTURES
+        if moe_arch != self.is_moe:
+            raise ModelLoadError(
+                f"{where}: architecture '{self.architecture}' with num_experts = "
+                f"{self.num_experts}: "
+                + ("a MoE architecture needs experts" if moe_arch else "experts need a MoE arch")
+            )
+        if not self.is_moe:
+            return
+        for name in ("num_experts_per_tok", "moe_intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ModelLoadError(
+                    f"{where}: config {name} = {value!r} must be a positive integer"
+                )
+        if self.num_experts_per_tok > self.num_experts:
+            raise ModelLoadError(
+                f"{where}: num_experts_per_tok {self.num_experts_per_tok} exceeds "
+                f"num_experts {self.num_experts}"
+            )
+        if self.shared_expert_intermediate_size < 0:
+            raise ModelLoadError(f"{where}: shared_expert_intermediate_size must be >= 0")

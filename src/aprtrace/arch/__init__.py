@@ -12,6 +12,8 @@ from aprtrace.errors import ModelLoadError
 
 _MODULES: tuple[str, ...] = (
     "aprtrace.arch.llama",
+    "aprtrace.arch.moe",
+    "aprtrace.arch.gemma",
     "aprtrace.arch.phi3",
     "aprtrace.arch.olmo2",
     "aprtrace.arch.granite",

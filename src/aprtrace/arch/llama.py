@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,8 +19,8 @@ from aprtrace.stages import Stage
 
 
 @dataclass
-class LayerWeights:
-    """One decoder layer's weights, float32, Hugging Face layout."""
+class AttentionWeights:
+    """One decoder layer's attention weights and its two norms, float32, HF layout."""
 
     input_layernorm: np.ndarray
     q_proj: np.ndarray
@@ -34,19 +34,53 @@ class LayerWeights:
     o_proj: np.ndarray
     o_bias: np.ndarray | None
     post_attention_layernorm: np.ndarray
+    # LayerNorm biases (StableLM, StarCoder2); None for RMSNorm models. Keyword-only, so
+    # subclasses may still add fields without defaults.
+    input_layernorm_bias: np.ndarray | None = field(default=None, kw_only=True)
+    post_attention_layernorm_bias: np.ndarray | None = field(default=None, kw_only=True)
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.q_bias is not None or self.k_bias is not None or self.v_bias is not None
+
+
+@dataclass
+class LayerWeights(AttentionWeights):
+    """One decoder layer's weights, float32, Hugging Face layout."""
+
     gate_proj: np.ndarray | None  # None: a non-gated MLP (StarCoder2)
     up_proj: np.ndarray
     down_proj: np.ndarray
     gate_bias: np.ndarray | None  # Llama with mlp_bias
     up_bias: np.ndarray | None
     down_bias: np.ndarray | None
-    # LayerNorm biases (StarCoder2, StableLM); None for RMSNorm models.
-    input_layernorm_bias: np.ndarray | None = None
-    post_attention_layernorm_bias: np.ndarray | None = None
 
-    @property
-    def has_qkv_bias(self) -> bool:
-        return self.q_bias is not None or self.k_bias is not None or self.v_bias is not None
+
+def load_attention(model, layer: int) -> dict[str, np.ndarray | None]:
+    """The ``AttentionWeights`` fields of block ``layer``, decoded and shape-checked."""
+    cfg = model.config
+    h, q, kv, d = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.head_dim
+
+    def w(suffix: str, shape: tuple[int, ...]) -> np.ndarray:
+        return model.weight(layer_name(layer, suffix), shape)
+
+    def opt(suffix: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        return model.optional_weight(layer_name(layer, suffix), shape)
+
+    return dict(
+        input_layernorm=w("input_layernorm.weight", (h,)),
+        q_proj=w("self_attn.q_proj.weight", (q, h)),
+        k_proj=w("self_attn.k_proj.weight", (kv, h)),
+        v_proj=w("self_attn.v_proj.weight", (kv, h)),
+        q_bias=opt("self_attn.q_proj.bias", (q,)),
+        k_bias=opt("self_attn.k_proj.bias", (kv,)),
+        v_bias=opt("self_attn.v_proj.bias", (kv,)),
+        q_norm=opt("self_attn.q_norm.weight", (d,)) if cfg.qk_norm else None,
+        k_norm=opt("self_attn.k_norm.weight", (d,)) if cfg.qk_norm else None,
+        o_proj=w("self_attn.o_proj.weight", (h, q)),
+        o_bias=opt("self_attn.o_proj.bias", (h,)),
+        post_attention_layernorm=w("post_attention_layernorm.weight", (h,)),
+    )
 
 
 def attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -104,7 +138,7 @@ def model_shapes(
     return shapes
 
 
-def qkv_projection(w: LayerWeights, attn_norm: np.ndarray) -> np.ndarray:
+def qkv_projection(w: AttentionWeights, attn_norm: np.ndarray) -> np.ndarray:
     """The fused ``[Q|K|V]`` projection ``[seq, q_dim + 2*kv_dim]``, before any bias."""
     return np.concatenate(
         [
@@ -116,7 +150,7 @@ def qkv_projection(w: LayerWeights, attn_norm: np.ndarray) -> np.ndarray:
     )
 
 
-def add_qkv_bias(cfg: ModelConfig, w: LayerWeights, qkv: np.ndarray) -> np.ndarray:
+def add_qkv_bias(cfg: ModelConfig, w: AttentionWeights, qkv: np.ndarray) -> np.ndarray:
     """``qkv + [b_q|b_k|b_v]``; a missing part of the bias counts as zeros."""
     zeros = np.zeros
     return qkv + np.concatenate(
@@ -150,7 +184,7 @@ def attend_and_project(
     """Causal (windowed) GQA attention of the RoPE'd ``q``/``k`` over the pass's keys, then
     the output projection: the stages attn_scores .. attn_out of every Llama-style block."""
     keys, values, key_pos = ctx.keys_values(layer, k, v)
-    mask = ops.attention_mask(ctx.positions, key_pos, cfg.sliding_window)
+    mask = ops.attention_mask(ctx.positions, key_pos, cfg.layer_window(layer))
     scores = ops.attention_scores(q, keys, cfg.attention_scale, mask)
     emit(Stage.ATTN_SCORES, layer, scores)
     probs = ops.masked_softmax(scores, mask)
@@ -186,8 +220,7 @@ class Llama(Architecture):
     def load_layer(self, model, layer: int) -> LayerWeights:
         """Decode the weights of block ``layer``, checking every shape against the config."""
         cfg = model.config
-        h, q, kv, inter = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
-        d = cfg.head_dim
+        h, inter = cfg.hidden_size, cfg.intermediate_size
 
         def w(suffix: str, shape: tuple[int, ...]) -> np.ndarray:
             return model.weight(layer_name(layer, suffix), shape)
@@ -197,18 +230,7 @@ class Llama(Architecture):
 
         gate, up, down = self.mlp_modules
         return LayerWeights(
-            input_layernorm=w("input_layernorm.weight", (h,)),
-            q_proj=w("self_attn.q_proj.weight", (q, h)),
-            k_proj=w("self_attn.k_proj.weight", (kv, h)),
-            v_proj=w("self_attn.v_proj.weight", (kv, h)),
-            q_bias=opt("self_attn.q_proj.bias", (q,)),
-            k_bias=opt("self_attn.k_proj.bias", (kv,)),
-            v_bias=opt("self_attn.v_proj.bias", (kv,)),
-            q_norm=opt("self_attn.q_norm.weight", (d,)) if cfg.qk_norm else None,
-            k_norm=opt("self_attn.k_norm.weight", (d,)) if cfg.qk_norm else None,
-            o_proj=w("self_attn.o_proj.weight", (h, q)),
-            o_bias=opt("self_attn.o_proj.bias", (h,)),
-            post_attention_layernorm=w("post_attention_layernorm.weight", (h,)),
+            **load_attention(model, layer),
             gate_proj=w(f"{gate}.weight", (inter, h)) if gate else None,
             up_proj=w(f"{up}.weight", (inter, h)),
             down_proj=w(f"{down}.weight", (h, inter)),
@@ -226,7 +248,7 @@ class Llama(Architecture):
     def attention(
         self,
         cfg: ModelConfig,
-        w: LayerWeights,
+        w: AttentionWeights,
         x: np.ndarray,
         layer: int,
         ctx: PassContext,

@@ -2,13 +2,14 @@
 
 ``hf_forward(model, token_ids, emit, progress)`` has the contract of
 ``aprtrace.forward.forward``: it loads the *same* decoded weights (``Model.weight``, Hugging Face
-names and layout, llama Q/K un-permuted, Phi-3's projections fused again) into a transformers
-``LlamaForCausalLM`` / ``MistralForCausalLM`` (a llama with a sliding window) /
-``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Phi3ForCausalLM`` / ``Olmo2ForCausalLM`` /
-``GraniteForCausalLM`` / ``StableLmForCausalLM`` / ``Starcoder2ForCausalLM`` and captures the
-stages of FORMATS.md section 2 the stage graph gives the architecture
-with forward hooks plus a wrapped eager attention (q/k after RoPE, scores, softmax), in the
-APRT layouts. So any container aprtrace reads (GGUF, APR, safetensors) gets a reference dump
+names and layout, llama Q/K un-permuted, Gemma norm offsets undone, Phi-3's projections fused
+again) into transformers' own class of the architecture (``LlamaForCausalLM``,
+``MistralForCausalLM`` for a llama with a sliding window, ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM``, the MoE and Gemma classes, ``Phi3ForCausalLM``, ``Olmo2ForCausalLM``,
+``GraniteForCausalLM``, ``StableLmForCausalLM``, ``Starcoder2ForCausalLM``) and captures the
+stages of FORMATS.md section 2 the stage graph gives it with forward hooks plus a wrapped eager
+attention (q/k after RoPE, scores, softmax; masked entries, per transformers' own mask, 0), in
+the APRT layouts. So any container aprtrace reads (GGUF, APR, safetensors) gets a reference dump
 that ``aprtrace diff --values`` can put next to the NumPy engine's.
 
 Memory: unlike the NumPy engine (one layer at a time), this engine holds the whole model as
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from aprtrace.config import ROPE_FREQS, ModelConfig
+from aprtrace.config import ROPE_FREQS, ModelConfig, normalize_architecture
 from aprtrace.errors import InferenceError, ValidationError
 from aprtrace.forward import Emit, Progress, check_token_ids
 from aprtrace.mapping import FUSED
@@ -56,6 +57,11 @@ _CAUSAL_LM_CLASSES = {
     "granite": ("GraniteConfig", "GraniteForCausalLM"),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM"),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"),
+    "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
 }
 _ATTENTION_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
 _MLP_BIASES = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
@@ -151,8 +157,6 @@ def hf_config(model: Model):
             "attention_multiplier": cfg.attention_scale,
             "logits_scaling": cfg.logits_scaling,
         }
-    if family in ("qwen2", "qwen3"):
-        extra["use_sliding_window"] = False
     if family in ("mistral", "phi3", "starcoder2"):
         extra["sliding_window"] = cfg.sliding_window
     if family in ("phi3", "stablelm", "starcoder2"):
@@ -170,9 +174,19 @@ def hf_config(model: Model):
             "use_bias": _has_any(model, _ATTENTION_BIASES + ("mlp.c_fc.bias", "mlp.c_proj.bias")),
             "hidden_act": "gelu_pytorch_tanh",
         }
+    if cfg.architecture in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
+        extra["use_sliding_window"] = False
+    extra |= _moe_config(model)
     rope_scaling = None
     if cfg.rope_linear_factor != 1.0:
         rope_scaling = {"rope_type": "linear", "factor": float(cfg.rope_linear_factor)}
+    if cfg.architecture in ("gemma2", "gemma3"):
+        extra = _gemma_config_arguments(cfg, rope_scaling)
+    else:  # the family's own settings above (StarCoder2's GELU) take precedence
+        extra = (
+            dict(rope_theta=float(cfg.rope_theta), rope_scaling=rope_scaling, hidden_act="silu")
+            | extra
+        )
     settings: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -183,10 +197,7 @@ def hf_config(model: Model):
         head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=float(cfg.rope_theta),
-        rope_scaling=rope_scaling,
         tie_word_embeddings=model.lm_head_name == "model.embed_tokens.weight",
-        hidden_act="silu",
         pad_token_id=None,
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
@@ -194,6 +205,79 @@ def hf_config(model: Model):
     config = getattr(transformers, config_name)(**(settings | extra))
     config._attn_implementation = "eager"
     return config
+
+
+def _gemma_config_arguments(cfg: ModelConfig, rope_scaling: dict | None) -> dict[str, Any]:
+    """Gemma2Config / Gemma3TextConfig arguments beyond the shared ones: query scale, window
+    and layer kinds, soft-caps, GELU, and Gemma 3's per-kind RoPE (scaling on global layers)."""
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    args: dict[str, Any] = dict(
+        query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+        sliding_window=cfg.sliding_window,
+        layer_types=list(cfg.layer_types) if cfg.layer_types is not None else None,
+        attn_logit_softcapping=cfg.attn_logit_softcapping,
+        final_logit_softcapping=cfg.final_logit_softcapping,
+        hidden_activation="gelu_pytorch_tanh",
+        attention_bias=False,
+    )
+    if cfg.architecture == "gemma3":
+        full = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+        if rope_scaling is not None:
+            full |= rope_scaling
+        local = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
+        args["rope_parameters"] = {
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": float(local)},
+        }
+    else:
+        args["rope_theta"] = float(cfg.rope_theta)
+        args["rope_scaling"] = rope_scaling
+    return args
+
+
+def _moe_config(model: Model) -> dict[str, Any]:
+    """transformers' MoE config arguments (every layer sparse, as aprtrace requires)."""
+    cfg = model.config
+    if not cfg.is_moe:
+        return {}
+    if cfg.architecture == "mixtral":
+        return {
+            "num_local_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.num_experts_per_tok,
+            "sliding_window": None,
+        }
+    extra = {
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    }
+    if cfg.architecture == "qwen2moe":
+        extra["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+        extra["qkv_bias"] = _has_any(model, _ATTENTION_BIASES[:3])
+    return extra
+
+
+def _moe_parameter(model: Model, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """transformers 5.x's stacked expert parameters (``mlp.experts.gate_up_proj``
+    ``[E, 2*I, H]``, ``mlp.experts.down_proj`` ``[E, H, I]``) and the ``[1, H]`` shared
+    expert gate, from aprtrace's per-expert tensors; None for any other name."""
+    from aprtrace.mapping.moe import expert_name
+
+    parts = name.split(".")
+    if name.endswith(".mlp.shared_expert_gate.weight"):
+        return model.weight(name).reshape(shape)
+    if len(parts) != 6 or parts[3:5] != ["mlp", "experts"]:
+        return None
+    layer, kind = int(parts[2]), parts[5]
+    projections = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+    stacked = [
+        np.concatenate([model.weight(expert_name(layer, e, p)) for p in projections])
+        for e in range(shape[0])
+    ]
+    return np.stack(stacked).reshape(shape)
 
 
 def _state_dict(model: Model, expected: dict[str, tuple[int, ...]], torch) -> dict:
@@ -221,7 +305,10 @@ def _state_dict(model: Model, expected: dict[str, tuple[int, ...]], torch) -> di
             state[name] = torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
             continue
         if source not in loaded:
-            if not model.has(source) and name.endswith(".bias"):
+            moe_values = _moe_parameter(model, name, shape) if model.config.is_moe else None
+            if moe_values is not None:
+                values = moe_values
+            elif not model.has(source) and name.endswith(".bias"):
                 values = np.zeros(shape, dtype=np.float32)
             else:
                 values = model.weight(source, shape)
@@ -270,6 +357,9 @@ def build_hf_model(model: Model):
     _check_all_used(model, expected, class_name)
     hf_model.load_state_dict(_state_dict(model, expected, torch), strict=True, assign=True)
     _set_rope_frequencies(hf_model, config, model, torch)
+    embed = hf_model.model.embed_tokens
+    if hasattr(embed, "embed_scale"):  # Gemma's sqrt(hidden): a buffer, not a weight
+        embed.embed_scale = torch.tensor(embed.scalar_embed_scale)
     empty = [n for n, t in (*hf_model.named_parameters(), *hf_model.named_buffers()) if t.is_meta]
     if empty:
         raise InferenceError(f"transformers model left without values: {', '.join(empty[:5])}")
@@ -298,11 +388,10 @@ def _wrapped_eager_attention(hf_model, record: Callable) -> Iterator[None]:
     module = sys.modules[type(hf_model).__module__]
     original = module.eager_attention_forward
 
-    def wrapper(attn_module, query, key, value, attention_mask, scaling, *args, **kwargs):
-        out, weights = original(
-            attn_module, query, key, value, attention_mask, scaling, *args, **kwargs
-        )
-        record(attn_module, query, key, weights, scaling, attention_mask)
+    def wrapper(attn_module, query, key, value, attention_mask, *args, **kwargs):
+        out, weights = original(attn_module, query, key, value, attention_mask, *args, **kwargs)
+        scaling = kwargs.get("scaling", attn_module.scaling)
+        record(attn_module, query, key, weights, scaling, kwargs.get("softcap"), attention_mask)
         return out, weights
 
     module.eager_attention_forward = wrapper
@@ -390,7 +479,7 @@ def hooked_passes(
         handles.append(proj.register_forward_hook(hook))
 
     # The stages this architecture computes, from the stage graph (as the NumPy engine).
-    graph_view = SimpleNamespace(architecture=hf_model.config.model_type, qkv_bias=has_qkv_bias)
+    graph_view = _graph_view(hf_model.config, has_qkv_bias)
     per_layer = {s for s in stages_for(graph_view) if s.per_layer and s is not Stage.EMBEDDING}
 
     def flush(layer: int) -> None:
@@ -411,7 +500,7 @@ def hooked_passes(
 
         handles.append(module.register_forward_hook(hook))
 
-    def record(attn_module, query, key, weights, scaling, attention_mask) -> None:
+    def record(attn_module, query, key, weights, scaling, softcap, attention_mask) -> None:
         layer = attn_module.layer_idx
         q, k = query[0], key[0]  # [heads, queries, d], [kv_heads, keys (cached + new), d]
         queries, keys = q.shape[1], k.shape[1]
@@ -426,11 +515,19 @@ def hooked_passes(
             mask = attention_mask[0, 0, :, :keys]
             allowed &= mask if mask.dtype == torch.bool else mask == 0  # additive: 0 = allowed
         scores = torch.matmul(q, k_rep.transpose(1, 2)) * scaling
+        if softcap is not None:  # Gemma 2, as its eager attention
+            scores = torch.tanh(scores / softcap) * softcap
         # A sliding-window cache (Phi-3, StarCoder2) keeps only the last keys: the ones it
         # dropped are outside the window, 0 in the APRT layout of [heads, queries, all keys].
         dropped = (current["past"] + queries - keys, 0)  # (left, right) of the key axis
         put(Stage.ATTN_SCORES, layer, F.pad(scores.masked_fill(~allowed, 0.0), dropped))
         put(Stage.ATTN_SOFTMAX, layer, F.pad(weights[0].masked_fill(~allowed, 0.0), dropped))
+
+    def emit_output(stage: Stage, layer: int | None):
+        def hook(_m, _i, output) -> None:  # returns None: the module's output stays as is
+            emit(stage, layer, _np(output[0]))
+
+        return hook
 
     def on_layer_input(_m, args, kwargs) -> None:
         # The residual stream entering layer 0: the embedding after any scale the model
@@ -462,14 +559,21 @@ def hooked_passes(
                 on_projection(proj, i)
         on_input(attn.o_proj, Stage.ATTENTION, i)
         on_output(attn.o_proj, Stage.ATTN_OUT, i)
-        if post_norms_only:
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: norms after each sublayer
+            on_output(layer.post_attention_layernorm, Stage.POST_ATTN_NORM, i)
+            on_input(layer.pre_feedforward_layernorm, Stage.POST_ATTN_RESIDUAL, i)
+            on_output(layer.pre_feedforward_layernorm, Stage.FFN_NORM, i)
+            on_output(layer.post_feedforward_layernorm, Stage.POST_FFN_NORM, i)
+        elif post_norms_only:  # OLMo 2: norms after each sublayer, none before
             on_output(layer.post_attention_layernorm, Stage.POST_ATTN_NORM, i)
             on_input(mlp, Stage.POST_ATTN_RESIDUAL, i)
             on_output(layer.post_feedforward_layernorm, Stage.POST_FFN_NORM, i)
         else:
             on_input(layer.post_attention_layernorm, Stage.POST_ATTN_RESIDUAL, i)
             on_output(layer.post_attention_layernorm, Stage.FFN_NORM, i)
-        if hasattr(mlp, "c_fc"):  # StarCoder2: c_proj(act(c_fc(x))), no gate
+        if hasattr(mlp, "experts"):
+            handles.extend(_moe_hooks(mlp, i, put))
+        elif hasattr(mlp, "c_fc"):  # StarCoder2: c_proj(act(c_fc(x))), no gate
             on_output(mlp.c_fc, Stage.FFN_UP, i)
             on_output(mlp.act, Stage.FFN_SILU, i)
             on_output(mlp.c_proj, Stage.FFN_OUT, i)
@@ -484,9 +588,7 @@ def hooked_passes(
             on_input(mlp.down_proj, Stage.FFN_SWIGL, i)
             on_output(mlp.down_proj, Stage.FFN_OUT, i)
         on_layer_done(layer, i)
-    handles.append(
-        base.norm.register_forward_hook(lambda _m, _i, o: emit(Stage.FINAL_NORM, None, _np(o[0])))
-    )
+    handles.append(base.norm.register_forward_hook(emit_output(Stage.FINAL_NORM, None)))
 
     # The cache keyword: `cache` in recent transformers (`past_key_values` is deprecated there).
     forward_params = inspect.signature(hf_model.forward).parameters
@@ -518,6 +620,53 @@ def hooked_passes(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _graph_view(hf_config, has_qkv_bias: bool) -> SimpleNamespace:
+    """The config attributes the stage graph's predicates read, from a transformers config."""
+
+    experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", 0)
+    return SimpleNamespace(
+        architecture=normalize_architecture(hf_config.model_type),
+        qkv_bias=has_qkv_bias,
+        num_experts=experts or 0,
+        shared_expert_intermediate_size=(
+            getattr(hf_config, "shared_expert_intermediate_size", 0) or 0
+        )
+        if hf_config.model_type == "qwen2_moe"
+        else 0,
+    )
+
+
+def _moe_hooks(block, layer: int, put: Callable) -> list:
+    """Hooks on a sparse MoE block: the router's top-k weights and ids (last position), the
+    gated shared expert (every position) and the block output (last position)."""
+    shared: dict[str, Any] = {}
+
+    def on_router(_m, _i, output) -> None:
+        _, weights, ids = output  # (logits, top-k weights, top-k ids), highest first
+        put(Stage.MOE_ROUTER, layer, weights[-1])
+        put(Stage.MOE_ROUTER_INDICES, layer, ids[-1].float())
+
+    def on_shared_expert(_m, _i, output) -> None:
+        shared["out"] = output
+
+    def on_shared_gate(_m, _i, output) -> None:
+        import torch
+
+        put(Stage.MOE_SHARED_EXPERT, layer, torch.sigmoid(output) * shared.pop("out"))
+
+    def on_block(_m, _i, output) -> None:
+        put(Stage.MOE_FFN_OUT, layer, _first(output)[0][-1])
+
+    handles = [
+        block.gate.register_forward_hook(on_router),
+        block.register_forward_hook(on_block),
+    ]
+    if getattr(block, "shared_expert_gate", None) is not None:
+        handles.append(block.shared_expert.register_forward_hook(on_shared_expert))
+        handles.append(block.shared_expert_gate.register_forward_hook(on_shared_gate))
+    return handles
 
 
 def stage_activations(hf_model, token_ids: Sequence[int]) -> StageValues:
@@ -597,7 +746,9 @@ def hf_decode(
     threads = max(1, min(TORCH_THREADS, os.cpu_count() or 1))
     with _torch_threads(torch, threads), torch.no_grad():
         hf_model = build_hf_model(model)
-        cache = transformers.DynamicCache(config=hf_model.config)
+        # Full layers only (no config): a sliding-window layer would drop the keys outside its
+        # window, and the attention maps keep every position ([heads, 1, past + 1]).
+        cache = transformers.DynamicCache()
         with hooked_passes(hf_model, progress, _has_qkv_bias(model)) as run_pass:
             logits = run_pass(ids.tolist(), emit_for(0), cache)
 

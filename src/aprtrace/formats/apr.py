@@ -25,7 +25,8 @@ from aprtrace.config import ModelConfig, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.formats.gguf import check_tensors
 from aprtrace.formats.gguf import hf_tensor_name as gguf_hf_name
-from aprtrace.mapping import gguf_qk_permuted, split_fused
+from aprtrace.mapping import gguf_qk_permuted, hf_config_fields, split_fused
+from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import LazyTensor, Model
 
 MAGIC = b"APR\x00"
@@ -163,7 +164,7 @@ _WRITER_SPELLING_CONFLICTS = {
     "context_length": "max_position_embeddings",
 }
 
-QWEN_FAMILY = ("qwen2", "qwen3")
+QWEN_FAMILY = ("qwen2", "qwen3", "qwen2moe", "qwen3moe")
 ROPE_TYPE_ADJACENT = 0
 ROPE_TYPE_SPLIT_HALF = 2
 
@@ -467,8 +468,8 @@ def _meta_float(path: Path, metadata: Mapping, field: str, default: float) -> fl
 
 
 def is_qwen_family(architecture: str) -> bool:
-    """Whether ``architecture`` keeps Q/K rows in Hugging Face's split-half RoPE order
-    (``rope_type`` 2: Qwen, Phi-3, OLMo 2); Llama's are in llama.cpp's adjacent-pair order."""
+    """Whether APR keeps Hugging Face's split-half Q/K rows (``rope_type`` 2: all but llama
+    and granite, whose rows are in llama.cpp's adjacent-pair order)."""
     return not gguf_qk_permuted(architecture)
 
 
@@ -482,7 +483,7 @@ def resolve_architecture(path: Path, metadata: Mapping, arch: str | None) -> str
             raise ModelLoadError(
                 f"{path}: the APR metadata has no architecture, so the Q/K layout (llama "
                 "adjacent-pair or qwen split-half RoPE) is unknown",
-                hint="pass --arch llama|qwen2|qwen3",
+                hint="pass --arch llama|qwen2|qwen3|gemma2|gemma3",
             )
         architecture = normalize_architecture(arch, "--arch")
     else:
@@ -545,6 +546,10 @@ def load_apr(path: Path, verify: bool = True, arch: str | None = None) -> Model:
     intermediate = _meta_int(path, metadata, "intermediate_size") or (gate[0] if gate else 0)
     vocab = _meta_int(path, metadata, "vocab_size") or embed[0]
     tied = _drop_tied_lm_head(tensors, metadata)
+    tensors = moe_mapping.hf_names_of_gguf_names(tensors, architecture)
+    moe = moe_mapping.apr_moe_fields(metadata, architecture, tensors, str(path))
+    if moe and not intermediate:
+        intermediate = moe["moe_intermediate_size"]
     config = ModelConfig(
         architecture=architecture,
         hidden_size=hidden,
@@ -562,14 +567,23 @@ def load_apr(path: Path, verify: bool = True, arch: str | None = None) -> Model:
         qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
         bos_token_id=_token_id(metadata.get("tokenizer.bos_token_id")),
         eos_token_id=_token_id(metadata.get("tokenizer.eos_token_id")),
-        # Not aprender standard fields: written by `aprtrace convert` when they apply.
-        sliding_window=_meta_int(path, metadata, "sliding_window") or None,
-        partial_rotary_factor=_meta_float(path, metadata, "partial_rotary_factor", 1.0),
-        embedding_multiplier=_meta_float(path, metadata, "embedding_multiplier", 1.0),
-        residual_multiplier=_meta_float(path, metadata, "residual_multiplier", 1.0),
-        attention_multiplier=_meta_float(path, metadata, "attention_multiplier", 0.0) or None,
-        logits_scaling=_meta_float(path, metadata, "logits_scaling", 1.0),
+        **(
+            {
+                # Not aprender standard fields: written by `aprtrace convert` when they apply.
+                "sliding_window": _meta_int(path, metadata, "sliding_window") or None,
+                "partial_rotary_factor": _meta_float(path, metadata, "partial_rotary_factor", 1.0),
+                "embedding_multiplier": _meta_float(path, metadata, "embedding_multiplier", 1.0),
+                "residual_multiplier": _meta_float(path, metadata, "residual_multiplier", 1.0),
+                "attention_multiplier": _meta_float(path, metadata, "attention_multiplier", 0.0)
+                or None,
+                "logits_scaling": _meta_float(path, metadata, "logits_scaling", 1.0),
+            }
+            # Gemma: the config.json spellings (sliding_window, layer_types, ...) as custom keys.
+            | hf_config_fields(architecture, metadata, num_layers, str(path))
+        ),
+        **moe,
     ).validate(str(path))
+    tensors = moe_mapping.hf_tensor_names(tensors, config, str(path))
     check_tensors(tensors, config, str(path))
     return Model(
         path=path,
@@ -608,6 +622,8 @@ def _embedded_tokenizer(path: Path, metadata: Mapping, architecture: str) -> Any
         raise ModelLoadError(f"{path}: tokenizer.vocabulary must be a list of strings")
     merges = metadata.get("tokenizer.merges") or []
     kind = metadata.get("tokenizer.model") or metadata.get("tokenizer.model_type") or "gpt2"
+    if not merges and kind == "llama":
+        merges = None  # SentencePiece: merges are recovered from tokenizer.scores
     pre = metadata.get("tokenizer.pre_type") or architecture
     from aprtrace.tokenizer import build_tokenizer
 
@@ -623,6 +639,7 @@ def _embedded_tokenizer(path: Path, metadata: Mapping, architecture: str) -> Any
         pre=pre if isinstance(pre, str) else None,
         bos_id=_token_id(metadata.get("tokenizer.bos_token_id")),
         eos_id=_token_id(metadata.get("tokenizer.eos_token_id")),
+        add_space_prefix=metadata.get("tokenizer.add_space_prefix") is not False,
         where=str(path),
     )
 

@@ -25,7 +25,14 @@ from gguf import quants as gguf_quants
 
 from aprtrace.config import ModelConfig, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
-from aprtrace.mapping import gguf_qk_permuted, gguf_to_hf, split_fused
+from aprtrace.mapping import (
+    gguf_config_fields,
+    gguf_norm_offset,
+    gguf_qk_permuted,
+    gguf_to_hf,
+    split_fused,
+)
+from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import LazyTensor, Model, layer_name
 
 GGUF_MAGIC = b"GGUF"
@@ -478,7 +485,9 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
     raw_arch = gf.architecture
     if raw_arch is None:
         raise ModelLoadError(f"{where}: metadata 'general.architecture' is missing")
-    arch = normalize_architecture(raw_arch, where)
+    arch = moe_mapping.gguf_architecture(raw_arch, gf.metadata) or normalize_architecture(
+        raw_arch, where
+    )
     meta = gf.metadata
     p = raw_arch + "."
     hidden = _int_key(meta, p + "embedding_length", where)
@@ -497,6 +506,10 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
     gate = gf.tensors.get("blk.0.ffn_gate.weight")
     if ffn is None and gate is not None:
         ffn = gate.shape[0]
+    shapes = {name: info.shape for name, info in gf.tensors.items()}
+    moe = moe_mapping.gguf_moe_fields(meta, raw_arch, arch, shapes, where)
+    if ffn is None and moe:
+        ffn = moe["moe_intermediate_size"]
     scaling = meta.get(p + "rope.scaling.type")
     linear_factor = 1.0
     if scaling == "linear":
@@ -512,10 +525,12 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
     window = _int_key(meta, p + "attention.sliding_window", where, default=0)
     if arch in ("qwen2", "qwen3"):  # a config value without use_sliding_window: not applied
         window = 0
+    num_layers = _int_key(meta, p + "block_count", where)
+    extra = gguf_config_fields(arch, meta, num_layers, hidden, heads, head_dim, where)
     config = ModelConfig(
         architecture=arch,
         hidden_size=hidden,
-        num_layers=_int_key(meta, p + "block_count", where),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         intermediate_size=_int_key({"ffn": ffn}, "ffn", where) if ffn is not None else 0,
@@ -535,14 +550,20 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
         qk_norm="blk.0.attn_q_norm.weight" in gf.tensors,
         bos_token_id=_optional_id(meta.get(Keys.Tokenizer.BOS_ID)),
         eos_token_id=_optional_id(meta.get(Keys.Tokenizer.EOS_ID)),
-        # llama.cpp writes 0 for "no window" (Phi-4 under the phi3 architecture).
-        sliding_window=window if window > 0 else None,
-        partial_rotary_factor=rope_dims / head_dim if head_dim > 0 else 1.0,
-        # Granite's multipliers, under llama.cpp's key names (0 / absent: not set).
-        embedding_multiplier=_float_key(meta, p + "embedding_scale", where, 1.0) or 1.0,
-        residual_multiplier=_float_key(meta, p + "residual_scale", where, 1.0) or 1.0,
-        attention_multiplier=_float_key(meta, p + "attention.scale", where, 0.0) or None,
-        logits_scaling=_float_key(meta, p + "logit_scale", where, 1.0) or 1.0,
+        **(
+            {
+                # llama.cpp writes 0 for "no window" (Phi-4 under the phi3 architecture).
+                "sliding_window": window if window > 0 else None,
+                "partial_rotary_factor": rope_dims / head_dim if head_dim > 0 else 1.0,
+                # Granite's multipliers, under llama.cpp's key names (0 / absent: not set).
+                "embedding_multiplier": _float_key(meta, p + "embedding_scale", where, 1.0) or 1.0,
+                "residual_multiplier": _float_key(meta, p + "residual_scale", where, 1.0) or 1.0,
+                "attention_multiplier": _float_key(meta, p + "attention.scale", where, 0.0) or None,
+                "logits_scaling": _float_key(meta, p + "logit_scale", where, 1.0) or 1.0,
+            }
+            | extra  # Gemma's own reading of its window and RoPE keys
+        ),
+        **moe,
     )
     config.validate(where)
     if config.num_layers * 6 > len(gf.tensors):  # also bounds the per-layer checks below
@@ -583,6 +604,8 @@ def _refuse_unsupported_gguf(gf: GGUFFile, p: str, where: str) -> None:
                 hint="aprtrace would compute wrong RoPE angles for this model; it refuses it",
             )
     for key, feature in _UNSUPPORTED_KEYS.items():
+        if gf.architecture in ("gemma2", "gemma3"):  # Gemma reads its own window pattern
+            break
         value = gf.metadata.get(p + key)
         if value is not None and not (isinstance(value, int) and value == 0):
             raise ModelLoadError(
@@ -664,6 +687,10 @@ def model_from_gguf(gf: GGUFFile, with_tokenizer: bool = True) -> Model:
     path = gf.path
     config = gguf_config(gf)
     tensors = gguf_lazy_tensors(gf, config.architecture)
+    if config.is_moe:
+        tensors = moe_mapping.split_stacked_experts(
+            tensors, config.num_experts, config.moe_intermediate_size, str(path)
+        )
     split_fused(tensors, config, str(path))
     check_tensors(tensors, config, str(path))
     tokenizer = None
@@ -681,4 +708,5 @@ def model_from_gguf(gf: GGUFFile, with_tokenizer: bool = True) -> Model:
         tokenizer=tokenizer,
         qk_permuted=gguf_qk_permuted(config.architecture),
         metadata=metadata,
+        norm_offset=gguf_norm_offset(config.architecture),
     )

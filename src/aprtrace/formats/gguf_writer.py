@@ -1,5 +1,6 @@
-"""Write a Llama / Qwen2 / Qwen3 / Phi-3 / OLMo 2 model as a GGUF file, the way llama.cpp's
-converter does.
+"""Write a Llama / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / Phi-3 / OLMo 2 / Granite / StableLM /
+StarCoder2 model as a GGUF file, the way llama.cpp's converter does (Gemma: RMSNorm weights
+stored as ``w + 1``, its metadata keys; Phi-3: fused ``attn_qkv`` and ``ffn_up``).
 
 Used by the test fixtures and by ``aprtrace demo``. Input tensors use Hugging Face names and
 layout (float32 ``[out, in]``); they are renamed to GGUF names, llama Q/K rows are permuted for
@@ -20,9 +21,11 @@ from typing import Any
 import numpy as np
 
 from aprtrace.atomic import atomic_path
-from aprtrace.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from aprtrace.config import ModelConfig
 from aprtrace.errors import ModelLoadError, ValidationError
-from aprtrace.mapping import fuse, gguf_qk_permuted, hf_to_gguf
+from aprtrace.mapping import fuse, gguf_norm_offset, gguf_qk_permuted, hf_to_gguf, is_norm_weight
+from aprtrace.mapping import gemma as gemma_mapping
+from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import permute_llama_qk
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -100,8 +103,13 @@ def write_gguf(
         )
     config.validate("write_gguf")
     arch = config.architecture
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in _EXTRA_METADATA and arch not in moe_mapping.GGUF_ARCH:
         raise ModelLoadError(f"write_gguf: unsupported architecture '{arch}'")
+    extra_metadata = _EXTRA_METADATA.get(arch, _no_metadata)
+    extra_metadata(None, config)  # refuses a config the GGUF keys cannot carry
+    norm_offset = np.float32(gguf_norm_offset(arch))
+    if config.is_moe:  # llama.cpp stacks each layer's experts into one tensor
+        tensors = moe_mapping.stack_experts(tensors, config.num_layers, config.num_experts)
 
     tensors = fuse(tensors, arch)
     names = sorted(tensors, key=_sort_key)
@@ -117,9 +125,10 @@ def write_gguf(
         _check_shape(name, np.shape(tensors[name]), config)
 
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer = gguf.GGUFWriter(str(tmp), moe_mapping.GGUF_ARCH.get(arch, arch))
         try:
             _add_metadata(writer, config, qtype)
+            extra_metadata(writer, config)
             if tokenizer is not None:
                 _add_tokenizer(writer, tokenizer, config.vocab_size)
             for hf_name in names:
@@ -128,7 +137,11 @@ def write_gguf(
                     values = permute_llama_qk(values, config.num_heads)
                 elif gguf_qk_permuted(arch) and ".self_attn.k_proj." in hf_name:
                     values = permute_llama_qk(values, config.num_kv_heads)
-                data, raw_dtype = _encode(hf_name, values, qtype)
+                if norm_offset and is_norm_weight(hf_name):
+                    values = values + norm_offset
+                # As llama.cpp's converter: MoE routers and the shared-expert gate stay F32.
+                keep_f32 = hf_name.endswith((".mlp.gate.weight", ".shared_expert_gate.weight"))
+                data, raw_dtype = _encode(hf_name, values, "F32" if keep_f32 else qtype)
                 writer.add_tensor(gguf_names[hf_name], data, raw_dtype=raw_dtype)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -156,6 +169,8 @@ def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None
         expected = {
             "input_layernorm.weight": (h,),
             "post_attention_layernorm.weight": (h,),
+            "pre_feedforward_layernorm.weight": (h,),
+            "post_feedforward_layernorm.weight": (h,),
             "self_attn.q_proj.weight": (q, h),
             "self_attn.k_proj.weight": (kv, h),
             "self_attn.v_proj.weight": (kv, h),
@@ -167,7 +182,6 @@ def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None
             "self_attn.q_norm.weight": (q,) if olmo2 else (config.head_dim,),
             "self_attn.k_norm.weight": (kv,) if olmo2 else (config.head_dim,),
             "self_attn.qkv_proj.weight": (q + 2 * kv, h),
-            "post_feedforward_layernorm.weight": (h,),
             "mlp.gate_up_proj.weight": (2 * inter, h),
             "mlp.c_fc.weight": (inter, h),
             "mlp.c_proj.weight": (h, inter),
@@ -175,6 +189,7 @@ def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None
             "mlp.up_proj.weight": (inter, h),
             "mlp.down_proj.weight": (h, inter),
             "mlp.down_proj.bias": (h,),
+            **_moe_shapes(config),
         }.get(f"{match.group(2)}.{match.group(3)}")
     if expected is not None and tuple(shape) != expected:
         raise ValidationError(
@@ -182,6 +197,39 @@ def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None
             f"the config needs {list(expected)}",
             hint="make ModelConfig agree with the tensors (sizes, heads, head_dim)",
         )
+
+
+def _moe_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the stacked expert tensors, router and shared expert (MoE configs)."""
+    if not config.is_moe:
+        return {}
+    h, n, inter = config.hidden_size, config.num_experts, config.moe_intermediate_size
+    shared = config.shared_expert_intermediate_size
+    return {
+        "mlp.gate.weight": (n, h),
+        "mlp.experts.gate_proj.weight": (n, inter, h),
+        "mlp.experts.up_proj.weight": (n, inter, h),
+        "mlp.experts.down_proj.weight": (n, h, inter),
+        "mlp.shared_expert.gate_proj.weight": (shared, h),
+        "mlp.shared_expert.up_proj.weight": (shared, h),
+        "mlp.shared_expert.down_proj.weight": (h, shared),
+        "mlp.shared_expert_gate.weight": (1, h),
+    }
+
+
+def _add_moe_metadata(writer: Any, config: ModelConfig) -> None:
+    """llama.cpp's ``<arch>.expert_*`` keys (its Mixtral is ``llama`` with experts, its
+    experts' width ``feed_forward_length``)."""
+    if not config.is_moe:
+        return
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if config.architecture != "mixtral":
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if config.shared_expert_intermediate_size:
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    if config.norm_topk_prob != moe_mapping.GGUF_NORM_TOPK[config.architecture]:
+        writer.add_expert_weights_norm(config.norm_topk_prob)
 
 
 def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
@@ -196,14 +244,19 @@ def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
     writer.add_block_count(config.num_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(
+        config.moe_intermediate_size
+        if config.architecture == "mixtral"
+        else config.intermediate_size
+    )
+    _add_moe_metadata(writer, config)
     writer.add_head_count(config.num_heads)
     writer.add_head_count_kv(config.num_kv_heads)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.rotary_dim)
-    if config.sliding_window is not None:
-        writer.add_sliding_window(config.sliding_window)
+    if config.sliding_window is not None and config.architecture not in ("gemma2", "gemma3"):
+        writer.add_sliding_window(config.sliding_window)  # Gemma's are in _gemma_metadata
     elif config.architecture == "phi3":  # as llama.cpp's converter: 0 means no window
         writer.add_sliding_window(0)
     if config.architecture == "granite":  # llama.cpp's converter writes the set multipliers
@@ -223,6 +276,71 @@ def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(config.rope_linear_factor))
     writer.add_vocab_size(config.vocab_size)
+
+
+def _gemma_metadata(writer: Any, config: ModelConfig) -> None:
+    """llama.cpp's Gemma keys; with ``writer`` None, only check that they can hold ``config``.
+
+    llama.cpp stores no query scale (it derives it, see ``mapping.gemma``), Gemma 2 has no
+    separate RoPE base for sliding layers, and Gemma 2 always ties its embeddings.
+    """
+    arch = config.architecture
+    by_hidden = config.num_layers == gemma_mapping.QUERY_SCALE_BY_HIDDEN[arch]
+    derived = config.hidden_size // config.num_heads if by_hidden else config.head_dim
+    scalar = config.query_pre_attn_scalar or config.head_dim
+    if float(scalar) != float(derived):
+        raise ValidationError(
+            f"write_gguf: query_pre_attn_scalar {scalar:g} cannot be stored in a GGUF: "
+            f"llama.cpp derives {derived} for this shape",
+            hint="use query_pre_attn_scalar = head_dim (or safetensors for other values)",
+        )
+    if config.sliding_window is None:
+        raise ValidationError(f"write_gguf: a {arch} config needs sliding_window")
+    if arch == "gemma2" and not config.tie_word_embeddings:
+        raise ValidationError("write_gguf: llama.cpp's gemma2 has no untied output matrix")
+    if arch == "gemma2" and config.rope_local_theta not in (None, config.rope_theta):
+        raise ValidationError("write_gguf: llama.cpp's gemma2 has one RoPE base for all layers")
+    caps = (config.attn_logit_softcapping, config.final_logit_softcapping)
+    if (arch == "gemma2") != all(caps) or (arch == "gemma3" and any(caps)):
+        raise ValidationError(
+            f"write_gguf: soft-caps {caps} cannot be stored for {arch}: llama.cpp always caps "
+            "gemma2 (attention and logits) and never gemma3"
+        )
+    if writer is None:
+        return
+    writer.add_sliding_window(int(config.sliding_window))
+    kinds = config.layer_types or ("sliding_attention",) * config.num_layers
+    pattern = gemma_mapping.SLIDING_WINDOW_PATTERN[arch]
+    if tuple(kinds) != gemma_mapping.layer_types(pattern, config.num_layers):
+        writer.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])
+    if arch == "gemma3":
+        local = config.rope_local_theta
+        if local is not None and local != gemma_mapping.LOCAL_ROPE_THETA:
+            writer.add_rope_freq_base_swa(float(local))
+    if config.attn_logit_softcapping:
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+    if config.final_logit_softcapping:
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+
+
+def _no_metadata(writer: Any, config: ModelConfig) -> None:
+    return None
+
+
+# architecture -> writer of its keys beyond the Llama ones (MoE's are in _add_metadata).
+_EXTRA_METADATA = {
+    "llama": _no_metadata,
+    "qwen2": _no_metadata,
+    "qwen3": _no_metadata,
+    "gemma2": _gemma_metadata,
+    "gemma3": _gemma_metadata,
+    # Phi-3 / OLMo 2 / Granite / StableLM / StarCoder2: their keys are in _add_metadata.
+    "phi3": _no_metadata,
+    "olmo2": _no_metadata,
+    "granite": _no_metadata,
+    "stablelm": _no_metadata,
+    "starcoder2": _no_metadata,
+}
 
 
 def _add_tokenizer(writer: Any, tok: Mapping[str, Any], vocab_size: int) -> None:

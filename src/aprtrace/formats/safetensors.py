@@ -18,7 +18,8 @@ import numpy as np
 from aprtrace.config import ROPE_FREQS, ModelConfig, llama3_rope_factors, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.formats.gguf import check_tensors
-from aprtrace.mapping import split_fused
+from aprtrace.mapping import hf_config_fields, hf_global_rope, split_fused
+from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import LazyTensor, Model
 
 MAX_HEADER_SIZE = 100 * 1024 * 1024
@@ -146,6 +147,7 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
     if not arch_name and isinstance(raw.get("architectures"), list) and raw["architectures"]:
         arch_name = raw["architectures"][0]
     architecture = normalize_architecture(arch_name, where)
+    raw = hf_global_rope(architecture, raw)
 
     def integer(key: str, default: int | None = None) -> int:
         value = raw.get(key, default)
@@ -193,13 +195,15 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
     _refuse_unsupported_config(raw, architecture, where)
     linear_factor = _scaling_number(rope_args, "factor", where) if rope_kind == "linear" else 1.0
     tied = "lm_head.weight" not in tensors or bool(raw.get("tie_word_embeddings", False))
+    num_layers = integer("num_hidden_layers")
+    moe = moe_mapping.hf_moe_fields(raw, architecture, where)
     return ModelConfig(
         architecture=architecture,
         hidden_size=hidden,
-        num_layers=integer("num_hidden_layers"),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=integer("num_key_value_heads", heads),
-        intermediate_size=integer("intermediate_size"),
+        intermediate_size=integer("intermediate_size", moe.get("moe_intermediate_size")),
         vocab_size=integer("vocab_size"),
         head_dim=integer("head_dim", hidden // heads if heads else 0),
         rope_theta=float(rope_theta) if rope_theta is not None else 10000.0,
@@ -212,12 +216,18 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
         bos_token_id=_token_id(raw.get("bos_token_id")),
         eos_token_id=_token_id(raw.get("eos_token_id")),
-        sliding_window=_sliding_window(raw, architecture, where),
-        partial_rotary_factor=_partial_rotary(raw, rope, where),
-        embedding_multiplier=number("embedding_multiplier", 1.0),
-        residual_multiplier=number("residual_multiplier", 1.0),
-        attention_multiplier=number("attention_multiplier", 0.0) or None,
-        logits_scaling=number("logits_scaling", 1.0),
+        **(
+            {
+                "sliding_window": _sliding_window(raw, architecture, where),
+                "partial_rotary_factor": _partial_rotary(raw, rope, where),
+                "embedding_multiplier": number("embedding_multiplier", 1.0),
+                "residual_multiplier": number("residual_multiplier", 1.0),
+                "attention_multiplier": number("attention_multiplier", 0.0) or None,
+                "logits_scaling": number("logits_scaling", 1.0),
+            }
+            | hf_config_fields(architecture, raw, num_layers, where)  # Gemma's own reading
+        ),
+        **moe,
     ).validate(where)
 
 
@@ -231,6 +241,7 @@ _ROPE_FEATURES = {
 
 # The MLP activation each module computes (transformers' ACT2FN names of the same function).
 _ACTIVATIONS = {"starcoder2": ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")}
+_OWN_ACTIVATION_CHECK = ("gemma2", "gemma3")  # mapping.gemma checks hidden_activation
 
 
 def _refuse_unsupported_config(raw: dict, architecture: str, where: str) -> None:
@@ -253,7 +264,7 @@ def _refuse_unsupported_config(raw: dict, architecture: str, where: str) -> None
     ]
     act = raw.get("hidden_act", raw.get("hidden_activation"))
     allowed = _ACTIVATIONS.get(architecture, ("silu", "swish"))
-    if act is not None and act not in allowed:
+    if act is not None and act not in allowed and architecture not in _OWN_ACTIVATION_CHECK:
         refusals.append(
             (True, f"MLP activation '{act}' for {architecture} (aprtrace: {allowed[0]})")
         )
@@ -341,6 +352,7 @@ def load_safetensors(path: Path) -> Model:
                 raise InvalidFormatError(f"{file}: tensor '{name}' also appears in another shard")
             tensors[name] = tensor
     config = hf_config(raw_config, tensors, str(path))
+    tensors = moe_mapping.hf_tensor_names(tensors, config, str(path))
     _add_llama3_rope_factors(raw_config, config, tensors, str(path))
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
