@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import click
 import numpy as np
 
 from aprtrace import __version__
-from aprtrace.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, AprtraceError
+from aprtrace.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, AprtraceError, Terminated
 from aprtrace.stages import Stage
 
 DEFAULT_PROMPT = "What is 2+2?"
@@ -47,22 +48,28 @@ class AprtraceGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         debug = "--debug" in sys.argv[1:] or bool(ctx.params.get("debug"))
+        from aprtrace.signals import install_sigbus_exit, terminate_like_interrupt
+
+        install_sigbus_exit()
         try:
-            return super().invoke(ctx)
+            with terminate_like_interrupt():
+                return super().invoke(ctx)
         except AprtraceError as exc:
             if debug:
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if debug:
                 raise
+            signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+            name = signal.Signals(signum).name
             click.echo(
-                "interrupted: stopped; files already written are complete, "
-                "the dump has no manifest.json",
+                f"interrupted ({name}): stopped; temporary files were removed and nothing "
+                "already in the output was replaced",
                 err=True,
             )
-            ctx.exit(EXIT_INTERRUPTED)
+            ctx.exit(EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum)
         except MemoryError:
             if debug:
                 raise

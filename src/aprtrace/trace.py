@@ -7,7 +7,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,9 @@ import numpy as np
 from aprtrace.atomic import write_bytes_atomic
 from aprtrace.capture import CaptureLog, maybe_save_stage
 from aprtrace.errors import OutputError, ValidationError
-from aprtrace.forward import Progress, forward
+from aprtrace.forward import Progress, check_token_ids, forward
 from aprtrace.model import Model
+from aprtrace.outdir import open_output
 from aprtrace.plan import SavePlan
 from aprtrace.stages import Stage
 
@@ -157,38 +158,19 @@ class _Sha256InBackground:
         return self.digest
 
 
-def prepare_out_dir(plan: SavePlan, clean: bool) -> list[Path]:
-    """Make the output directory writable and forget the old manifest; return old .bin files.
-
-    With ``clean``, files listed by an earlier aprtrace manifest are removed (nothing else).
-    """
-    out = plan.out_dir
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".aprtrace-write-test-{np.random.default_rng().integers(1 << 30)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write to output directory {out}: {exc.strerror or exc}",
-            hint="choose another --save-tensor-dir or fix its permissions",
-        ) from exc
-    manifest = out / MANIFEST_NAME
-    if clean and manifest.exists():
-        from aprtrace.manifest import read_manifest
-
-        old = read_manifest(out)
-        if old is not None:
-            for entry in old.files:
-                target = (out / entry.path).resolve()
-                if target.is_file() and out.resolve() in target.parents:
-                    target.unlink()
-    if manifest.exists():
-        try:
-            manifest.unlink()  # a dump without a manifest is known to be incomplete
-        except OSError as exc:
-            raise OutputError(f"cannot remove stale {manifest}: {exc.strerror or exc}") from exc
-    return sorted(out.rglob("*.bin"))
+def planned_paths(plan: SavePlan, layers: tuple[int, ...]) -> list[str]:
+    """Relative paths (posix) a run of ``plan`` over ``layers`` may write, in forward order."""
+    rels = []
+    for stage in Stage:
+        if stage not in plan.stages:
+            continue
+        if not stage.per_layer:
+            rels.append(f"{stage.value}.bin")
+            continue
+        for layer in (0,) if stage is Stage.EMBEDDING else layers:
+            if layer in layers:
+                rels.append(f"layer-{layer}/{stage.value}.bin")
+    return rels
 
 
 ENGINES = ("numpy", "transformers")
@@ -223,20 +205,31 @@ def run_trace(
     ``engine`` is ``numpy`` (aprtrace's own forward pass) or ``transformers`` (Hugging Face
     transformers on the same decoded weights, as a reference dump in the same layout).
     """
-    run_forward = engine_forward(engine)
-    if plan is not None:
-        layers = plan.layers.resolve(model.config.num_layers)
-        existing = prepare_out_dir(plan, clean)
-    else:
-        layers, existing = (), []
-    hasher = _Sha256InBackground(model.path) if plan is not None else None
+    engine_forward(engine)  # an unknown engine is refused before anything else
+    # Every input is checked before the output directory is touched.
+    check_token_ids(model.config, token_ids)
+    if prompt is not None:
+        check_prompt_text(prompt)
+    if plan is None:
+        return _run(model, token_ids, None, None, (), prompt, collect_stats, progress, engine)
+    layers = plan.layers.resolve(model.config.num_layers)
+    output = open_output(plan.out_dir, planned_paths(plan, layers), clean)
+    try:
+        return _run(model, token_ids, plan, output, layers, prompt, collect_stats, progress, engine)
+    finally:
+        output.close()
 
+
+def _run(model, token_ids, plan, output, layers, prompt, collect_stats, progress, engine):
+    """The forward pass into ``output``'s staging directory, then the commit."""
+    staged_plan = replace(plan, out_dir=output.staging) if plan is not None else None
+    hasher = _Sha256InBackground(model.path) if plan is not None else None
     log = CaptureLog()
     stats: list[StageStats] = []
     first_bad: list[tuple[str, int | None]] = []
 
     def emit(stage: Stage, layer: int | None, values: np.ndarray) -> None:
-        maybe_save_stage(plan, stage, layer, values, log)
+        maybe_save_stage(staged_plan, stage, layer, values, log)
         if collect_stats:
             stats.append(stage_stats(stage, layer, values))
             if not first_bad and (stats[-1].nan or stats[-1].inf):
@@ -245,11 +238,9 @@ def run_trace(
             first_bad.append((stage.value, layer))
 
     start = time.perf_counter()
-    logits = run_forward(model, token_ids, emit, progress)
+    logits = engine_forward(engine)(model, token_ids, emit, progress)
     seconds = time.perf_counter() - start
 
-    written = {f.path.resolve() for f in log.files}
-    stale = [p for p in existing if p.resolve() not in written]
     result = TraceResult(
         token_ids=list(map(int, token_ids)),
         logits=logits,
@@ -257,19 +248,32 @@ def run_trace(
         stats=stats,
         first_nonfinite=first_bad[0] if first_bad else None,
         seconds=seconds,
-        stale_files=stale,
     )
-    if plan is not None:
-        result.manifest_path = _write_manifest(
-            model, plan, layers, token_ids, prompt, log, hasher, engine
-        )
+    if plan is None:
+        return result
+    # The manifest's data (and the model's hash) is ready before the dump is changed, so the
+    # commit is renames only.
+    final = [replace(f, path=plan.out_dir / f.path.relative_to(output.staging)) for f in log.files]
+    data = _manifest_data(model, plan, layers, token_ids, prompt, final, hasher, engine)
+    staged = [f.path for f in log.files]
+    before = output.existing_stage_files()
+    output.commit(staged)
+    log.files[:] = final
+    written = {f.path for f in final}
+    deleted = {
+        plan.out_dir / (f"{d.dir_rel}/{d.name}" if d.dir_rel else d.name) for d in output.deletions
+    }
+    result.stale_files = [p for p in before if p not in written and p not in deleted]
+    from aprtrace.manifest import write_manifest
+
+    result.manifest_path = write_manifest(plan.out_dir, data)
     return result
 
 
-def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine) -> Path:
-    from aprtrace.manifest import build_manifest_data, write_manifest
+def _manifest_data(model, plan, layers, token_ids, prompt, files, hasher, engine) -> dict:
+    from aprtrace.manifest import build_manifest_data
 
-    data = build_manifest_data(
+    return build_manifest_data(
         out_dir=plan.out_dir,
         model_path=Path(model.path),
         model_format=model.format,
@@ -279,11 +283,10 @@ def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine)
         token_ids=token_ids,
         stages=[s.value for s in Stage if s in plan.stages],
         layers=layers,
-        files=log.files,
+        files=files,
         digest=hasher.result() if hasher else None,
         engine=engine,
     )
-    return write_manifest(plan.out_dir, data)
 
 
 def capture_stages(
@@ -314,6 +317,7 @@ def encode_prompt(model: Model, prompt: str, add_bos: bool) -> list[int]:
         raise ValidationError(
             f"{model.path} has no tokenizer", hint="pass the token ids with --tokens 1,2,3"
         )
+    check_prompt_text(prompt)
     ids = list(model.tokenizer.encode(prompt, add_special_tokens=False).ids)
     if add_bos:
         bos = model.config.bos_token_id
@@ -323,10 +327,39 @@ def encode_prompt(model: Model, prompt: str, add_bos: bool) -> list[int]:
     return ids
 
 
+def check_prompt_text(prompt: str) -> None:
+    """A prompt must be text: bytes that are not UTF-8 (kept by Python as lone surrogates,
+    e.g. from ``--prompt $'abc\\xff'``) cannot be tokenized or stored in the manifest."""
+    if not isinstance(prompt, str):
+        raise ValidationError(f"the prompt must be text, not {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = prompt[exc.start : exc.end].encode("utf-8", "surrogateescape")
+        raise ValidationError(
+            f"--prompt is not valid UTF-8 (byte {raw[:1].hex()} at character {exc.start})",
+            hint="pass UTF-8 text, or the token ids with --tokens",
+        ) from None
+
+
+# No vocabulary reaches 2^31 ids; larger numbers are refused before anything is sized by them.
+MAX_TOKEN_ID = (1 << 31) - 1
+
+
 def parse_token_list(spec: str) -> list[int]:
     """``--tokens 1,2,3`` -> [1, 2, 3]."""
+    items = [t for t in spec.replace(" ", "").split(",") if t != ""]
+    for t in items:
+        digits = t.lstrip("+-").lstrip("0")
+        if t.isascii() and len(digits) > len(str(MAX_TOKEN_ID)):
+            raise ValidationError(
+                f"invalid --tokens '{spec[:80]}': token id {t[:24]}... is too large",
+                hint=f"token ids are 0..{MAX_TOKEN_ID} and must be inside the model's vocabulary",
+            )
     try:
-        ids = [int(t) for t in spec.replace(" ", "").split(",") if t != ""]
+        ids = [int(t) for t in items if t.isascii()]
+        if len(ids) != len(items):
+            raise ValueError("non-ASCII digits")
     except ValueError:
         raise ValidationError(
             f"invalid --tokens '{spec}'",
@@ -336,4 +369,10 @@ def parse_token_list(spec: str) -> list[int]:
         raise ValidationError("--tokens is empty", hint="give comma-separated integers")
     if any(i < 0 for i in ids):
         raise ValidationError(f"invalid --tokens '{spec}': token ids are >= 0")
+    too_big = [i for i in ids if i > MAX_TOKEN_ID]
+    if too_big:
+        raise ValidationError(
+            f"invalid --tokens: token id {too_big[0]} is too large",
+            hint=f"token ids are 0..{MAX_TOKEN_ID} and must be inside the model's vocabulary",
+        )
     return ids
