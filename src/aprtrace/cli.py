@@ -51,6 +51,7 @@ class AprtraceGroup(click.Group):
         from aprtrace.signals import install_sigbus_exit, terminate_like_interrupt
 
         install_sigbus_exit()
+        _print_undecodable_names_as_given()
         try:
             with terminate_like_interrupt():
                 return super().invoke(ctx)
@@ -92,6 +93,16 @@ class AprtraceGroup(click.Group):
                 err=True,
             )
             ctx.exit(EXIT_INTERNAL)
+
+
+def _print_undecodable_names_as_given() -> None:
+    """File names that are not UTF-8 reach Python as lone surrogates; printing one to a
+    strict UTF-8 stdout would fail, so they are written back as the original bytes (as
+    ``ls`` does)."""
+    stream = sys.stdout
+    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="surrogateescape")
 
 
 @click.group(cls=AprtraceGroup, context_settings={"help_option_names": ["-h", "--help"]})

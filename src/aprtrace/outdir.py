@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aprtrace.aprt import HEADER_SIZE, MAGIC, parse_header
+from aprtrace.atomic import TEMP_FILE
 from aprtrace.errors import InferenceError, OutputError
 from aprtrace.manifest import MANIFEST_NAME, SCHEMA, Manifest, parse_manifest
 from aprtrace.safeio import file_kind, path_text, read_json_file
@@ -113,40 +114,6 @@ def _open_dir(name: str | Path, dir_fd: int | None = None) -> int:
     """A descriptor of the real directory ``name`` (a symlink is refused by the kernel)."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     return os.open(name, flags, dir_fd=dir_fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: someone else's live process
-        return True
-    return True
-
-
-def remove_orphaned_temps(path: Path) -> list[Path]:
-    """Remove ``.<name>.<pid>.tmp`` beside ``path`` left by a killed aprtrace (dead pid).
-
-    Only regular files are removed, never a symlink; a live process's temporary is kept.
-    """
-    path = Path(path)
-    removed = []
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        return removed
-    for entry in entries:
-        match = _TEMP_FILE.match(entry.name)
-        if not match or match["name"] != path.name or _pid_alive(int(match["pid"])):
-            continue
-        if entry.is_file(follow_symlinks=False):
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-    return removed
 
 
 @dataclass
@@ -424,7 +391,7 @@ def _remove_orphans(out: Path) -> list[Path]:
     for directory in dirs:
         rel_dir = "" if directory == out else directory.name + "/"
         for entry in list(os.scandir(directory)):
-            match = _TEMP_FILE.match(entry.name)
+            match = TEMP_FILE.match(entry.name)
             if not match or not entry.is_file(follow_symlinks=False):
                 continue
             name = match["name"]

@@ -204,7 +204,7 @@ def build_tokenizer(
                 f"{where}: tokenizer {label} token id {value} is outside the vocabulary "
                 f"(0..{n - 1})"
             )
-    kind = (model or "").strip().lower()
+    kind = model.strip().lower() if isinstance(model, str) else ""
     try:
         if kind == "gpt2":
             tok = _byte_level_bpe(tokens, merges, pre, where)

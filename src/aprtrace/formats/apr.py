@@ -456,8 +456,8 @@ def _meta_float(path: Path, metadata: Mapping, field: str, default: float) -> fl
     value = _meta(metadata, field)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ModelLoadError(f"{path}: metadata {field} = {value!r} must be a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > 1e300:
+        raise ModelLoadError(f"{path}: metadata {field} = {str(value)[:40]} must be a number")
     return float(value)
 
 

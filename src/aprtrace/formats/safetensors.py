@@ -8,6 +8,7 @@ permutation).
 from __future__ import annotations
 
 import math
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,15 @@ def read_safetensors(path: Path) -> dict[str, LazyTensor]:
     return tensors
 
 
+def _is_file_name(name: str) -> bool:
+    """A plain file name this system can represent: no directory part, no NUL, <= 255 bytes."""
+    try:
+        raw = os.fsencode(name)
+    except UnicodeEncodeError:
+        return False
+    return 0 < len(raw) <= 255 and b"/" not in raw and b"\0" not in raw and raw not in (b".", b"..")
+
+
 def _weight_files(path: Path) -> tuple[Path, list[Path]]:
     """(model directory, safetensors files) of a directory or a lone ``.safetensors`` file."""
     if path.is_file():
@@ -127,10 +137,16 @@ def _weight_files(path: Path) -> tuple[Path, list[Path]]:
                 "file names)"
             )
         shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not _is_file_name(shard):
+                raise InvalidFormatError(
+                    f"{path_text(index)}: shard name {shard[:80]!r} is not a file name in "
+                    "the model directory"
+                )
         files = [path / shard for shard in shards]
         for f in files:
-            if not f.exists() or f.parent != path:
-                raise NotFoundError(f"{index}: shard {f.name} is missing")
+            if not f.is_file():
+                raise NotFoundError(f"{path_text(index)}: shard {path_text(f.name)} is missing")
         return path, files
     if (path / WEIGHTS_NAME).exists():
         return path, [path / WEIGHTS_NAME]
@@ -178,8 +194,8 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         value = raw.get(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ModelLoadError(f"{where}: config.json {key} = {value!r} must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > 1e300:
+            raise ModelLoadError(f"{where}: config.json {key} = {str(value)[:40]} must be a number")
         return float(value)
 
     hidden = integer("hidden_size")
@@ -187,9 +203,13 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
     rope = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
     rope_theta = rope.get("rope_theta", raw.get("rope_theta"))
     if rope_theta is not None and (
-        isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float))
+        isinstance(rope_theta, bool)
+        or not isinstance(rope_theta, (int, float))
+        or abs(rope_theta) > 1e300
     ):
-        raise ModelLoadError(f"{where}: config.json rope_theta = {rope_theta!r} must be a number")
+        raise ModelLoadError(
+            f"{where}: config.json rope_theta = {str(rope_theta)[:40]} must be a number"
+        )
     scaling = raw.get("rope_scaling") or {}
     rope_kind = rope.get("rope_type") or (
         scaling.get("rope_type") if isinstance(scaling, dict) else None
