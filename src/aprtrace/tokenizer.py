@@ -332,8 +332,15 @@ def load_tokenizer_json(path: str | Path) -> Tokenizer:
     text = read_tokenizer_json(path)
     try:
         return Tokenizer.from_str(text)
-    except Exception as exc:
+    except BaseException as exc:
+        if not isinstance(exc, Exception) and not is_rust_panic(exc):
+            raise
         raise InvalidFormatError(f"{path_text(path)}: not a valid tokenizer.json: {exc}") from None
+
+
+def is_rust_panic(exc: BaseException) -> bool:
+    """A panic inside the tokenizers library (pyo3's PanicException, a BaseException)."""
+    return type(exc).__name__ == "PanicException"
 
 
 # The largest real tokenizer.json files (250k-token vocabularies) are 20-40 MB.

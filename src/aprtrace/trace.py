@@ -14,7 +14,7 @@ import numpy as np
 
 from aprtrace.atomic import write_bytes_atomic
 from aprtrace.capture import CaptureLog, maybe_save_stage
-from aprtrace.errors import OutputError, ValidationError
+from aprtrace.errors import ModelLoadError, OutputError, ValidationError
 from aprtrace.forward import Progress, check_token_ids, forward
 from aprtrace.model import Model
 from aprtrace.outdir import open_output
@@ -318,7 +318,17 @@ def encode_prompt(model: Model, prompt: str, add_bos: bool) -> list[int]:
             f"{model.path} has no tokenizer", hint="pass the token ids with --tokens 1,2,3"
         )
     check_prompt_text(prompt)
-    ids = list(model.tokenizer.encode(prompt, add_special_tokens=False).ids)
+    try:
+        ids = list(model.tokenizer.encode(prompt, add_special_tokens=False).ids)
+    except BaseException as exc:
+        from aprtrace.tokenizer import is_rust_panic
+
+        if not isinstance(exc, Exception) and not is_rust_panic(exc):
+            raise
+        raise ModelLoadError(
+            f"{model.path}: the model's tokenizer failed on the prompt: {str(exc)[:200]}",
+            hint="the tokenizer data is damaged; pass the token ids with --tokens",
+        ) from None
     if add_bos:
         bos = model.config.bos_token_id
         if bos is None:
