@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import aprtrace
 from aprtrace.aprt import write_aprt
 from aprtrace.cli import main
 from aprtrace.errors import OutputError
@@ -31,6 +32,8 @@ from aprtrace.stages import WHOLE_MODEL_LAYER
 from reliability_models import seeds
 
 ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses run the aprtrace these tests import (so the suite can be pointed at any tree).
+SRC = Path(aprtrace.__file__).resolve().parents[1]
 
 
 def run_cli(*args):
@@ -318,7 +321,7 @@ def big_model(tmp_path_factory) -> Path:
 def _trace_process(model: Path, out: Path, *extra: str) -> subprocess.Popen:
     argv = [sys.executable, "-m", "aprtrace", "trace", "--save-tensor", "all"]
     argv += ["--save-tensor-layers", "all", "--save-tensor-dir", str(out), "-q", *extra]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT)]))
     return subprocess.Popen(
         [*argv, str(model)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
@@ -641,7 +644,7 @@ def test_json_bombs_in_apr_metadata_and_safetensors_header(tmp_path):
 
 
 def _runs_within(argv: list[str], seconds: float) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT)]))
     return subprocess.run(
         [sys.executable, "-m", "aprtrace", *argv],
         capture_output=True,
@@ -756,7 +759,7 @@ def test_hostile_command_line_values_are_clean_errors(tiny, argv):
 
 
 def test_non_utf8_prompt_bytes_from_a_real_shell(tiny):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT)]))
     argv = [sys.executable.encode(), b"-m", b"aprtrace", b"trace", b"--prompt", b"abc\xff"]
     result = subprocess.run([*argv, bytes(tiny)], capture_output=True, env=env, timeout=60)
     assert result.returncode == 5 and b"not valid UTF-8" in result.stderr
@@ -821,7 +824,7 @@ a = np.frombuffer(m, dtype=np.uint8)
 os.truncate(path, 0)
 print(int(a.sum()))
 """
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, PYTHONPATH=str(SRC))
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
     )
