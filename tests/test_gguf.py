@@ -262,7 +262,8 @@ def test_hf_name_mapping():
         "model.layers.3.post_attention_layernorm.weight"
     )
     assert hf_tensor_name("blk.1.ffn_down.weight") == "model.layers.1.mlp.down_proj.weight"
-    assert hf_tensor_name("rope_freqs.weight") is None
+    assert hf_tensor_name("rope_freqs.weight") == "rope_freqs.weight"  # same name in both
+    assert hf_tensor_name("blk.1.unknown_thing.weight") is None
 
 
 def test_custom_alignment_is_honoured(tmp_path):

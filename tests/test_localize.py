@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import aprtrace.forward as forward_module
 from aprtrace.aprt import read_aprt, write_aprt
+from aprtrace.arch.llama import Llama
 from aprtrace.cli import main
 from aprtrace.demo import demo_config, demo_weights
 from aprtrace.diff import diff_dirs
@@ -145,13 +145,13 @@ def test_corrupted_stage_file_is_named_as_the_source(dumps, tmp_path):
 def test_bug_inside_the_forward_pass_is_local_once_then_inherited(dumps, tmp_path, monkeypatch):
     # A real bug: layer 1's gate projection computed with weights 5% too large, and the rest
     # of the pass continues from the wrong values.
-    real_load = forward_module.load_layer
+    real_load = Llama.load_layer
 
-    def buggy_load(model, layer):
-        w = real_load(model, layer)
+    def buggy_load(self, model, layer):
+        w = real_load(self, model, layer)
         return dataclasses.replace(w, gate_proj=w.gate_proj * np.float32(BUG)) if layer == 1 else w
 
-    monkeypatch.setattr(forward_module, "load_layer", buggy_load)
+    monkeypatch.setattr(Llama, "load_layer", buggy_load)
     buggy = trace(dumps["q8_model"], tmp_path / "q8-buggy")
     monkeypatch.undo()
 

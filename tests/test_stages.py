@@ -42,10 +42,26 @@ SPEC_NAMES = [
 ]
 
 
-def test_twenty_stages_in_forward_order() -> None:
-    assert [s.value for s in Stage] == SPEC_NAMES
-    assert [s.value for s in ALL_STAGES] == SPEC_NAMES
-    assert [s.order for s in Stage] == list(range(20))
+def test_apr_stages_in_forward_order_and_extensions_are_per_architecture() -> None:
+    apr = [s.value for s in Stage if s.value in SPEC_NAMES]
+    assert apr == SPEC_NAMES
+    assert [s.value for s in ALL_STAGES if s.value in SPEC_NAMES] == SPEC_NAMES
+    assert [s.order for s in Stage] == list(range(len(Stage)))
+    # Every stage aprtrace adds is computed by named architectures only, never by Llama/Qwen.
+    for s in Stage:
+        if s.value not in SPEC_NAMES:
+            assert s.spec.archs and not s.spec.archs & {"llama", "qwen2", "qwen3"}, s
+
+
+def test_stage_graph_inputs_name_real_stages_computed_earlier() -> None:
+    from aprtrace.stages import GRAPH, LAST_LAYER_OUTPUT, LAYER_INPUT
+
+    for stage, spec in GRAPH.items():
+        for alternatives in spec.inputs:
+            for name in alternatives:
+                if name in (LAYER_INPUT, LAST_LAYER_OUTPUT):
+                    continue
+                assert Stage(name).order < stage.order, (stage, name)
 
 
 def test_only_final_norm_and_lm_head_are_whole_model() -> None:

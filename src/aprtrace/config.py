@@ -109,6 +109,12 @@ class ModelConfig:
     qk_norm: bool = False  # qwen3
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Attention window (Mistral-style sliding window): a query sees the last N positions.
+    sliding_window: int | None = None
+    # Fraction of head_dim that RoPE rotates (partial rotary); the rest passes through.
+    partial_rotary_factor: float = 1.0
+    # Query scale is query_pre_attn_scalar ** -0.5 when set (Gemma), else head_dim ** -0.5.
+    query_pre_attn_scalar: float | None = None
 
     @property
     def q_dim(self) -> int:
@@ -117,6 +123,16 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that RoPE rotates (even)."""
+        return int(self.head_dim * self.partial_rotary_factor) // 2 * 2
+
+    @property
+    def attention_scale(self) -> float:
+        base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
+        return 1.0 / math.sqrt(base)
 
     def to_dict(self) -> dict:
         return asdict(self)

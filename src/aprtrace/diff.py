@@ -31,7 +31,14 @@ import numpy as np
 from aprtrace.aprt import AprtFile, read_aprt
 from aprtrace.errors import InvalidFormatError, NotFoundError, ValidationError
 from aprtrace.manifest import Manifest, read_manifest
-from aprtrace.stages import WHOLE_MODEL_LAYER, Stage, stage_from_file_stem
+from aprtrace.stages import (
+    WHOLE_MODEL_LAYER,
+    Stage,
+    computes,
+    stage_from_file_stem,
+    stage_inputs,
+    stage_shape,
+)
 
 CHUNK = 1 << 18  # 256 Ki elements (1 MiB per side) per streamed chunk: cache-sized
 _LO_BITS = 16
@@ -670,6 +677,11 @@ class DirDiff:
         return hits[:top]
 
 
+def _spec_of(stem: str):
+    stage = stage_from_file_stem(stem)
+    return stage.spec if stage is not None else None
+
+
 def decode_position(stage: str, shape: tuple[int, ...], index: int) -> str | None:
     """Flat index -> named coordinates; None when the shape does not cover the index."""
     total = int(np.prod(shape)) if shape else 0
@@ -677,7 +689,8 @@ def decode_position(stage: str, shape: tuple[int, ...], index: int) -> str | Non
         return None
     coords = np.unravel_index(index, shape)
     c = [int(x) for x in coords]
-    if stage in (Stage.ATTN_SCORES.value, Stage.ATTN_SOFTMAX.value) and len(shape) == 3:
+    spec = _spec_of(stage)
+    if spec is not None and spec.attention_map and len(shape) == 3:
         return f"head {c[0]}, query {c[1]}, key {c[2]}"
     if len(shape) == 2:
         return f"token {c[0]}, channel {c[1]}"
@@ -687,18 +700,28 @@ def decode_position(stage: str, shape: tuple[int, ...], index: int) -> str | Non
 
 
 def infer_shape(key: PairKey, count: int, manifests: list[Manifest]) -> tuple[int, ...] | None:
-    """Shape from either manifest, else from a manifest config (seq from its token ids)."""
+    """Shape from either manifest, else from the stage graph and a manifest's config and
+    sequence length, else from the sequence length alone."""
     for m in manifests:
         shape = m.shape_of(key.rel)
         if shape is not None and int(np.prod(shape)) == count:
             return tuple(shape)
-    if key.stage == Stage.LM_HEAD.value:
+    stage = stage_from_file_stem(key.stage)
+    if stage is not None and len(stage.spec.shape_dims) == 1:
         return (count,)
     for m in manifests:
         seq = len(m.token_ids)
         if seq <= 0:
             continue
-        if key.stage in (Stage.ATTN_SCORES.value, Stage.ATTN_SOFTMAX.value):
+        cfg = _config_view(m.config)
+        if stage is not None and cfg is not None:
+            try:
+                shape = stage_shape(stage, cfg, seq)
+            except (AttributeError, TypeError):
+                shape = None
+            if shape is not None and int(np.prod(shape)) == count:
+                return shape
+        if stage is not None and stage.spec.attention_map:
             heads = count // (seq * seq)
             if heads * seq * seq == count:
                 return (heads, seq, seq)
@@ -753,67 +776,70 @@ def _check_dir(path: Path, side: str) -> Path:
 
 
 def _consumed(
-    key: PairKey, present: dict[tuple[int | None, str], PairResult], last_layer: int | None
+    key: PairKey,
+    present: dict[tuple[int | None, str], PairResult],
+    num_layers: int | None,
+    config: dict | None,
 ) -> list[PairResult]:
-    """The pairs whose outputs ``key``'s stage consumes (the fixed map of docs/diff-json.md)."""
-    layer = key.layer
+    """The pairs whose outputs ``key``'s stage consumes, read from the stage graph.
 
-    def get(lyr: int | None, stage: str) -> list[PairResult]:
-        found = present.get((lyr, stage))
-        return [found] if found is not None else []
+    Alternatives (``qkv_bias`` else ``qkv_matmul``) are chosen by the model's config when a
+    manifest gives it, else by what the dump holds. Operands not in the dump are skipped.
+    """
+    stage = stage_from_file_stem(key.stage)
+    if stage is None:
+        return []
+    cfg = _config_view(config)
+    if cfg is not None:
 
-    def layer_input() -> list[PairResult]:
-        if layer is None:
-            return []
-        return get(0, "embedding") if layer == 0 else get(layer - 1, "post_ffn_residual")
+        def has(s: Stage) -> bool:
+            return computes(s, cfg)
+    else:
 
-    def qkv() -> list[PairResult]:
-        return get(layer, "qkv_bias") or get(layer, "qkv_matmul")
+        def has(s: Stage) -> bool:
+            return any(st == s.value for (_, st) in present)
 
-    table: dict[str, Callable[[], list[PairResult]]] = {
-        "attn_norm": layer_input,
-        "qkv_matmul": lambda: get(layer, "attn_norm"),
-        "qkv_bias": lambda: get(layer, "qkv_matmul"),
-        "q_post_rope": qkv,
-        "k_post_rope": qkv,
-        "attn_scores": lambda: get(layer, "q_post_rope") + get(layer, "k_post_rope"),
-        "attn_softmax": lambda: get(layer, "attn_scores"),
-        "attention": lambda: get(layer, "attn_softmax") + qkv(),  # softmax . V
-        "attn_out": lambda: get(layer, "attention"),
-        # A stage with two inputs inherits the larger relative error of the two.
-        "post_attn_residual": lambda: layer_input() + get(layer, "attn_out"),
-        "ffn_norm": lambda: get(layer, "post_attn_residual"),
-        "ffn_gate": lambda: get(layer, "ffn_norm"),
-        "ffn_up": lambda: get(layer, "ffn_norm"),
-        "ffn_silu": lambda: get(layer, "ffn_gate"),
-        "ffn_swigl": lambda: get(layer, "ffn_silu") + get(layer, "ffn_up"),
-        "ffn_out": lambda: get(layer, "ffn_swigl"),
-        "post_ffn_residual": lambda: get(layer, "post_attn_residual") + get(layer, "ffn_out"),
-        "final_norm": lambda: (
-            get(last_layer, "post_ffn_residual") if last_layer is not None else []
-        ),
-        "lm_head": lambda: get(None, "final_norm"),
-    }
-    fn = table.get(key.stage)
-    return fn() if fn is not None else []
+    found = []
+    for operand in stage_inputs(stage, key.layer, has, num_layers):
+        if operand is None:
+            continue
+        layer, source = operand
+        pair = present.get((layer, source.value))
+        if pair is not None:
+            found.append(pair)
+    return found
 
 
-def attribute(pairs: list[PairResult]) -> None:
+def _config_view(config: dict | None):
+    """A manifest's config as the attribute view the stage graph's predicates read."""
+    if not config or "architecture" not in config:
+        return None
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**config)
+
+
+def attribute(
+    pairs: list[PairResult], num_layers: int | None = None, config: dict | None = None
+) -> None:
     """Set ``attribution`` = rel_l2(stage) / rel_l2(consumed stage) where both are known.
 
     inf when the stage creates error from an identical input; None when unknown.
     """
     present = {(p.key.layer, p.key.stage): p for p in pairs if p.stats is not None}
-    layers = [
-        p.key.layer for p in pairs if p.key.layer is not None and p.key.stage == "post_ffn_residual"
-    ]
-    last_layer = max(layers) if layers else None
+    if num_layers is None:  # no manifest (an apr dump): the deepest layer dumped
+        layers = [
+            p.key.layer
+            for p in pairs
+            if p.key.layer is not None and p.key.stage == "post_ffn_residual"
+        ]
+        num_layers = max(layers) + 1 if layers else None
     for p in pairs:
         if p.stats is None or p.stats.rel_l2 is None:
             continue
         inputs = [
             q
-            for q in _consumed(p.key, present, last_layer)
+            for q in _consumed(p.key, present, num_layers, config)
             if q.stats is not None and q.stats.rel_l2 is not None
         ]
         if not inputs:
@@ -849,6 +875,14 @@ def dump_warnings(a: DumpInfo, b: DumpInfo) -> list[str]:
             out.append(
                 f"{side} ({dump.path}): {len(missing)} file(s) listed in manifest.json are "
                 f"missing, e.g. {missing[0]}"
+            )
+        # An engine that does not compute some stages says so (llama.cpp: ffn_silu).
+        skipped = dump.manifest.raw.get("not_captured")
+        if isinstance(skipped, list) and skipped:
+            engine = dump.manifest.raw.get("engine", "this engine")
+            out.append(
+                f"{side} ({dump.path}): {engine} does not compute "
+                f"{', '.join(map(str, skipped))}: not in {side}, not compared"
             )
     ma, mb = a.manifest, b.manifest
     if ma is not None and mb is not None and ma.token_ids != mb.token_ids:
@@ -927,5 +961,7 @@ def diff_dirs(
             if fail_fast:
                 result.stopped_early = key is not common[-1]
                 break
-    attribute(result.pairs)
+    config = next((m.config for m in (a.manifest, b.manifest) if m is not None and m.config), None)
+    num_layers = config.get("num_layers") if config else None
+    attribute(result.pairs, num_layers if isinstance(num_layers, int) else None, config)
     return result

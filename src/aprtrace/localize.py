@@ -25,31 +25,33 @@ from pathlib import Path
 import numpy as np
 
 from aprtrace.aprt import read_aprt
+from aprtrace.arch import architecture_of
+from aprtrace.arch.base import PassContext
+from aprtrace.arch.llama import (
+    LayerWeights,
+    Llama,
+    add_qkv_bias,
+    norm_and_rope,
+    qkv_projection,
+    split_qkv,
+)
+from aprtrace.arch.ops import (
+    SHORT_PROMPT,
+    attend,
+    attention_mask,
+    attention_scores,
+    linear,
+    masked_softmax,
+    one_blas_thread,
+    rms_norm,
+    silu,
+)
 from aprtrace.config import ModelConfig
 from aprtrace.diff import DirDiff, PairResult
 from aprtrace.errors import ValidationError
-from aprtrace.forward import (
-    SHORT_PROMPT,
-    LayerWeights,
-    add_qkv_bias,
-    attend,
-    attention_scores,
-    causal_softmax,
-    embed,
-    final_norm,
-    linear,
-    lm_head,
-    load_layer,
-    model_rope_tables,
-    norm_and_rope,
-    one_blas_thread,
-    qkv_projection,
-    rms_norm,
-    silu,
-    split_qkv,
-)
+from aprtrace.forward import LM_HEAD_CHUNK
 from aprtrace.model import Model
-from aprtrace.stages import Stage, stage_from_file_stem
+from aprtrace.stages import Stage, stage_from_file_stem, stage_shape
 
 # Sizes that must agree between MODEL and the config in B's manifest.
 _SHAPE_KEYS = (
@@ -64,17 +66,7 @@ _SHAPE_KEYS = (
 # Settings that do not change shapes but do change the math of some stages.
 _MATH_KEYS = ("rope_theta", "rope_linear_factor", "rms_norm_eps", "qkv_bias", "qk_norm")
 # Stages whose function multiplies by a weight matrix that quantization changes.
-WEIGHT_STAGES = frozenset(
-    {
-        Stage.EMBEDDING,
-        Stage.QKV_MATMUL,
-        Stage.ATTN_OUT,
-        Stage.FFN_GATE,
-        Stage.FFN_UP,
-        Stage.FFN_OUT,
-        Stage.LM_HEAD,
-    }
-)
+WEIGHT_STAGES = frozenset(s for s in Stage if s.spec.weights == "matrix")
 
 
 @dataclass
@@ -139,24 +131,7 @@ def _layer_rel(layer: int, stage: str) -> str:
 
 
 def _expected_shape(cfg: ModelConfig, seq: int, stage: Stage) -> tuple[int, ...]:
-    """The shape ``forward`` writes for ``stage`` (FORMATS.md section 2)."""
-    qkv = cfg.q_dim + 2 * cfg.kv_dim
-    width = {
-        Stage.QKV_MATMUL: qkv,
-        Stage.QKV_BIAS: qkv,
-        Stage.Q_POST_ROPE: cfg.q_dim,
-        Stage.K_POST_ROPE: cfg.kv_dim,
-        Stage.ATTENTION: cfg.q_dim,
-        Stage.FFN_GATE: cfg.intermediate_size,
-        Stage.FFN_UP: cfg.intermediate_size,
-        Stage.FFN_SILU: cfg.intermediate_size,
-        Stage.FFN_SWIGL: cfg.intermediate_size,
-    }
-    if stage in (Stage.ATTN_SCORES, Stage.ATTN_SOFTMAX):
-        return (cfg.num_heads, seq, seq)
-    if stage == Stage.LM_HEAD:
-        return (cfg.vocab_size,)
-    return (seq, width.get(stage, cfg.hidden_size))
+    return stage_shape(stage, cfg, seq)
 
 
 class _Context:
@@ -168,7 +143,10 @@ class _Context:
         self.dump = dump
         self.seq = seq
         self.token_ids = token_ids
-        self.cos, self.sin = model_rope_tables(model, seq)
+        self.arch = architecture_of(self.cfg)
+        positions = np.arange(seq)
+        self.cos, self.sin = self.arch.default_rope(PassContext(model, positions))
+        self.mask = attention_mask(positions, positions, self.cfg.sliding_window)
         self._layer: int | None = None
         self._weights: LayerWeights | None = None
         self._cache: dict[str, np.ndarray] = {}
@@ -190,7 +168,7 @@ class _Context:
         """The current layer's weights, decoded on first use (one layer in memory)."""
         assert layer == self._layer
         if self._weights is None:
-            self._weights = load_layer(self.model, layer)
+            self._weights = self.arch.load_layer(self.model, layer)
         return self._weights
 
     def has(self, rel: str) -> bool:
@@ -271,12 +249,12 @@ def _stage_functions() -> dict[Stage, Callable[[_Context, int], np.ndarray]]:
     def attention_scores_of(ctx: _Context, layer: int) -> np.ndarray:
         q = q_rope(ctx, layer).reshape(ctx.seq, ctx.cfg.num_heads, ctx.cfg.head_dim)
         k = k_rope(ctx, layer).reshape(ctx.seq, ctx.cfg.num_kv_heads, ctx.cfg.head_dim)
-        return attention_scores(ctx.cfg, q, k)
+        return attention_scores(q, k, ctx.cfg.attention_scale, ctx.mask)
 
     def embedding(ctx: _Context, layer: int) -> np.ndarray:
         if ctx.token_ids is None:
             raise _MissingInput("token ids (no manifest.json in either dump)")
-        return embed(ctx.model, np.asarray(ctx.token_ids, dtype=np.int64))
+        return ctx.arch.embed(ctx.model, np.asarray(ctx.token_ids, dtype=np.int64))
 
     def last_residual(ctx: _Context) -> np.ndarray:
         last = ctx.cfg.num_layers - 1
@@ -290,8 +268,8 @@ def _stage_functions() -> dict[Stage, Callable[[_Context, int], np.ndarray]]:
         Stage.Q_POST_ROPE: lambda c, i: rope(c, i, 0),
         Stage.K_POST_ROPE: lambda c, i: rope(c, i, 1),
         Stage.ATTN_SCORES: attention_scores_of,
-        Stage.ATTN_SOFTMAX: lambda c, i: causal_softmax(scores(c, i)),
-        Stage.ATTENTION: lambda c, i: attend(c.cfg, probs(c, i), _split(c, i)[2]),
+        Stage.ATTN_SOFTMAX: lambda c, i: masked_softmax(scores(c, i), c.mask),
+        Stage.ATTENTION: lambda c, i: attend(probs(c, i), _split(c, i)[2]),
         Stage.ATTN_OUT: lambda c, i: linear(context(c, i), w(c, i).o_proj, w(c, i).o_bias),
         Stage.POST_ATTN_RESIDUAL: lambda c, i: c.layer_input(i) + b(Stage.ATTN_OUT)(c, i),
         Stage.FFN_NORM: lambda c, i: rms_norm(
@@ -303,9 +281,9 @@ def _stage_functions() -> dict[Stage, Callable[[_Context, int], np.ndarray]]:
         Stage.FFN_SWIGL: lambda c, i: silu_out(c, i) * up(c, i),
         Stage.FFN_OUT: lambda c, i: linear(swiglu(c, i), w(c, i).down_proj, w(c, i).down_bias),
         Stage.POST_FFN_RESIDUAL: lambda c, i: post_attn(c, i) + b(Stage.FFN_OUT)(c, i),
-        Stage.FINAL_NORM: lambda c, i: final_norm(c.model, last_residual(c)),
-        Stage.LM_HEAD: lambda c, i: lm_head(
-            c.model, c.read(f"{Stage.FINAL_NORM.value}.bin", Stage.FINAL_NORM)[-1]
+        Stage.FINAL_NORM: lambda c, i: c.arch.final_norm(c.model, last_residual(c)),
+        Stage.LM_HEAD: lambda c, i: c.arch.logits(
+            c.model, c.read(f"{Stage.FINAL_NORM.value}.bin", Stage.FINAL_NORM)[-1], LM_HEAD_CHUNK
         ),
     }
 
@@ -392,6 +370,11 @@ def localize(diff: DirDiff, model: Model) -> Localization:
     if seq is None:
         for p in diff.pairs:
             result.stages[p.key.rel] = StageLocalization(note="sequence length unknown")
+        return result
+    if cfg.architecture not in Llama.names:
+        note = f"teacher forcing is not implemented for {cfg.architecture} yet"
+        for p in diff.pairs:
+            result.stages[p.key.rel] = StageLocalization(note=note)
         return result
     ctx = _Context(model, diff.b.path, seq, _token_ids(diff))
     with np.errstate(all="ignore"), one_blas_thread(seq <= SHORT_PROMPT):

@@ -1,21 +1,24 @@
-"""The canonical stage list of ``apr trace --save-tensor`` (FORMATS.md section 2)."""
+"""The stage graph: every capture point, declared once (FORMATS.md section 2).
+
+Each row says what a stage's buffer holds, its shape as a function of the config and the
+sequence length, which stages it is computed from, whether it reads a weight, and which
+architectures compute it. The forward passes (``aprtrace.arch``), diff's attribution,
+localization, shape inference, ``aprtrace stages`` and the engines all read this table;
+nothing else lists stage facts.
+
+Enum order is forward (file) order, apr's order for the stages apr knows.
+"""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from aprtrace.errors import ValidationError
 
 WHOLE_MODEL_LAYER = 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class StageInfo:
-    name: str
-    per_layer: bool
-    description: str
-    shape: str
 
 
 class Stage(enum.Enum):
@@ -31,6 +34,7 @@ class Stage(enum.Enum):
     ATTN_SOFTMAX = "attn_softmax"
     ATTENTION = "attention"
     ATTN_OUT = "attn_out"
+    POST_ATTN_NORM = "post_attn_norm"
     POST_ATTN_RESIDUAL = "post_attn_residual"
     FFN_NORM = "ffn_norm"
     FFN_GATE = "ffn_gate"
@@ -38,77 +42,247 @@ class Stage(enum.Enum):
     FFN_SILU = "ffn_silu"
     FFN_SWIGL = "ffn_swigl"
     FFN_OUT = "ffn_out"
+    POST_FFN_NORM = "post_ffn_norm"
     POST_FFN_RESIDUAL = "post_ffn_residual"
     FINAL_NORM = "final_norm"
     LM_HEAD = "lm_head"
 
     @property
-    def info(self) -> StageInfo:
-        return _INFO[self]
+    def spec(self) -> StageSpec:
+        return GRAPH[self]
+
+    @property
+    def info(self) -> StageSpec:  # the name older callers use
+        return GRAPH[self]
 
     @property
     def per_layer(self) -> bool:
-        return _INFO[self].per_layer
+        return GRAPH[self].per_layer
+
+    @property
+    def index_payload(self) -> bool:
+        return GRAPH[self].index_payload
 
     @property
     def order(self) -> int:
         return _ORDER[self]
 
 
-_INFO = {
-    Stage.EMBEDDING: StageInfo(
-        "embedding", True, "token embedding rows (written as layer 0 only)", "[seq, hidden]"
-    ),
-    Stage.ATTN_NORM: StageInfo(
-        "attn_norm", True, "input RMSNorm output (after the weight)", "[seq, hidden]"
-    ),
-    Stage.QKV_MATMUL: StageInfo(
-        "qkv_matmul", True, "fused [Q|K|V] projection, before bias", "[seq, q_dim + 2*kv_dim]"
-    ),
-    Stage.QKV_BIAS: StageInfo(
-        "qkv_bias",
-        True,
-        "[Q|K|V] after the bias add (only with a qkv bias)",
-        "[seq, q_dim + 2*kv_dim]",
-    ),
-    Stage.Q_POST_ROPE: StageInfo(
-        "q_post_rope", True, "Q after QK-norm (if any) and RoPE", "[seq, n_heads*head_dim]"
-    ),
-    Stage.K_POST_ROPE: StageInfo(
-        "k_post_rope", True, "K after QK-norm (if any) and RoPE", "[seq, kv_dim]"
-    ),
-    Stage.ATTN_SCORES: StageInfo(
-        "attn_scores", True, "q.k * scale, masked entries (j > i) stored as 0", "[heads, seq, seq]"
-    ),
-    Stage.ATTN_SOFTMAX: StageInfo(
-        "attn_softmax", True, "causal softmax probabilities, masked entries 0", "[heads, seq, seq]"
-    ),
-    Stage.ATTENTION: StageInfo(
-        "attention", True, "softmax . V, before the output projection", "[seq, n_heads*head_dim]"
-    ),
-    Stage.ATTN_OUT: StageInfo(
-        "attn_out", True, "attention output projection (+ bias)", "[seq, hidden]"
-    ),
-    Stage.POST_ATTN_RESIDUAL: StageInfo(
-        "post_attn_residual", True, "hidden after the attention residual add", "[seq, hidden]"
-    ),
-    Stage.FFN_NORM: StageInfo("ffn_norm", True, "post-attention RMSNorm output", "[seq, hidden]"),
-    Stage.FFN_GATE: StageInfo("ffn_gate", True, "gate projection", "[seq, intermediate]"),
-    Stage.FFN_UP: StageInfo("ffn_up", True, "up projection", "[seq, intermediate]"),
-    Stage.FFN_SILU: StageInfo("ffn_silu", True, "silu(gate)", "[seq, intermediate]"),
-    Stage.FFN_SWIGL: StageInfo("ffn_swigl", True, "silu(gate) * up", "[seq, intermediate]"),
-    Stage.FFN_OUT: StageInfo("ffn_out", True, "down projection (+ bias)", "[seq, hidden]"),
-    Stage.POST_FFN_RESIDUAL: StageInfo(
-        "post_ffn_residual",
-        True,
-        "hidden after the FFN residual add (alias layer_output)",
-        "[seq, hidden]",
-    ),
-    Stage.FINAL_NORM: StageInfo(
-        "final_norm", False, "output RMSNorm over all positions", "[seq, hidden]"
-    ),
-    Stage.LM_HEAD: StageInfo("lm_head", False, "logits of the last position only", "[vocab]"),
+# Symbolic dimensions of the shapes below, resolved against a ModelConfig.
+_DIMS: dict[str, Callable[[Any], int]] = {
+    "hidden": lambda c: c.hidden_size,
+    "q_dim + 2*kv_dim": lambda c: c.q_dim + 2 * c.kv_dim,
+    "n_heads*head_dim": lambda c: c.q_dim,
+    "kv_dim": lambda c: c.kv_dim,
+    "heads": lambda c: c.num_heads,
+    "intermediate": lambda c: c.intermediate_size,
+    "vocab": lambda c: c.vocab_size,
 }
+
+# Input references that are not a stage of the same layer.
+LAYER_INPUT = "@layer_input"  # embedding for layer 0, else the previous post_ffn_residual
+LAST_LAYER_OUTPUT = "@last_layer_output"  # post_ffn_residual of the model's last layer
+
+ALL_ARCHS = None  # `archs` value of a stage every architecture computes
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One row of the stage graph.
+
+    ``inputs``: each entry is one operand, given as alternatives in preference order (the
+    first one the architecture computes is the operand: ``q_post_rope`` reads ``qkv_bias``
+    when the model has a qkv bias, else ``qkv_matmul``). ``shape``: symbolic dims, ``seq``
+    the number of positions, ``keys`` the attended positions. ``archs``: the architectures
+    that compute the stage (None: all); ``when``: a config predicate on top of that.
+    """
+
+    name: str
+    per_layer: bool
+    inputs: tuple[tuple[str, ...], ...]
+    shape_dims: tuple[str, ...]
+    weights: str | None  # "matrix" (a projection), "vector" (norm / bias) or None
+    description: str
+    archs: frozenset[str] | None = ALL_ARCHS
+    when: Callable[[Any], bool] | None = None
+    index_payload: bool = False  # integer ids stored as f32: compared as integers
+
+    @property
+    def reads_weights(self) -> bool:
+        return self.weights is not None
+
+    @property
+    def shape(self) -> str:
+        return "[" + ", ".join(self.shape_dims) + "]"
+
+    @property
+    def attention_map(self) -> bool:
+        return self.shape_dims[-2:] == ("seq", "keys")
+
+
+def _row(
+    stage: Stage,
+    inputs: Iterable[str | tuple[str, ...]],
+    shape: tuple[str, ...],
+    description: str,
+    *,
+    weights: str | None = None,
+    per_layer: bool = True,
+    archs: Iterable[str] | None = ALL_ARCHS,
+    when: Callable[[Any], bool] | None = None,
+    index_payload: bool = False,
+) -> tuple[Stage, StageSpec]:
+    operands = tuple((i,) if isinstance(i, str) else tuple(i) for i in inputs)
+    return stage, StageSpec(
+        stage.value,
+        per_layer,
+        operands,
+        shape,
+        weights,
+        description,
+        frozenset(archs) if archs is not None else None,
+        when,
+        index_payload,
+    )
+
+
+_GEMMA = ("gemma2", "gemma3")
+_SEQ_H = ("seq", "hidden")
+_SEQ_I = ("seq", "intermediate")
+_MAP = ("heads", "seq", "keys")
+
+GRAPH: dict[Stage, StageSpec] = dict(
+    [
+        _row(
+            Stage.EMBEDDING,
+            (),
+            _SEQ_H,
+            "token embedding rows (written as layer 0 only; Gemma: times sqrt(hidden))",
+            weights="matrix",
+        ),
+        _row(
+            Stage.ATTN_NORM,
+            (LAYER_INPUT,),
+            _SEQ_H,
+            "input RMSNorm output (after the weight)",
+            weights="vector",
+        ),
+        _row(
+            Stage.QKV_MATMUL,
+            ("attn_norm",),
+            ("seq", "q_dim + 2*kv_dim"),
+            "fused [Q|K|V] projection, before bias",
+            weights="matrix",
+        ),
+        _row(
+            Stage.QKV_BIAS,
+            ("qkv_matmul",),
+            ("seq", "q_dim + 2*kv_dim"),
+            "[Q|K|V] after the bias add (only with a qkv bias)",
+            weights="vector",
+            when=lambda c: c.qkv_bias,
+        ),
+        _row(
+            Stage.Q_POST_ROPE,
+            (("qkv_bias", "qkv_matmul"),),
+            ("seq", "n_heads*head_dim"),
+            "Q after QK-norm (if any) and RoPE",
+        ),
+        _row(
+            Stage.K_POST_ROPE,
+            (("qkv_bias", "qkv_matmul"),),
+            ("seq", "kv_dim"),
+            "K after QK-norm (if any) and RoPE",
+        ),
+        _row(
+            Stage.ATTN_SCORES,
+            ("q_post_rope", "k_post_rope"),
+            _MAP,
+            "q.k * scale, masked entries (key after query, outside a window) stored as 0",
+        ),
+        _row(
+            Stage.ATTN_SOFTMAX,
+            ("attn_scores",),
+            _MAP,
+            "causal softmax probabilities, masked entries 0",
+        ),
+        _row(
+            Stage.ATTENTION,
+            ("attn_softmax", ("qkv_bias", "qkv_matmul")),
+            ("seq", "n_heads*head_dim"),
+            "softmax . V, before the output projection",
+        ),
+        _row(
+            Stage.ATTN_OUT,
+            ("attention",),
+            _SEQ_H,
+            "attention output projection (+ bias)",
+            weights="matrix",
+        ),
+        _row(
+            Stage.POST_ATTN_NORM,
+            ("attn_out",),
+            _SEQ_H,
+            "RMSNorm of the attention output, before the residual add (Gemma)",
+            weights="vector",
+            archs=_GEMMA,
+        ),
+        _row(
+            Stage.POST_ATTN_RESIDUAL,
+            (LAYER_INPUT, ("post_attn_norm", "attn_out")),
+            _SEQ_H,
+            "hidden after the attention residual add",
+        ),
+        _row(
+            Stage.FFN_NORM,
+            ("post_attn_residual",),
+            _SEQ_H,
+            "pre-FFN RMSNorm output (post_attention_layernorm; Gemma: pre_feedforward_layernorm)",
+            weights="vector",
+        ),
+        _row(Stage.FFN_GATE, ("ffn_norm",), _SEQ_I, "gate projection", weights="matrix"),
+        _row(Stage.FFN_UP, ("ffn_norm",), _SEQ_I, "up projection", weights="matrix"),
+        _row(
+            Stage.FFN_SILU,
+            ("ffn_gate",),
+            _SEQ_I,
+            "act(gate): silu for Llama/Qwen, gelu_tanh for Gemma",
+        ),
+        _row(Stage.FFN_SWIGL, ("ffn_silu", "ffn_up"), _SEQ_I, "act(gate) * up"),
+        _row(Stage.FFN_OUT, ("ffn_swigl",), _SEQ_H, "down projection (+ bias)", weights="matrix"),
+        _row(
+            Stage.POST_FFN_NORM,
+            ("ffn_out",),
+            _SEQ_H,
+            "RMSNorm of the FFN output, before the residual add (Gemma)",
+            weights="vector",
+            archs=_GEMMA,
+        ),
+        _row(
+            Stage.POST_FFN_RESIDUAL,
+            ("post_attn_residual", ("post_ffn_norm", "ffn_out")),
+            _SEQ_H,
+            "hidden after the FFN residual add (alias layer_output)",
+        ),
+        _row(
+            Stage.FINAL_NORM,
+            (LAST_LAYER_OUTPUT,),
+            _SEQ_H,
+            "output RMSNorm over all positions",
+            weights="vector",
+            per_layer=False,
+        ),
+        _row(
+            Stage.LM_HEAD,
+            ("final_norm",),
+            ("vocab",),
+            "logits of the last position only",
+            weights="matrix",
+            per_layer=False,
+        ),
+    ]
+)
+assert list(GRAPH) == list(Stage), "every stage has exactly one row, in enum order"
 _ORDER = {stage: i for i, stage in enumerate(Stage)}
 
 ALIASES = {"layer_output": Stage.POST_FFN_RESIDUAL}
@@ -117,15 +291,91 @@ ALL_STAGES: tuple[Stage, ...] = tuple(Stage)
 APR_CLASSIC_STAGES: tuple[Stage, ...] = tuple(
     s
     for s in Stage
-    if s not in (Stage.Q_POST_ROPE, Stage.K_POST_ROPE, Stage.ATTN_SCORES, Stage.ATTN_SOFTMAX)
+    if s
+    in (
+        Stage.EMBEDDING,
+        Stage.ATTN_NORM,
+        Stage.QKV_MATMUL,
+        Stage.QKV_BIAS,
+        Stage.ATTENTION,
+        Stage.ATTN_OUT,
+        Stage.POST_ATTN_RESIDUAL,
+        Stage.FFN_NORM,
+        Stage.FFN_GATE,
+        Stage.FFN_UP,
+        Stage.FFN_SILU,
+        Stage.FFN_SWIGL,
+        Stage.FFN_OUT,
+        Stage.POST_FFN_RESIDUAL,
+        Stage.FINAL_NORM,
+        Stage.LM_HEAD,
+    )
 )
+
+
+def computes(stage: Stage, cfg: Any) -> bool:
+    """Whether a model with config ``cfg`` computes ``stage``."""
+    spec = GRAPH[stage]
+    if spec.archs is not None and cfg.architecture not in spec.archs:
+        return False
+    return spec.when is None or bool(spec.when(cfg))
+
+
+def stages_for(cfg: Any) -> tuple[Stage, ...]:
+    """The stages a model with config ``cfg`` computes, in forward order."""
+    return tuple(s for s in Stage if computes(s, cfg))
+
+
+def stage_shape(stage: Stage, cfg: Any, seq: int, keys: int | None = None) -> tuple[int, ...]:
+    """The buffer's shape for ``seq`` positions attending ``keys`` positions (default seq)."""
+    sizes = {"seq": seq, "keys": seq if keys is None else keys}
+    return tuple(sizes[d] if d in sizes else _DIMS[d](cfg) for d in GRAPH[stage].shape_dims)
+
+
+def stage_inputs(
+    stage: Stage,
+    layer: int | None,
+    has: Callable[[Stage], bool],
+    num_layers: int | None,
+) -> list[tuple[int | None, Stage] | None]:
+    """The ``(layer, stage)`` each operand of ``stage`` at ``layer`` is computed from.
+
+    ``has(stage)`` says whether the model computes a stage (choosing among alternatives).
+    An operand that cannot be named (the last layer of a model of unknown depth) is None.
+    """
+    out: list[tuple[int | None, Stage] | None] = []
+    for alternatives in GRAPH[stage].inputs:
+        if alternatives == (LAYER_INPUT,):
+            if layer is None:
+                out.append(None)
+            elif layer == 0:
+                out.append((0, Stage.EMBEDDING))
+            else:
+                out.append((layer - 1, Stage.POST_FFN_RESIDUAL))
+            continue
+        if alternatives == (LAST_LAYER_OUTPUT,):
+            out.append((num_layers - 1, Stage.POST_FFN_RESIDUAL) if num_layers else None)
+            continue
+        chosen = [Stage(a) for a in alternatives if has(Stage(a))]
+        source = chosen[0] if chosen else Stage(alternatives[-1])
+        out.append((layer if source.per_layer else None, source))
+    return out
 
 
 def valid_names_text() -> str:
     return ", ".join(s.value for s in Stage) + ", layer_output (alias of post_ffn_residual), all"
 
 
-def stage_from_name(name: str) -> Stage:
+def suggest(name: str) -> str | None:
+    """The closest valid stage name to a misspelt one, if any is close."""
+    import difflib
+
+    names = [s.value for s in Stage] + list(ALIASES)
+    match = difflib.get_close_matches(name.strip().lower(), names, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def stage_from_name(name: str, flag: str = "--save-tensor") -> Stage:
     """Map one stage name (trimmed, any case, alias allowed) to its Stage."""
     key = name.strip().lower()
     if key in ALIASES:
@@ -133,25 +383,27 @@ def stage_from_name(name: str) -> Stage:
     try:
         return Stage(key)
     except ValueError:
+        close = suggest(key)
+        hint = f"did you mean '{close}'? " if close else ""
         raise ValidationError(
-            f"unknown stage '{name.strip()}' in --save-tensor",
-            hint=f"valid names: {valid_names_text()}",
+            f"unknown stage '{name.strip()}' in {flag}",
+            hint=f"{hint}valid names: {valid_names_text()}",
         ) from None
 
 
-def parse_stage_list(spec: str) -> tuple[Stage, ...]:
-    """Parse ``--save-tensor`` (comma list or ``all``) into deduplicated stages, forward order."""
+def parse_stage_list(spec: str, flag: str = "--save-tensor") -> tuple[Stage, ...]:
+    """Parse a stage list (comma list or ``all``) into deduplicated stages, forward order."""
     if spec.strip().lower() == "all":
         return ALL_STAGES
     if not spec.strip():
         raise ValidationError(
-            "--save-tensor needs at least one stage name", hint=f"valid names: {valid_names_text()}"
+            f"{flag} needs at least one stage name", hint=f"valid names: {valid_names_text()}"
         )
     tokens = spec.split(",")
     # The list's shape is checked before its names, so `a,,b` reports the empty name.
     if any(not token.strip() for token in tokens):
         raise ValidationError(
-            f"empty stage name in --save-tensor '{spec}'",
+            f"empty stage name in {flag} '{spec}'",
             hint=f"separate names with single commas; valid names: {valid_names_text()}",
         )
     chosen: set[Stage] = set()
@@ -161,7 +413,7 @@ def parse_stage_list(spec: str) -> tuple[Stage, ...]:
         if token.strip().lower() == "all":
             every = True
             continue
-        chosen.add(stage_from_name(token))
+        chosen.add(stage_from_name(token, flag))
     if every:
         return ALL_STAGES
     return tuple(s for s in Stage if s in chosen)

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from aprtrace.forward import Progress, check_token_ids, forward
 from aprtrace.model import Model
 from aprtrace.outdir import open_output
 from aprtrace.plan import SavePlan
-from aprtrace.stages import Stage
+from aprtrace.stages import Stage, stages_for
 
 MANIFEST_NAME = "manifest.json"
 # |x| above the float16 maximum is flagged: such values overflow any fp16 kernel, and real
@@ -158,10 +159,10 @@ class _Sha256InBackground:
         return self.digest
 
 
-def planned_paths(plan: SavePlan, layers: tuple[int, ...]) -> list[str]:
+def planned_paths(plan: SavePlan, model: Model, layers: tuple[int, ...]) -> list[str]:
     """Relative paths (posix) a run of ``plan`` over ``layers`` may write, in forward order."""
     rels = []
-    for stage in Stage:
+    for stage in stages_for(model.config):
         if stage not in plan.stages:
             continue
         if not stage.per_layer:
@@ -173,9 +174,9 @@ def planned_paths(plan: SavePlan, layers: tuple[int, ...]) -> list[str]:
     return rels
 
 
-ENGINES = ("numpy", "transformers")
+ENGINES = ("numpy", "transformers", "llama.cpp")
 # Suffix of the default output directory per engine (numpy keeps apr's `<stem>-trace`).
-ENGINE_DIR_SUFFIX = {"numpy": "", "transformers": "-transformers"}
+ENGINE_DIR_SUFFIX = {"numpy": "", "transformers": "-transformers", "llama.cpp": "-llamacpp"}
 
 
 def engine_forward(engine: str):
@@ -186,6 +187,10 @@ def engine_forward(engine: str):
         from aprtrace.engines.transformers import hf_forward
 
         return hf_forward
+    if engine == "llama.cpp":
+        from aprtrace.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine()  # a fresh one per run: it keeps the run's manifest_info
     raise ValidationError(f"unknown engine '{engine}'", hint=f"choose one of {', '.join(ENGINES)}")
 
 
@@ -199,28 +204,45 @@ def run_trace(
     progress: Progress | None = None,
     clean: bool = False,
     engine: str = "numpy",
+    tokenizer: dict | None = None,
 ) -> TraceResult:
     """Run the forward pass, write the planned stage files, then the manifest (last).
 
-    ``engine`` is ``numpy`` (aprtrace's own forward pass) or ``transformers`` (Hugging Face
-    transformers on the same decoded weights, as a reference dump in the same layout).
+    ``engine`` is ``numpy`` (aprtrace's own forward pass), ``transformers`` (Hugging Face
+    transformers on the same decoded weights) or ``llama.cpp`` (llama.cpp's own graph nodes,
+    GGUF only), each a dump in the same layout. ``tokenizer`` (which tokenizer made the ids)
+    goes into the manifest.
+
+    Every input is checked before ``plan.out_dir`` is touched; the stage files are written
+    into a staging directory there and moved into place only when the forward pass
+    succeeded (``aprtrace.outdir``), so a failed or interrupted run leaves the previous dump
+    as it was.
     """
-    engine_forward(engine)  # an unknown engine is refused before anything else
+    run_forward = engine_forward(engine)
+    if hasattr(run_forward, "check_model"):
+        run_forward.check_model(model)  # an engine's refusal comes before the output dir
     # Every input is checked before the output directory is touched.
     check_token_ids(model.config, token_ids)
     if prompt is not None:
         check_prompt_text(prompt)
+    run = partial(
+        _run, model, token_ids, prompt=prompt, collect_stats=collect_stats, progress=progress,
+        engine=engine, run_forward=run_forward, tokenizer=tokenizer,
+    )  # fmt: skip
     if plan is None:
-        return _run(model, token_ids, None, None, (), prompt, collect_stats, progress, engine)
+        return run(None, None, ())
     layers = plan.layers.resolve(model.config.num_layers)
-    output = open_output(plan.out_dir, planned_paths(plan, layers), clean)
+    output = open_output(plan.out_dir, planned_paths(plan, model, layers), clean)
     try:
-        return _run(model, token_ids, plan, output, layers, prompt, collect_stats, progress, engine)
+        return run(plan, output, layers)
     finally:
         output.close()
 
 
-def _run(model, token_ids, plan, output, layers, prompt, collect_stats, progress, engine):
+def _run(
+    model, token_ids, plan, output, layers, *, prompt, collect_stats, progress, engine,
+    run_forward, tokenizer,
+):  # fmt: skip
     """The forward pass into ``output``'s staging directory, then the commit."""
     staged_plan = replace(plan, out_dir=output.staging) if plan is not None else None
     hasher = _Sha256InBackground(model.path) if plan is not None else None
@@ -238,7 +260,7 @@ def _run(model, token_ids, plan, output, layers, prompt, collect_stats, progress
             first_bad.append((stage.value, layer))
 
     start = time.perf_counter()
-    logits = engine_forward(engine)(model, token_ids, emit, progress)
+    logits = run_forward(model, token_ids, emit, progress)
     seconds = time.perf_counter() - start
 
     result = TraceResult(
@@ -255,6 +277,9 @@ def _run(model, token_ids, plan, output, layers, prompt, collect_stats, progress
     # commit is renames only.
     final = [replace(f, path=plan.out_dir / f.path.relative_to(output.staging)) for f in log.files]
     data = _manifest_data(model, plan, layers, token_ids, prompt, final, hasher, engine)
+    data.update(getattr(run_forward, "manifest_info", None) or {})  # engine provenance
+    if tokenizer is not None:
+        data["tokenizer"] = tokenizer
     staged = [f.path for f in log.files]
     before = output.existing_stage_files()
     output.commit(staged)
@@ -281,7 +306,7 @@ def _manifest_data(model, plan, layers, token_ids, prompt, files, hasher, engine
         config=model.config.to_dict(),
         prompt=prompt,
         token_ids=token_ids,
-        stages=[s.value for s in Stage if s in plan.stages],
+        stages=[s.value for s in stages_for(model.config) if s in plan.stages],
         layers=layers,
         files=files,
         digest=hasher.result() if hasher else None,

@@ -22,6 +22,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from aprtrace.config import ROPE_FREQS, ModelConfig
 from aprtrace.errors import InferenceError, ValidationError
 from aprtrace.forward import Emit, Progress, check_token_ids
 from aprtrace.model import Model
-from aprtrace.stages import Stage
+from aprtrace.stages import Stage, stages_for
 
 # Threads for torch's intra-op pool while the engine runs (restored afterwards).
 TORCH_THREADS = 2
@@ -313,9 +314,9 @@ def capture_stages(
 
         handles.append(proj.register_forward_hook(hook))
 
-    per_layer = {s for s in Stage if s.per_layer and s is not Stage.EMBEDDING}
-    if not has_qkv_bias:
-        per_layer.discard(Stage.QKV_BIAS)
+    # The stages this architecture computes, from the stage graph (as the NumPy engine).
+    graph_view = SimpleNamespace(architecture=hf_model.config.model_type, qkv_bias=has_qkv_bias)
+    per_layer = {s for s in stages_for(graph_view) if s.per_layer and s is not Stage.EMBEDDING}
 
     def flush(layer: int) -> None:
         stages = pending.pop(layer)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from gguf import quants as gguf_quants
 
 from aprtrace.config import ModelConfig, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
+from aprtrace.mapping import gguf_qk_permuted, gguf_to_hf
 from aprtrace.model import LazyTensor, Model, layer_name
 
 GGUF_MAGIC = b"GGUF"
@@ -417,42 +417,10 @@ def parse_gguf(buf: Any, path: str | Path = "<memory>") -> GGUFFile:
 
 # --- Model loading ---------------------------------------------------------------------------
 
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
-_GLOBAL_RE = re.compile(r"^([a-z_0-9]+)\.(weight|bias)$")
 
-
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """Hugging Face name of a GGUF tensor (``blk.3.attn_q.weight`` ->
-    ``model.layers.3.self_attn.q_proj.weight``), or None if it has no counterpart."""
-    m = _LAYER_RE.match(gguf_name)
-    if m:
-        layer, part, kind = m.groups()
-        hf = _LAYER_NAMES.get(part)
-        return f"model.layers.{int(layer)}.{hf}.{kind}" if hf else None
-    m = _GLOBAL_RE.match(gguf_name)
-    if m:
-        part, kind = m.groups()
-        hf = _GLOBAL_NAMES.get(part)
-        return f"{hf}.{kind}" if hf else None
-    return None
+def hf_tensor_name(gguf_name: str, arch: str | None = None) -> str | None:
+    """Hugging Face name of a GGUF tensor, or None if it has no counterpart (see mapping)."""
+    return gguf_to_hf(gguf_name, arch)
 
 
 _DECODABLE_CACHE: dict[str, bool] = {}
@@ -573,45 +541,17 @@ def _optional_id(value: Any) -> int | None:
 
 
 def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF name -> NumPy shape for every tensor the forward pass reads."""
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
-        "model.norm.weight": (c.hidden_size,),
-    }
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
-    for i in range(c.num_layers):
-        per_layer = {
-            "input_layernorm.weight": (c.hidden_size,),
-            "self_attn.q_proj.weight": (c.q_dim, c.hidden_size),
-            "self_attn.k_proj.weight": (c.kv_dim, c.hidden_size),
-            "self_attn.v_proj.weight": (c.kv_dim, c.hidden_size),
-            "self_attn.o_proj.weight": (c.hidden_size, c.q_dim),
-            "post_attention_layernorm.weight": (c.hidden_size,),
-            "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-            "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-            "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-        }
-        if c.qkv_bias:
-            per_layer |= {
-                "self_attn.q_proj.bias": (c.q_dim,),
-                "self_attn.k_proj.bias": (c.kv_dim,),
-                "self_attn.v_proj.bias": (c.kv_dim,),
-            }
-        if c.qk_norm:
-            per_layer |= {
-                "self_attn.q_norm.weight": (c.head_dim,),
-                "self_attn.k_norm.weight": (c.head_dim,),
-            }
-        shapes |= {f"model.layers.{i}.{k}": v for k, v in per_layer.items()}
-    return shapes
+    """HF name -> NumPy shape for every tensor the forward pass reads (from its module)."""
+    from aprtrace.arch import architecture_of
+
+    return architecture_of(c).expected_shapes(c)
 
 
-def gguf_lazy_tensors(gf: GGUFFile) -> dict[str, LazyTensor]:
+def gguf_lazy_tensors(gf: GGUFFile, arch: str | None = None) -> dict[str, LazyTensor]:
     """Every tensor as a LazyTensor under its Hugging Face name (unmapped ones keep theirs)."""
     out: dict[str, LazyTensor] = {}
     for info in gf.tensors.values():
-        name = hf_tensor_name(info.name) or info.name
+        name = hf_tensor_name(info.name, arch) or info.name
         out[name] = LazyTensor(
             name=name,
             shape=info.shape,
@@ -668,7 +608,7 @@ def model_from_gguf(gf: GGUFFile, with_tokenizer: bool = True) -> Model:
     """The Model described by a parsed GGUF (checks names, shapes and types up front)."""
     path = gf.path
     config = gguf_config(gf)
-    tensors = gguf_lazy_tensors(gf)
+    tensors = gguf_lazy_tensors(gf, config.architecture)
     check_tensors(tensors, config, str(path))
     tokenizer = None
     if with_tokenizer:
@@ -683,6 +623,6 @@ def model_from_gguf(gf: GGUFFile, with_tokenizer: bool = True) -> Model:
         config=config,
         tensors=tensors,
         tokenizer=tokenizer,
-        qk_permuted=config.architecture == "llama",
+        qk_permuted=gguf_qk_permuted(config.architecture),
         metadata=metadata,
     )

@@ -20,7 +20,10 @@ import numpy as np
 from aprtrace.atomic import atomic_path
 from aprtrace.config import ModelConfig
 from aprtrace.errors import ModelLoadError, ValidationError
+from aprtrace.mapping import gguf_qk_permuted, hf_to_gguf
 from aprtrace.model import permute_llama_qk
+
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 # Types write_gguf encodes 2-D weights to, with the llama.cpp file type they make.
 WRITE_TYPES = {
@@ -34,37 +37,13 @@ WRITE_TYPES = {
     "Q5_1": "MOSTLY_Q5_1",
 }
 
-_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-    "rope_freqs.weight": "rope_freqs.weight",  # Llama 3 RoPE frequency divisors
-}
-_LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
-
-def gguf_tensor_name(hf_name: str) -> str:
+def gguf_tensor_name(hf_name: str, arch: str | None = None) -> str:
     """GGUF name of a Hugging Face tensor name (``model.layers.3.mlp.up_proj.weight`` ->
     ``blk.3.ffn_up.weight``)."""
-    if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
-    match = _LAYER_RE.fullmatch(hf_name)
-    if match and match.group(2) in _LAYER_NAMES:
-        layer, module, kind = match.groups()
-        return f"blk.{layer}.{_LAYER_NAMES[module]}.{kind}"
+    name = hf_to_gguf(hf_name, arch)
+    if name is not None:
+        return name
     raise ValidationError(
         f"cannot map tensor '{hf_name}' to a GGUF name",
         hint="write_gguf takes Llama/Qwen2/Qwen3 tensors with Hugging Face names",
@@ -130,7 +109,7 @@ def write_gguf(
             "write_gguf: lm_head.weight is missing and the config does not tie embeddings",
             hint="pass lm_head.weight or set tie_word_embeddings=True",
         )
-    gguf_names = {name: gguf_tensor_name(name) for name in names}
+    gguf_names = {name: gguf_tensor_name(name, config.architecture) for name in names}
     for name in names:
         _check_shape(name, np.shape(tensors[name]), config)
 
@@ -142,9 +121,9 @@ def write_gguf(
                 _add_tokenizer(writer, tokenizer, config.vocab_size)
             for hf_name in names:
                 values = np.asarray(tensors[hf_name], dtype=np.float32)
-                if arch == "llama" and ".self_attn.q_proj." in hf_name:
+                if gguf_qk_permuted(arch) and ".self_attn.q_proj." in hf_name:
                     values = permute_llama_qk(values, config.num_heads)
-                elif arch == "llama" and ".self_attn.k_proj." in hf_name:
+                elif gguf_qk_permuted(arch) and ".self_attn.k_proj." in hf_name:
                     values = permute_llama_qk(values, config.num_kv_heads)
                 data, raw_dtype = _encode(hf_name, values, qtype)
                 writer.add_tensor(gguf_names[hf_name], data, raw_dtype=raw_dtype)
@@ -281,7 +260,7 @@ def _pre_type(pre: Mapping[str, Any] | None) -> str | None:
     steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (llama-vocab.cpp); "gpt2" is refused there
     if (
         kinds == ["Digits", "ByteLevel"]
         and steps[0].get("individual_digits")

@@ -1,0 +1,135 @@
+"""What every architecture module provides, and the per-pass context its layers read.
+
+An architecture is a subclass of ``Architecture`` that reads like the math of its model
+(Hugging Face's ``modeling_*.py`` in NumPy): ``load_layer`` decodes one block's weights,
+``layer`` runs the block with one ``emit`` under each captured line. The driver
+(``aprtrace.forward``) owns the loop over layers, the embedding and the output head, so a
+new architecture overrides only what differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from aprtrace.arch import ops
+from aprtrace.config import ROPE_FREQS, ModelConfig
+from aprtrace.stages import Stage
+
+Emit = Callable[[Stage, "int | None", np.ndarray], None]
+
+
+def no_emit(stage: Stage, layer: int | None, values: np.ndarray) -> None:
+    return None
+
+
+@dataclass
+class KVCache:
+    """Keys and values (after RoPE) of every position seen so far, per layer."""
+
+    k: dict[int, np.ndarray] = field(default_factory=dict)
+    v: dict[int, np.ndarray] = field(default_factory=dict)
+    pos: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def extend(
+        self, layer: int, k: np.ndarray, v: np.ndarray, positions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Append this pass's rows; return every cached key, value and position."""
+        if layer in self.k:
+            self.k[layer] = np.concatenate([self.k[layer], k])
+            self.v[layer] = np.concatenate([self.v[layer], v])
+            self.pos[layer] = np.concatenate([self.pos[layer], positions])
+        else:
+            self.k[layer], self.v[layer], self.pos[layer] = k.copy(), v.copy(), positions.copy()
+        return self.k[layer], self.v[layer], self.pos[layer]
+
+    @property
+    def length(self) -> int:
+        return int(next(iter(self.pos.values())).size) if self.pos else 0
+
+
+@dataclass
+class PassContext:
+    """One forward pass over the rows at ``positions`` (a prompt, or one decode step)."""
+
+    model: Any  # aprtrace.model.Model
+    positions: np.ndarray
+    cache: KVCache | None = None
+    _rope: dict[Any, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.config
+
+    def rope(self, key: Any, build: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]):
+        """cos/sin tables for this pass's positions, built once per ``key``."""
+        if key not in self._rope:
+            self._rope[key] = build(self.positions)
+        return self._rope[key]
+
+    def keys_values(
+        self, layer: int, k: np.ndarray, v: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The keys, values and key positions this pass attends: its own, or cache + its own."""
+        if self.cache is None:
+            return k, v, self.positions
+        return self.cache.extend(layer, k, v, self.positions)
+
+
+class Architecture:
+    """Base of the architecture modules (Llama-style defaults)."""
+
+    #: ``ModelConfig.architecture`` values this module computes.
+    names: tuple[str, ...] = ()
+
+    def expected_shapes(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Hugging Face name -> NumPy shape of every tensor the forward pass reads."""
+        raise NotImplementedError
+
+    def load_layer(self, model: Any, layer: int) -> Any:
+        raise NotImplementedError
+
+    def layer(
+        self, cfg: ModelConfig, w: Any, x: np.ndarray, layer: int, ctx: PassContext, emit: Emit
+    ) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed(self, model: Any, ids: np.ndarray) -> np.ndarray:
+        """Embedding rows of ``ids`` ``[seq, hidden]``, decoding only those rows."""
+        return model.tensor("model.embed_tokens.weight").take(ids)
+
+    def default_rope(self, ctx: PassContext) -> tuple[np.ndarray, np.ndarray]:
+        """The model's RoPE tables: theta, linear scaling and optional ``rope_freqs``."""
+        cfg = ctx.cfg
+        divisors = ctx.model.optional_weight(ROPE_FREQS, (cfg.rotary_dim // 2,))
+
+        def build(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return ops.rope_tables(
+                positions,
+                cfg.head_dim,
+                cfg.rope_theta,
+                divisors,
+                cfg.rope_linear_factor,
+                cfg.rotary_dim,
+            )
+
+        return ctx.rope("default", build)
+
+    def final_norm(self, model: Any, hidden: np.ndarray) -> np.ndarray:
+        """The output RMSNorm (``model.norm``) over every position."""
+        cfg = model.config
+        weight = model.weight("model.norm.weight", (cfg.hidden_size,))
+        return ops.rms_norm(hidden, weight, cfg.rms_norm_eps)
+
+    def logits(self, model: Any, h_last: np.ndarray, chunk: int) -> np.ndarray:
+        """Logits ``[vocab]`` of one position, decoding the output matrix in row chunks."""
+        weight = model.tensor(model.lm_head_name)
+        vocab = weight.shape[0]
+        out = np.empty(vocab, dtype=np.float32)
+        for start in range(0, vocab, chunk):
+            rows = weight.rows(start, start + chunk)
+            out[start : start + rows.shape[0]] = rows @ h_last
+        return out

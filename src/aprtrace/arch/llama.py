@@ -1,0 +1,249 @@
+"""Llama-family decoder: Llama 2/3, SmolLM2, Mistral-style GQA, Qwen2/2.5 (qkv bias), Qwen3
+(per-head QK-norm). One config switch per difference, as in Hugging Face's modeling_llama.py.
+
+    h = x + o_proj(attention(rope(q_norm(q)), rope(k_norm(k)), v))     q, k, v = proj(norm(x))
+    out = h + down(silu(gate(norm(h))) * up(norm(h)))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from aprtrace.arch import ops
+from aprtrace.arch.base import Architecture, Emit, PassContext
+from aprtrace.config import ModelConfig
+from aprtrace.model import layer_name
+from aprtrace.stages import Stage
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's weights, float32, Hugging Face layout."""
+
+    input_layernorm: np.ndarray
+    q_proj: np.ndarray
+    k_proj: np.ndarray
+    v_proj: np.ndarray
+    q_bias: np.ndarray | None
+    k_bias: np.ndarray | None
+    v_bias: np.ndarray | None
+    q_norm: np.ndarray | None
+    k_norm: np.ndarray | None
+    o_proj: np.ndarray
+    o_bias: np.ndarray | None
+    post_attention_layernorm: np.ndarray
+    gate_proj: np.ndarray
+    up_proj: np.ndarray
+    down_proj: np.ndarray
+    gate_bias: np.ndarray | None  # Llama with mlp_bias
+    up_bias: np.ndarray | None
+    down_bias: np.ndarray | None
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.q_bias is not None or self.k_bias is not None or self.v_bias is not None
+
+
+def attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Per-layer attention tensors of a Llama-style block (HF suffix -> shape)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "self_attn.q_proj.weight": (c.q_dim, c.hidden_size),
+        "self_attn.k_proj.weight": (c.kv_dim, c.hidden_size),
+        "self_attn.v_proj.weight": (c.kv_dim, c.hidden_size),
+        "self_attn.o_proj.weight": (c.hidden_size, c.q_dim),
+    }
+    if c.qkv_bias:
+        shapes |= {
+            "self_attn.q_proj.bias": (c.q_dim,),
+            "self_attn.k_proj.bias": (c.kv_dim,),
+            "self_attn.v_proj.bias": (c.kv_dim,),
+        }
+    if c.qk_norm:
+        shapes |= {
+            "self_attn.q_norm.weight": (c.head_dim,),
+            "self_attn.k_norm.weight": (c.head_dim,),
+        }
+    return shapes
+
+
+def mlp_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {
+        "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+        "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+        "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+    }
+
+
+def model_shapes(
+    c: ModelConfig, per_layer: dict[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
+    """Embedding, final norm, untied head, and ``per_layer`` for every layer."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+        "model.norm.weight": (c.hidden_size,),
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    for i in range(c.num_layers):
+        shapes |= {layer_name(i, k): v for k, v in per_layer.items()}
+    return shapes
+
+
+def qkv_projection(w: LayerWeights, attn_norm: np.ndarray) -> np.ndarray:
+    """The fused ``[Q|K|V]`` projection ``[seq, q_dim + 2*kv_dim]``, before any bias."""
+    return np.concatenate(
+        [
+            ops.linear(attn_norm, w.q_proj),
+            ops.linear(attn_norm, w.k_proj),
+            ops.linear(attn_norm, w.v_proj),
+        ],
+        axis=1,
+    )
+
+
+def add_qkv_bias(cfg: ModelConfig, w: LayerWeights, qkv: np.ndarray) -> np.ndarray:
+    """``qkv + [b_q|b_k|b_v]``; a missing part of the bias counts as zeros."""
+    zeros = np.zeros
+    return qkv + np.concatenate(
+        [
+            w.q_bias if w.q_bias is not None else zeros(cfg.q_dim, np.float32),
+            w.k_bias if w.k_bias is not None else zeros(cfg.kv_dim, np.float32),
+            w.v_bias if w.v_bias is not None else zeros(cfg.kv_dim, np.float32),
+        ]
+    )
+
+
+def split_qkv(cfg: ModelConfig, qkv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views ``q [seq, heads, d]``, ``k`` and ``v [seq, kv_heads, d]`` of a fused buffer."""
+    seq, d = qkv.shape[0], cfg.head_dim
+    q = qkv[:, : cfg.q_dim].reshape(seq, cfg.num_heads, d)
+    k = qkv[:, cfg.q_dim : cfg.q_dim + cfg.kv_dim].reshape(seq, cfg.num_kv_heads, d)
+    v = qkv[:, cfg.q_dim + cfg.kv_dim :].reshape(seq, cfg.num_kv_heads, d)
+    return q, k, v
+
+
+def norm_and_rope(
+    x: np.ndarray, norm: np.ndarray | None, eps: float, cos: np.ndarray, sin: np.ndarray
+) -> np.ndarray:
+    """Per-head QK-norm (Qwen3, when ``norm`` is given), then RoPE; ``x`` is ``[seq, heads, d]``."""
+    if norm is not None:
+        x = ops.rms_norm(x, norm, eps)
+    return ops.apply_rope(x, cos, sin)
+
+
+class Llama(Architecture):
+    names = ("llama", "qwen2", "qwen3")
+
+    def expected_shapes(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        h = (cfg.hidden_size,)
+        per_layer = {"input_layernorm.weight": h, "post_attention_layernorm.weight": h}
+        return model_shapes(cfg, per_layer | attention_shapes(cfg) | mlp_shapes(cfg))
+
+    def load_layer(self, model, layer: int) -> LayerWeights:
+        """Decode the weights of block ``layer``, checking every shape against the config."""
+        cfg = model.config
+        h, q, kv, inter = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
+        d = cfg.head_dim
+
+        def w(suffix: str, shape: tuple[int, ...]) -> np.ndarray:
+            return model.weight(layer_name(layer, suffix), shape)
+
+        def opt(suffix: str, shape: tuple[int, ...]) -> np.ndarray | None:
+            return model.optional_weight(layer_name(layer, suffix), shape)
+
+        return LayerWeights(
+            input_layernorm=w("input_layernorm.weight", (h,)),
+            q_proj=w("self_attn.q_proj.weight", (q, h)),
+            k_proj=w("self_attn.k_proj.weight", (kv, h)),
+            v_proj=w("self_attn.v_proj.weight", (kv, h)),
+            q_bias=opt("self_attn.q_proj.bias", (q,)),
+            k_bias=opt("self_attn.k_proj.bias", (kv,)),
+            v_bias=opt("self_attn.v_proj.bias", (kv,)),
+            q_norm=opt("self_attn.q_norm.weight", (d,)) if cfg.qk_norm else None,
+            k_norm=opt("self_attn.k_norm.weight", (d,)) if cfg.qk_norm else None,
+            o_proj=w("self_attn.o_proj.weight", (h, q)),
+            o_bias=opt("self_attn.o_proj.bias", (h,)),
+            post_attention_layernorm=w("post_attention_layernorm.weight", (h,)),
+            gate_proj=w("mlp.gate_proj.weight", (inter, h)),
+            up_proj=w("mlp.up_proj.weight", (inter, h)),
+            down_proj=w("mlp.down_proj.weight", (h, inter)),
+            gate_bias=opt("mlp.gate_proj.bias", (inter,)),
+            up_bias=opt("mlp.up_proj.bias", (inter,)),
+            down_bias=opt("mlp.down_proj.bias", (h,)),
+        )
+
+    def attention(
+        self,
+        cfg: ModelConfig,
+        w: LayerWeights,
+        x: np.ndarray,
+        layer: int,
+        ctx: PassContext,
+        emit: Emit,
+    ) -> np.ndarray:
+        """Pre-norm causal self-attention with GQA; returns the output projection."""
+        seq = x.shape[0]
+        cos, sin = self.default_rope(ctx)
+
+        attn_norm = ops.rms_norm(x, w.input_layernorm, cfg.rms_norm_eps)
+        emit(Stage.ATTN_NORM, layer, attn_norm)
+
+        qkv = qkv_projection(w, attn_norm)
+        emit(Stage.QKV_MATMUL, layer, qkv)
+        if w.has_qkv_bias:
+            qkv = add_qkv_bias(cfg, w, qkv)
+            emit(Stage.QKV_BIAS, layer, qkv)
+
+        q, k, v = split_qkv(cfg, qkv)
+        q = norm_and_rope(q, w.q_norm, cfg.rms_norm_eps, cos, sin)
+        emit(Stage.Q_POST_ROPE, layer, q.reshape(seq, cfg.q_dim))
+        k = norm_and_rope(k, w.k_norm, cfg.rms_norm_eps, cos, sin)
+        emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim))
+
+        keys, values, key_pos = ctx.keys_values(layer, k, v)
+        mask = ops.attention_mask(ctx.positions, key_pos, cfg.sliding_window)
+        scores = ops.attention_scores(q, keys, cfg.attention_scale, mask)
+        emit(Stage.ATTN_SCORES, layer, scores)
+        probs = ops.masked_softmax(scores, mask)
+        emit(Stage.ATTN_SOFTMAX, layer, probs)
+        context = ops.attend(probs, values)
+        emit(Stage.ATTENTION, layer, context)
+
+        attn_out = ops.linear(context, w.o_proj, w.o_bias)
+        emit(Stage.ATTN_OUT, layer, attn_out)
+        return attn_out
+
+    def mlp(
+        self, cfg: ModelConfig, w: LayerWeights, x: np.ndarray, layer: int, emit: Emit
+    ) -> np.ndarray:
+        """Pre-norm SwiGLU feed-forward; returns the down projection."""
+        ffn_norm = ops.rms_norm(x, w.post_attention_layernorm, cfg.rms_norm_eps)
+        emit(Stage.FFN_NORM, layer, ffn_norm)
+        gate = ops.linear(ffn_norm, w.gate_proj, w.gate_bias)
+        emit(Stage.FFN_GATE, layer, gate)
+        up = ops.linear(ffn_norm, w.up_proj, w.up_bias)
+        emit(Stage.FFN_UP, layer, up)
+        activated = ops.silu(gate)
+        emit(Stage.FFN_SILU, layer, activated)
+        swiglu = activated * up
+        emit(Stage.FFN_SWIGL, layer, swiglu)
+        ffn_out = ops.linear(swiglu, w.down_proj, w.down_bias)
+        emit(Stage.FFN_OUT, layer, ffn_out)
+        return ffn_out
+
+    def layer(
+        self,
+        cfg: ModelConfig,
+        w: LayerWeights,
+        x: np.ndarray,
+        layer: int,
+        ctx: PassContext,
+        emit: Emit,
+    ) -> np.ndarray:
+        hidden = x + self.attention(cfg, w, x, layer, ctx, emit)
+        emit(Stage.POST_ATTN_RESIDUAL, layer, hidden)
+        hidden = hidden + self.mlp(cfg, w, hidden, layer, emit)
+        emit(Stage.POST_FFN_RESIDUAL, layer, hidden)
+        return hidden
