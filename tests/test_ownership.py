@@ -96,21 +96,20 @@ def test_failed_run_leaves_the_previous_dump_whole(tiny, dump, extra, code):
     assert snapshot(dump) == before
 
 
-def test_run_failing_in_the_forward_pass_leaves_the_previous_dump_whole(tiny, dump, monkeypatch):
-    from aprtrace import forward as forward_module
+def test_run_failing_in_the_forward_pass_leaves_the_previous_dump_whole(tiny, dump):
     from aprtrace.errors import InferenceError
+    from aprtrace.plan import make_plan
+    from aprtrace.trace import run_trace
 
-    real = forward_module.decoder_layer
-
-    def broken(*args, **kwargs):
-        real(*args, **kwargs)  # the layer's stage files are written, then the run fails
+    def fail_after_the_first_layer(done: int, total: int) -> None:
         raise InferenceError("injected failure after the first layer")
 
-    monkeypatch.setattr(forward_module, "decoder_layer", broken)
+    plan = make_plan("all", "all", dump, tiny)
     before = snapshot(dump)
-    result = _trace(tiny, dump, "--clean", "--tokens", "5,6")
-    assert result.exit_code == 8 and "injected failure" in result.stderr
-    assert snapshot(dump) == before
+    with pytest.raises(InferenceError, match="injected"):
+        run_trace(load_model(tiny), [5, 6], plan, clean=True, progress=fail_after_the_first_layer)
+    written = [p for p in dump.rglob("*") if ".aprtrace-staging" in str(p)]
+    assert snapshot(dump) == before and written == []
 
 
 # --- Output ownership: manifests ------------------------------------------------------------
@@ -313,7 +312,7 @@ def test_second_run_into_a_locked_directory_fails_clearly(tiny, dump):
 def big_model(tmp_path_factory) -> Path:
     cfg = seeds.tiny_config(
         hidden_size=128, num_layers=24, num_heads=4, num_kv_heads=2, head_dim=32,
-        intermediate_size=256,
+        intermediate_size=256, max_position_embeddings=4096,
     )  # fmt: skip
     return seeds.write_tiny_gguf(tmp_path_factory.mktemp("bigown") / "big.gguf", cfg)
 
@@ -345,8 +344,9 @@ def _wait_for_staging_layers(proc, out: Path, layers: int, timeout: float = 60) 
 @pytest.mark.slow
 def test_two_processes_into_one_directory(big_model, tmp_path):
     out = tmp_path / "dump"
-    first = _trace_process(big_model, out, "--tokens", "1,2,3")
-    _wait_for_staging_layers(first, out, 2)
+    long_prompt = ",".join(str(i % 100) for i in range(96))  # a run of about a second
+    first = _trace_process(big_model, out, "--tokens", long_prompt)
+    _wait_for_staging_layers(first, out, 1)
     assert first.poll() is None, "the first trace finished too early"
     second = _trace_process(big_model, out, "--tokens", "4,5,6")
     _, err2 = second.communicate(timeout=120)
@@ -354,12 +354,12 @@ def test_two_processes_into_one_directory(big_model, tmp_path):
     assert first.returncode == 0, err1
     assert second.returncode == 7 and "another aprtrace run (pid" in err2
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["token_ids"] == [1, 2, 3]
+    assert manifest["token_ids"] == [i % 100 for i in range(96)]
     # Every file the manifest lists holds the first run's data: compare with a fresh run.
     ref = tmp_path / "ref"
     assert run_cli(
         "trace", "-q", "--save-tensor", "all", "--save-tensor-layers", "all",
-        "--save-tensor-dir", ref, "--tokens", "1,2,3", big_model,
+        "--save-tensor-dir", ref, "--tokens", long_prompt, big_model,
     ).exit_code == 0  # fmt: skip
     for entry in manifest["files"]:
         assert (out / entry["path"]).read_bytes() == (ref / entry["path"]).read_bytes()
