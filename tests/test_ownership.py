@@ -682,6 +682,21 @@ def test_model_path_that_is_a_fifo_is_refused(tmp_path):
     assert result.returncode == 4 and "FIFO" in result.stderr
 
 
+def test_stage_file_that_is_a_fifo_or_device_is_refused(tmp_path):
+    fifo = tmp_path / "a.bin"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        result = _runs_within(["diff", "--values", str(path), str(path)], 30)
+        assert result.returncode in (4, 5) and "internal error" not in result.stderr
+        result = _runs_within(["inspect", str(path)], 30)
+        assert result.returncode == 4 and "not a regular file" in result.stderr
+    from aprtrace.aprt import read_aprt
+    from aprtrace.errors import InvalidFormatError
+
+    with pytest.raises(InvalidFormatError, match="not a regular file"):
+        read_aprt(fifo)
+
+
 def test_oversized_json_is_refused_by_a_cap_measured_while_reading(tmp_path):
     from aprtrace.errors import InvalidFormatError
     from aprtrace.safeio import read_json_file
