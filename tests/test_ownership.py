@@ -384,6 +384,7 @@ def test_orphans_of_killed_runs_are_removed_by_the_next_run(tiny, dump):
         path.write_bytes(b"mine")
     result = _trace(tiny, dump, "--save-tensor", "embedding")
     assert result.exit_code == 0, result.stderr
+    assert "note: removed 4 leftovers of interrupted runs" in result.stderr
     assert not staging.exists() and not any(p.exists() for p in orphans)
     assert all(p.read_bytes() == b"mine" for p in keep)
 

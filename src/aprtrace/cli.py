@@ -320,6 +320,7 @@ def trace(
             "files": [{"path": str(f.path), "bytes": f.size} for f in result.log.files],
             "output_dir": str(plan.out_dir) if plan else None,
             "stale_files": [str(p) for p in result.stale_files],
+            "leftovers_removed": [str(p) for p in result.leftovers_removed],
         }
         click.echo(json.dumps(payload, indent=2, allow_nan=False, default=_json_default))
         return
@@ -334,6 +335,12 @@ def trace(
             f"Wrote {len(result.log.files)} files and {result.manifest_path.name} "
             f"to {plan.out_dir} in {result.seconds:.2f} s"
         )
+        if result.leftovers_removed:
+            click.echo(
+                f"note: removed {len(result.leftovers_removed)} leftovers of interrupted runs "
+                f"from {plan.out_dir} (staging directories, temporary files)",
+                err=True,
+            )
         if result.stale_files:
             click.echo(
                 f"warning: {len(result.stale_files)} .bin files in {plan.out_dir} are not "

@@ -132,7 +132,6 @@ class OutputRun:
     old_manifest: Manifest | None
     deletions: list[_Deletion] = field(default_factory=list)
     orphans_removed: list[Path] = field(default_factory=list)
-    committed: bool = False
 
     # -- the commit ---------------------------------------------------------------------
 

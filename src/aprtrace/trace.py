@@ -111,6 +111,8 @@ class TraceResult:
     seconds: float
     stale_files: list[Path] = field(default_factory=list)
     manifest_path: Path | None = None
+    # Staging directories and temporaries that killed runs left in DIR, removed by this run.
+    leftovers_removed: list[Path] = field(default_factory=list)
 
 
 def cache_dir() -> Path:
@@ -289,6 +291,7 @@ def _run(
         plan.out_dir / (f"{d.dir_rel}/{d.name}" if d.dir_rel else d.name) for d in output.deletions
     }
     result.stale_files = [p for p in before if p not in written and p not in deleted]
+    result.leftovers_removed = list(output.orphans_removed)
     from aprtrace.manifest import write_manifest
 
     result.manifest_path = write_manifest(plan.out_dir, data)
