@@ -53,7 +53,9 @@ def _exercise_model(model) -> None:
     for tensor in model.tensors.values():
         tensor.load()
     if model.tokenizer is not None:
-        ids = model.tokenizer.encode("What is 2+2?", add_special_tokens=False).ids
+        from aprtrace.trace import encode_prompt
+
+        ids = encode_prompt(model, "What is 2+2?", add_bos=False)  # as `trace` encodes
         model.tokenizer.decode(ids)
     forward(model, [0, 1, 2][: max(1, min(3, model.config.max_position_embeddings))])
 

@@ -676,6 +676,21 @@ def test_special_files_are_refused_without_reading_them(hf_dir, tmp_path, tiny, 
     assert "not a regular file" in result.stderr
 
 
+def test_tokenizer_that_loads_but_cannot_encode_is_a_load_error(hf_dir, tmp_path):
+    """Found by the fuzz campaign: an empty BPE vocabulary loads, then encode raises a bare
+    Exception ("unknown token but unk_id is missing")."""
+    from fuzz.targets import tokenizer_json_seed
+
+    doc = json.loads(tokenizer_json_seed())
+    del doc["model"]["type"]  # what the campaign's input did: untyped model, empty vocabulary
+    doc["model"]["vocab"] = []
+    d = _hf_copy(hf_dir, tmp_path)
+    (d / "tokenizer.json").write_text(json.dumps(doc))
+    result = run_cli("trace", d)
+    assert result.exit_code == 6, result.stderr
+    assert "tokenizer failed on the prompt" in result.stderr
+
+
 def test_model_path_that_is_a_fifo_is_refused(tmp_path):
     fifo = tmp_path / "model.gguf"
     os.mkfifo(fifo)
