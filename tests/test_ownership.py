@@ -691,6 +691,65 @@ def test_tokenizer_that_loads_but_cannot_encode_is_a_load_error(hf_dir, tmp_path
     assert "tokenizer failed on the prompt" in result.stderr
 
 
+def test_tokenizer_json_that_panics_the_tokenizers_library_is_invalid_format(hf_dir, tmp_path):
+    """Found by the fuzz campaign: a continuing_subword_prefix longer than a merged token
+    makes the tokenizers library panic (PanicException, a BaseException) while loading."""
+    from fuzz.targets import tokenizer_json_seed
+
+    doc = json.loads(tokenizer_json_seed())
+    doc["model"]["continuing_subword_prefix"] = "abcd"
+    d = _hf_copy(hf_dir, tmp_path)
+    (d / "tokenizer.json").write_text(json.dumps(doc))
+    result = run_cli("inspect", d)
+    assert result.exit_code == 4 and "not a valid tokenizer.json" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "shard",
+    ["x" * 300 + ".safetensors", "\udcff.safetensors", "\ud800.safetensors", "a\u0000b", "../m"],
+    ids=["too-long", "undecodable", "lone-surrogate", "nul", "parent"],
+)
+def test_index_shard_names_that_are_not_file_names(hf_dir, tmp_path, shard):
+    """Found by the fuzz campaign (too long, lone surrogate): OSError / UnicodeEncodeError."""
+    d = _hf_copy(hf_dir, tmp_path)
+    (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    index = json.dumps({"weight_map": {"model.norm.weight": "@@"}}).replace(
+        '"@@"', json.dumps(shard)
+    )
+    (d / "model.safetensors.index.json").write_text(index)
+    result = run_cli("inspect", d)
+    assert result.exit_code in (3, 4), result.stderr
+    assert "internal error" not in result.stderr
+
+
+def test_huge_integer_where_a_float_belongs(hf_dir, tmp_path):
+    """Found by the fuzz campaign: float() of a 40-digit rope_theta raised OverflowError."""
+    huge = "1" + "0" * 400
+    d = _config_case(tmp_path, hf_dir, rope_theta=huge, rms_norm_eps=huge)
+    result = run_cli("trace", d)
+    assert result.exit_code == 6 and "rope_theta" in result.stderr
+    seed = seeds.write_tiny_apr(tmp_path / "seed.apr").read_bytes()
+    (meta_size,) = struct.unpack_from("<I", seed, 20)
+    for key in ("rope_theta", "rms_norm_eps"):
+        meta = json.loads(seed[64 : 64 + meta_size])
+        meta[key] = "@@"
+        text = json.dumps(meta).replace('"@@"', huge).encode()
+        result = run_cli("trace", "--no-verify", _apr_with_metadata(text, tmp_path))
+        assert result.exit_code == 6 and key in result.stderr, result.stderr
+
+
+def test_apr_tokenizer_model_of_the_wrong_type(tmp_path):
+    """Found by the fuzz campaign: a list as tokenizer.model raised AttributeError."""
+    seed = seeds.write_tiny_apr(tmp_path / "seed.apr").read_bytes()
+    (meta_size,) = struct.unpack_from("<I", seed, 20)
+    meta = json.loads(seed[64 : 64 + meta_size])
+    meta["tokenizer.model"] = ["gpt2", "gpt2"]
+    result = run_cli(
+        "trace", "--no-verify", _apr_with_metadata(json.dumps(meta).encode(), tmp_path)
+    )
+    assert result.exit_code in (4, 6) and "not supported" in result.stderr
+
+
 def test_model_path_that_is_a_fifo_is_refused(tmp_path):
     fifo = tmp_path / "model.gguf"
     os.mkfifo(fifo)
