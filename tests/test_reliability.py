@@ -495,7 +495,7 @@ def test_layer_path_that_is_a_file_is_refused_before_the_run(tiny, tmp_path):
     (out / "layer-0").write_text("a file where the layer directory should be")
     result = _trace(tiny, out, "--save-tensor", "all")
     assert result.exit_code == 7
-    assert "layer-0 is a file, not a layer directory" in result.stderr
+    assert "layer-0 is a file, not a dump directory" in result.stderr
     assert "Traceback" not in result.stderr
     assert [p.name for p in out.rglob("*")] == ["layer-0"]
 

@@ -48,6 +48,7 @@ PAIR_KEYS = {
     "predecessor",
     "lm_head",
     "top_diffs",
+    "step",
 }
 TOP_KEYS = {
     "schema",
@@ -64,6 +65,7 @@ TOP_KEYS = {
     "only_in_b",
     "summary",
     "first_divergence",
+    "first_token_disagreement",
     "amplifiers",
     "pairs",
 }

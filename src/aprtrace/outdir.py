@@ -47,6 +47,7 @@ STAGING_PREFIX = ".aprtrace-staging-"
 MANIFEST_TOOL = "aprtrace"
 _MAX_MANIFEST_BYTES = 64 << 20
 _LAYER_DIR = re.compile(r"^layer-(0|[1-9][0-9]*)$")
+_STEP_DIR = re.compile(r"^decode-[1-9][0-9]*$")
 _STAGE_NAMES = {s.value for s in Stage}
 # What atomic writes leave when killed: `.<final name>.<pid>.tmp`.
 _TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp$")
@@ -66,8 +67,14 @@ def _os_error(action: str, path: Path, exc: OSError) -> OutputError:
 
 
 def layout_stage(rel: str) -> tuple[str, int | None] | None:
-    """``(stage, layer)`` of a relative posix path at a stage-file layout path, else None."""
+    """``(stage, layer)`` of a relative posix path at a stage-file layout path, else None.
+
+    The prompt pass is at the root (``layer-N/<stage>.bin``, ``<whole-model stage>.bin``),
+    decode step k in the same layout under ``decode-k/``.
+    """
     parts = rel.split("/")
+    if parts and _STEP_DIR.match(parts[0]):
+        parts = parts[1:]
     if len(parts) == 2 and _LAYER_DIR.match(parts[0]):
         stage, layer = parts[1].removesuffix(".bin"), int(parts[0][6:])
         per_layer = True
@@ -116,10 +123,31 @@ def _open_dir(name: str | Path, dir_fd: int | None = None) -> int:
     return os.open(name, flags, dir_fd=dir_fd)
 
 
+def _open_chain(root_fd: int, parts: tuple[str, ...] | list[str], create: bool = False) -> int:
+    """A descriptor of ``root/parts...`` opened one real directory at a time, so no
+    component, not only the last, can be a symlink; ``create`` makes missing ones."""
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=fd)
+            child = _open_dir(part, fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 @dataclass
 class _Deletion:
-    dir_rel: str  # "" for DIR itself, else "layer-N"
-    name: str
+    rel: str  # posix path relative to DIR
+
+    @property
+    def parts(self) -> list[str]:
+        return self.rel.split("/")
 
 
 @dataclass
@@ -175,19 +203,18 @@ class OutputRun:
     def _delete_cleaned(self, out_fd: int) -> None:
         for item in self.deletions:
             try:
-                dir_fd = _open_dir(item.dir_rel, out_fd) if item.dir_rel else os.dup(out_fd)
+                dir_fd = _open_chain(out_fd, item.parts[:-1])
             except OSError:
                 continue  # the directory went away or became a symlink: nothing to delete
             try:
-                st = os.lstat(item.name, dir_fd=dir_fd)
-                if stat.S_ISREG(st.st_mode):
-                    os.unlink(item.name, dir_fd=dir_fd)
+                if stat.S_ISREG(os.lstat(item.parts[-1], dir_fd=dir_fd).st_mode):
+                    os.unlink(item.parts[-1], dir_fd=dir_fd)
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                rel = f"{item.dir_rel}/{item.name}" if item.dir_rel else item.name
                 raise InferenceError(
-                    f"--clean: cannot delete {path_text(self.out / rel)}: {exc.strerror or exc}"
+                    f"--clean: cannot delete {path_text(self.out / item.rel)}: "
+                    f"{exc.strerror or exc}"
                 ) from exc
             finally:
                 os.close(dir_fd)
@@ -196,13 +223,7 @@ class OutputRun:
         rel = staged.relative_to(self.staging)
         target = self.out / rel
         try:
-            if len(rel.parts) == 2:
-                layer_dir = rel.parts[0]
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(layer_dir, dir_fd=out_fd)
-                dst_fd = _open_dir(layer_dir, out_fd)
-            else:
-                dst_fd = os.dup(out_fd)
+            dst_fd = _open_chain(out_fd, rel.parts[:-1], create=True)
             try:
                 src_fd = _open_dir(staged.parent)
                 try:
@@ -302,22 +323,23 @@ def _old_manifest(out: Path) -> Manifest | None:
 
 
 def _check_target(out: Path, rel: str) -> None:
-    """``DIR/rel`` is absent or an APRT file, under a real layer directory."""
+    """``DIR/rel`` is absent or an APRT file, under real directories of DIR."""
     parts = rel.split("/")
-    if len(parts) == 2:
-        layer_dir = out / parts[0]
-        kind = file_kind(layer_dir)
+    directory = out
+    for part in parts[:-1]:
+        directory = directory / part
+        kind = file_kind(directory)
         if kind == "symlink":
             raise _refuse(
-                f"{path_text(layer_dir)} is a symlink; aprtrace does not write through symlinks"
+                f"{path_text(directory)} is a symlink; aprtrace does not write through symlinks"
             )
         if kind not in (None, "directory"):
-            raise _refuse(f"{path_text(layer_dir)} is a {kind}, not a layer directory")
+            raise _refuse(f"{path_text(directory)} is a {kind}, not a dump directory")
         if kind is None:
             return
-        if not os.access(layer_dir, os.W_OK | os.X_OK):
+        if not os.access(directory, os.W_OK | os.X_OK):
             raise _refuse(
-                f"cannot write into {path_text(layer_dir)}: permission denied",
+                f"cannot write into {path_text(directory)}: permission denied",
                 hint="fix its permissions or choose another --save-tensor-dir",
             )
     target = out / rel
@@ -342,61 +364,78 @@ def _check_target(out: Path, rel: str) -> None:
 def _planned_deletions(out: Path, old: Manifest) -> list[_Deletion]:
     """The old manifest's entries that --clean may delete (see the module docstring)."""
     deletions = []
-    for entry in old.files:
-        placed = layout_stage(entry.path)
-        if placed is None or placed[0] != entry.stage:
-            continue
-        stage, layer = placed
-        if layer is not None and entry.layer != layer:
-            continue
-        dir_rel, _, name = entry.path.rpartition("/")
-        parent = out / dir_rel if dir_rel else out
-        try:
-            dir_fd = _open_dir(parent)
-        except OSError:
-            continue  # absent, or a symlink: never followed
-        try:
-            header = _aprt_header(dir_fd, name)
-        finally:
-            os.close(dir_fd)
-        if header is None:
-            continue
-        file_layer, count, size = header
-        expected_layer = WHOLE_MODEL_LAYER if layer is None else layer
-        if file_layer != expected_layer or size != entry.bytes or size != HEADER_SIZE + 4 * count:
-            continue
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise _refuse(
-                f"--clean: cannot delete {path_text(parent / name)}: its directory is not writable",
-                hint="fix the permissions, or run without --clean",
-            )
-        deletions.append(_Deletion(dir_rel, name))
+    out_fd = _open_dir(out)
+    try:
+        for entry in old.files:
+            placed = layout_stage(entry.path)
+            if placed is None or placed[0] != entry.stage:
+                continue
+            stage, layer = placed
+            if layer is not None and entry.layer != layer:
+                continue
+            parts = entry.path.split("/")
+            try:
+                dir_fd = _open_chain(out_fd, parts[:-1])
+            except OSError:
+                continue  # absent, or a symlink on the way: never followed
+            try:
+                header = _aprt_header(dir_fd, parts[-1])
+            finally:
+                os.close(dir_fd)
+            if header is None:
+                continue
+            file_layer, count, size = header
+            expected_layer = WHOLE_MODEL_LAYER if layer is None else layer
+            if file_layer != expected_layer or not size == entry.bytes == HEADER_SIZE + 4 * count:
+                continue
+            parent = out.joinpath(*parts[:-1])
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise _refuse(
+                    f"--clean: cannot delete {path_text(out / entry.path)}: its directory is "
+                    "not writable",
+                    hint="fix the permissions, or run without --clean",
+                )
+            deletions.append(_Deletion(entry.path))
+    finally:
+        os.close(out_fd)
     return deletions
+
+
+def _dump_dirs(out: Path) -> list[Path]:
+    """DIR and its real ``layer-N``, ``decode-K`` and ``decode-K/layer-N`` directories."""
+    found = [out]
+    for directory in (out, *[out / e.name for e in _real_dirs(out) if _STEP_DIR.match(e.name)]):
+        found += [directory / e.name for e in _real_dirs(directory) if _LAYER_DIR.match(e.name)]
+        if directory != out:
+            found.append(directory)
+    return found
+
+
+def _real_dirs(directory: Path) -> list[os.DirEntry]:
+    try:
+        return [e for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
 
 
 def _remove_orphans(out: Path) -> list[Path]:
     """Staging directories and layout temporaries in DIR: with the lock held, no live run
     owns them, so they are what killed runs left."""
     removed = []
-    for entry in list(os.scandir(out)):
-        if entry.name.startswith(STAGING_PREFIX) and entry.is_dir(follow_symlinks=False):
+    for entry in _real_dirs(out):
+        if entry.name.startswith(STAGING_PREFIX):
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(Path(entry.path))
-    dirs = [out] + [
-        Path(e.path)
-        for e in os.scandir(out)
-        if _LAYER_DIR.match(e.name) and e.is_dir(follow_symlinks=False)
-    ]
-    for directory in dirs:
-        rel_dir = "" if directory == out else directory.name + "/"
+    for directory in _dump_dirs(out):
+        rel_dir = directory.relative_to(out).as_posix()
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
         for entry in list(os.scandir(directory)):
             match = TEMP_FILE.match(entry.name)
             if not match or not entry.is_file(follow_symlinks=False):
                 continue
             name = match["name"]
-            if layout_stage(rel_dir + name) is None and not (
-                rel_dir == "" and name == MANIFEST_NAME
-            ):
+            is_manifest = rel_dir == "" and name == MANIFEST_NAME
+            if layout_stage(rel_dir + name) is None and not is_manifest:
                 continue
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)

@@ -15,6 +15,7 @@ import numpy as np
 
 from aprtrace.atomic import write_bytes_atomic
 from aprtrace.capture import CaptureLog, maybe_save_stage
+from aprtrace.decode import DecodeRun
 from aprtrace.errors import ModelLoadError, OutputError, ValidationError
 from aprtrace.forward import Progress, check_token_ids, forward
 from aprtrace.model import Model
@@ -111,6 +112,11 @@ class TraceResult:
     seconds: float
     stale_files: list[Path] = field(default_factory=list)
     manifest_path: Path | None = None
+    # With --decode: the steps, the statistics of each step's pass (step -> stats) and the
+    # first non-finite capture of each step that has one (step -> (stage, layer)).
+    decode: DecodeRun | None = None
+    step_stats: dict[int, list[StageStats]] = field(default_factory=dict)
+    step_nonfinite: dict[int, tuple[str, int | None]] = field(default_factory=dict)
     # Staging directories and temporaries that killed runs left in DIR, removed by this run.
     leftovers_removed: list[Path] = field(default_factory=list)
 
@@ -161,8 +167,13 @@ class _Sha256InBackground:
         return self.digest
 
 
-def planned_paths(plan: SavePlan, model: Model, layers: tuple[int, ...]) -> list[str]:
-    """Relative paths (posix) a run of ``plan`` over ``layers`` may write, in forward order."""
+def planned_paths(
+    plan: SavePlan, model: Model, layers: tuple[int, ...], decode_steps: int = 0
+) -> list[str]:
+    """Relative paths (posix) a run of ``plan`` over ``layers`` may write, in forward order:
+    the prompt pass at the root, then each decode step k under ``decode-k/``."""
+    from aprtrace.decode import step_dir
+
     rels = []
     for stage in stages_for(model.config):
         if stage not in plan.stages:
@@ -173,7 +184,7 @@ def planned_paths(plan: SavePlan, model: Model, layers: tuple[int, ...]) -> list
         for layer in (0,) if stage is Stage.EMBEDDING else layers:
             if layer in layers:
                 rels.append(f"layer-{layer}/{stage.value}.bin")
-    return rels
+    return rels + [f"{step_dir(k)}/{rel}" for k in range(1, decode_steps + 1) for rel in rels]
 
 
 ENGINES = ("numpy", "transformers", "llama.cpp")
@@ -207,13 +218,17 @@ def run_trace(
     clean: bool = False,
     engine: str = "numpy",
     tokenizer: dict | None = None,
+    decode: int = 0,
+    decode_tokens: list[int] | None = None,
 ) -> TraceResult:
     """Run the forward pass, write the planned stage files, then the manifest (last).
 
     ``engine`` is ``numpy`` (aprtrace's own forward pass), ``transformers`` (Hugging Face
     transformers on the same decoded weights) or ``llama.cpp`` (llama.cpp's own graph nodes,
     GGUF only), each a dump in the same layout. ``tokenizer`` (which tokenizer made the ids)
-    goes into the manifest.
+    goes into the manifest. ``decode`` steps follow the prompt pass through a KV cache
+    (``DIR/decode-k/``), feeding ``decode_tokens`` when given (teacher forcing), else each
+    step's greedy argmax.
 
     Every input is checked before ``plan.out_dir`` is touched; the stage files are written
     into a staging directory there and moved into place only when the forward pass
@@ -221,20 +236,26 @@ def run_trace(
     as it was.
     """
     run_forward = engine_forward(engine)
+    if decode or decode_tokens is not None:
+        engine_decode(engine)  # an engine without decode is refused before the output dir
     if hasattr(run_forward, "check_model"):
         run_forward.check_model(model)  # an engine's refusal comes before the output dir
     # Every input is checked before the output directory is touched.
     check_token_ids(model.config, token_ids)
     if prompt is not None:
         check_prompt_text(prompt)
+    if decode_tokens is not None:
+        check_token_ids(model.config, decode_tokens)
     run = partial(
         _run, model, token_ids, prompt=prompt, collect_stats=collect_stats, progress=progress,
-        engine=engine, run_forward=run_forward, tokenizer=tokenizer,
+        engine=engine, run_forward=run_forward, tokenizer=tokenizer, decode=decode,
+        decode_tokens=decode_tokens,
     )  # fmt: skip
     if plan is None:
         return run(None, None, ())
     layers = plan.layers.resolve(model.config.num_layers)
-    output = open_output(plan.out_dir, planned_paths(plan, model, layers), clean)
+    steps = decode or (len(decode_tokens) if decode_tokens else 0)
+    output = open_output(plan.out_dir, planned_paths(plan, model, layers, steps), clean)
     try:
         return run(plan, output, layers)
     finally:
@@ -243,7 +264,7 @@ def run_trace(
 
 def _run(
     model, token_ids, plan, output, layers, *, prompt, collect_stats, progress, engine,
-    run_forward, tokenizer,
+    run_forward, tokenizer, decode, decode_tokens,
 ):  # fmt: skip
     """The forward pass into ``output``'s staging directory, then the commit."""
     staged_plan = replace(plan, out_dir=output.staging) if plan is not None else None
@@ -262,7 +283,23 @@ def _run(
             first_bad.append((stage.value, layer))
 
     start = time.perf_counter()
-    logits = run_forward(model, token_ids, emit, progress)
+    decoded, step_stats, step_bad = None, {}, {}
+    if decode or decode_tokens is not None:
+        decoded, step_stats, step_bad = _decode_passes(
+            engine,
+            model,
+            token_ids,
+            staged_plan,
+            log,
+            emit,
+            progress,
+            decode,
+            decode_tokens,
+            collect_stats,
+        )
+        logits = decoded.logits[0]
+    else:
+        logits = run_forward(model, token_ids, emit, progress)
     seconds = time.perf_counter() - start
 
     result = TraceResult(
@@ -272,13 +309,16 @@ def _run(
         stats=stats,
         first_nonfinite=first_bad[0] if first_bad else None,
         seconds=seconds,
+        decode=decoded,
+        step_stats=step_stats,
+        step_nonfinite=step_bad,
     )
     if plan is None:
         return result
     # The manifest's data (and the model's hash) is ready before the dump is changed, so the
     # commit is renames only.
     final = [replace(f, path=plan.out_dir / f.path.relative_to(output.staging)) for f in log.files]
-    data = _manifest_data(model, plan, layers, token_ids, prompt, final, hasher, engine)
+    data = _manifest_data(model, plan, layers, token_ids, prompt, final, hasher, engine, decoded)
     data.update(getattr(run_forward, "manifest_info", None) or {})  # engine provenance
     if tokenizer is not None:
         data["tokenizer"] = tokenizer
@@ -287,9 +327,7 @@ def _run(
     output.commit(staged)
     log.files[:] = final
     written = {f.path for f in final}
-    deleted = {
-        plan.out_dir / (f"{d.dir_rel}/{d.name}" if d.dir_rel else d.name) for d in output.deletions
-    }
+    deleted = {plan.out_dir / d.rel for d in output.deletions}
     result.stale_files = [p for p in before if p not in written and p not in deleted]
     result.leftovers_removed = list(output.orphans_removed)
     from aprtrace.manifest import write_manifest
@@ -298,7 +336,7 @@ def _run(
     return result
 
 
-def _manifest_data(model, plan, layers, token_ids, prompt, files, hasher, engine) -> dict:
+def _manifest_data(model, plan, layers, token_ids, prompt, files, hasher, engine, decoded) -> dict:
     from aprtrace.manifest import build_manifest_data
 
     return build_manifest_data(
@@ -314,7 +352,113 @@ def _manifest_data(model, plan, layers, token_ids, prompt, files, hasher, engine
         files=files,
         digest=hasher.result() if hasher else None,
         engine=engine,
+        decode=decode_manifest(decoded) if decoded is not None else None,
     )
+
+
+# --- decode (issue 12): N steps through a KV cache after the prompt pass -------------------
+
+
+def engine_decode(engine: str):
+    """The decode function of an engine (``aprtrace.decode.numpy_decode``'s signature)."""
+    if engine == "numpy":
+        from aprtrace.decode import numpy_decode
+
+        return numpy_decode
+    if engine == "transformers":
+        from aprtrace.engines.transformers import hf_decode
+
+        return hf_decode
+    if engine in ENGINES:
+        raise ValidationError(
+            f"--decode is not implemented for the {engine} engine yet",
+            hint="trace the decode steps with --engine numpy or --engine transformers",
+        )
+    raise ValidationError(f"unknown engine '{engine}'", hint=f"choose one of {', '.join(ENGINES)}")
+
+
+def _decode_passes(
+    engine, model, token_ids, plan, log, emit, progress, steps, forced, collect_stats
+) -> tuple[DecodeRun, dict[int, list[StageStats]], dict[int, tuple[str, int | None]]]:
+    """The prompt pass through ``emit`` (the dump root), then each step k into ``decode-k/``."""
+    from dataclasses import replace
+
+    from aprtrace.decode import step_dir
+
+    if forced is not None and not steps:
+        steps = len(forced)
+    step_stats: dict[int, list[StageStats]] = {}
+    step_bad: dict[int, tuple[str, int | None]] = {}
+
+    def emit_for(step: int):
+        if step == 0:
+            return emit
+        step_plan = replace(plan, out_dir=plan.out_dir / step_dir(step)) if plan else None
+        stats = step_stats.setdefault(step, [])
+
+        def emit_step(stage: Stage, layer: int | None, values: np.ndarray) -> None:
+            maybe_save_stage(step_plan, stage, layer, values, log)
+            if collect_stats:
+                stats.append(stage_stats(stage, layer, values))
+            if step not in step_bad and not np.isfinite(values).all():
+                step_bad[step] = (stage.value, layer)
+
+        return emit_step
+
+    run = engine_decode(engine)(model, token_ids, steps, emit_for, progress, forced)
+    return run, step_stats, step_bad
+
+
+def decode_manifest(run: DecodeRun) -> dict:
+    """The manifest's ``decode`` object: how each step's token was chosen and where it ran."""
+    return {
+        "mode": "forced" if run.forced else "greedy",
+        "prompt_argmax": run.prompt_argmax,
+        "steps": [s.to_dict() for s in run.steps],
+    }
+
+
+@dataclass
+class DecodeCapture:
+    """``capture_decode``'s result: ``stages[0]`` is the prompt pass, ``stages[k]`` step k."""
+
+    token_ids: list[int]
+    steps: list  # aprtrace.decode.DecodeStep, one per step 1..N
+    stages: list[dict[tuple[str, int | None], np.ndarray]]
+    logits: list[np.ndarray]
+
+
+def capture_decode(
+    model: Model,
+    prompt: str | list[int],
+    steps: int,
+    *,
+    tokens: list[int] | None = None,
+    engine: str = "numpy",
+    add_bos: bool = False,
+) -> DecodeCapture:
+    """Every stage of the prompt pass and of ``steps`` decode steps, in memory.
+
+    Step k feeds ``tokens[k-1]`` when given (teacher forcing), else the argmax of step k-1.
+    Inside a step arrays hold the one new position (``[1, dim]``, maps ``[heads, 1, n+k]``).
+    """
+    ids = encode_prompt(model, prompt, add_bos) if isinstance(prompt, str) else list(prompt)
+    passes: list[dict[tuple[str, int | None], np.ndarray]] = []
+
+    def emit_for(step: int):
+        passes.append({})
+        out = passes[-1]
+
+        def keep(stage: Stage, layer: int | None, values: np.ndarray) -> None:
+            out[(stage.value, layer)] = np.array(values, dtype=np.float32, copy=True)
+
+        return keep
+
+    run = engine_decode(engine)(model, ids, steps, emit_for, None, tokens)
+    return DecodeCapture(ids, run.steps, passes, run.logits)
+
+
+# --- end decode -----------------------------------------------------------------------------
 
 
 def capture_stages(
@@ -384,14 +528,14 @@ def check_prompt_text(prompt: str) -> None:
 MAX_TOKEN_ID = (1 << 31) - 1
 
 
-def parse_token_list(spec: str) -> list[int]:
-    """``--tokens 1,2,3`` -> [1, 2, 3]."""
+def parse_token_list(spec: str, flag: str = "--tokens") -> list[int]:
+    """``--tokens 1,2,3`` -> [1, 2, 3] (``flag`` names the option in errors)."""
     items = [t for t in spec.replace(" ", "").split(",") if t != ""]
     for t in items:
         digits = t.lstrip("+-").lstrip("0")
         if t.isascii() and len(digits) > len(str(MAX_TOKEN_ID)):
             raise ValidationError(
-                f"invalid --tokens '{spec[:80]}': token id {t[:24]}... is too large",
+                f"invalid {flag} '{spec[:80]}': token id {t[:24]}... is too large",
                 hint=f"token ids are 0..{MAX_TOKEN_ID} and must be inside the model's vocabulary",
             )
     try:
@@ -400,17 +544,17 @@ def parse_token_list(spec: str) -> list[int]:
             raise ValueError("non-ASCII digits")
     except ValueError:
         raise ValidationError(
-            f"invalid --tokens '{spec}'",
-            hint="give comma-separated integers, e.g. --tokens 3838,374",
+            f"invalid {flag} '{spec}'",
+            hint=f"give comma-separated integers, e.g. {flag} 3838,374",
         ) from None
     if not ids:
-        raise ValidationError("--tokens is empty", hint="give comma-separated integers")
+        raise ValidationError(f"{flag} is empty", hint="give comma-separated integers")
     if any(i < 0 for i in ids):
-        raise ValidationError(f"invalid --tokens '{spec}': token ids are >= 0")
+        raise ValidationError(f"invalid {flag} '{spec}': token ids are >= 0")
     too_big = [i for i in ids if i > MAX_TOKEN_ID]
     if too_big:
         raise ValidationError(
-            f"invalid --tokens: token id {too_big[0]} is too large",
+            f"invalid {flag}: token id {too_big[0]} is too large",
             hint=f"token ids are 0..{MAX_TOKEN_ID} and must be inside the model's vocabulary",
         )
     return ids

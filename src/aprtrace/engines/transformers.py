@@ -19,6 +19,7 @@ torch and transformers are optional (the ``ref`` extra) and imported only when c
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -245,7 +246,7 @@ def _wrapped_eager_attention(hf_model, record: Callable) -> Iterator[None]:
         out, weights = original(
             attn_module, query, key, value, attention_mask, scaling, *args, **kwargs
         )
-        record(attn_module, query, key, weights, scaling)
+        record(attn_module, query, key, weights, scaling, attention_mask)
         return out, weights
 
     module.eager_attention_forward = wrapper
@@ -278,6 +279,19 @@ def capture_stages(
     engine emits them); ``embedding`` as layer 0, ``final_norm``/``lm_head`` with layer None.
     ``qkv_bias`` is emitted when ``has_qkv_bias`` (default: the q projection has a bias).
     """
+    with hooked_passes(hf_model, progress, has_qkv_bias) as run_pass:
+        return run_pass(token_ids, emit, None)
+
+
+@contextlib.contextmanager
+def hooked_passes(
+    hf_model, progress: Progress | None = None, has_qkv_bias: bool | None = None
+) -> Iterator[Callable[[Sequence[int], Emit, Any], np.ndarray]]:
+    """Install the capture hooks once; yield ``run_pass(token_ids, emit, cache)``.
+
+    ``cache`` is None (one pass over ``token_ids``, no cache) or a transformers ``Cache``
+    that the pass reads and extends (a decode step: its rows come after the cached ones).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -288,9 +302,13 @@ def capture_stages(
     n_heads = hf_model.config.num_attention_heads
     if has_qkv_bias is None:
         has_qkv_bias = base.layers[0].self_attn.q_proj.bias is not None if n_layers else False
-    pending: dict[int, dict[Stage, np.ndarray]] = {i: {} for i in range(n_layers)}
-    projected: dict[int, list] = {i: [] for i in range(n_layers)}
+    pending: dict[int, dict[Stage, np.ndarray]] = {}
+    projected: dict[int, list] = {}
+    current: dict[str, Any] = {"emit": None, "progress": progress}
     handles = []
+
+    def emit(stage: Stage, layer: int | None, values: np.ndarray) -> None:
+        current["emit"](stage, layer, values)
 
     def put(stage: Stage, layer: int, value) -> None:
         pending[layer][stage] = _np(value)
@@ -326,8 +344,8 @@ def capture_stages(
             raise InferenceError(f"transformers layer {layer}: no capture of {names}")
         for stage in sorted(stages, key=lambda s: s.order):
             emit(stage, layer, stages[stage])
-        if progress is not None:
-            progress(layer + 1, n_layers)
+        if current["progress"] is not None:
+            current["progress"](layer + 1, n_layers)
 
     def on_layer_done(module, layer: int) -> None:
         def hook(_m, _i, output) -> None:
@@ -336,17 +354,23 @@ def capture_stages(
 
         handles.append(module.register_forward_hook(hook))
 
-    def record(attn_module, query, key, weights, scaling) -> None:
+    def record(attn_module, query, key, weights, scaling, attention_mask) -> None:
         layer = attn_module.layer_idx
-        q, k = query[0], key[0]  # [heads, seq, d], [kv_heads, seq, d]
-        seq = q.shape[1]
-        put(Stage.Q_POST_ROPE, layer, q.transpose(0, 1).reshape(seq, -1))
-        put(Stage.K_POST_ROPE, layer, k.transpose(0, 1).reshape(seq, -1))
+        q, k = query[0], key[0]  # [heads, queries, d], [kv_heads, keys (cached + new), d]
+        queries, keys = q.shape[1], k.shape[1]
+        put(Stage.Q_POST_ROPE, layer, q.transpose(0, 1).reshape(queries, -1))
+        # Only this pass's rows: the cached keys were emitted by the passes that made them.
+        new_k = k[:, keys - queries :]
+        put(Stage.K_POST_ROPE, layer, new_k.transpose(0, 1).reshape(queries, -1))
         k_rep = k.repeat_interleave(n_heads // k.shape[0], dim=0)
-        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+        # Query i sits at absolute position (keys - queries) + i; it sees keys up to there.
+        allowed = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
+        if attention_mask is not None:  # transformers' own mask (a sliding window, padding)
+            mask = attention_mask[0, 0, :, :keys]
+            allowed &= mask if mask.dtype == torch.bool else mask == 0  # additive: 0 = allowed
         scores = torch.matmul(q, k_rep.transpose(1, 2)) * scaling
-        put(Stage.ATTN_SCORES, layer, scores.masked_fill(~causal, 0.0))
-        put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~causal, 0.0))
+        put(Stage.ATTN_SCORES, layer, scores.masked_fill(~allowed, 0.0))
+        put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~allowed, 0.0))
 
     handles.append(
         base.embed_tokens.register_forward_hook(
@@ -372,18 +396,35 @@ def capture_stages(
         base.norm.register_forward_hook(lambda _m, _i, o: emit(Stage.FINAL_NORM, None, _np(o[0])))
     )
 
-    ids = torch.tensor([list(map(int, token_ids))], dtype=torch.long)
+    # The cache keyword: `cache` in recent transformers (`past_key_values` is deprecated there).
+    forward_params = inspect.signature(hf_model.forward).parameters
+    cache_name = "cache" if "cache" in forward_params else "past_key_values"
+
+    def run_pass(token_ids: Sequence[int], pass_emit: Emit, cache) -> np.ndarray:
+        current["emit"] = pass_emit
+        pending.clear()
+        pending.update({i: {} for i in range(n_layers)})
+        projected.clear()
+        projected.update({i: [] for i in range(n_layers)})
+        ids = torch.tensor([list(map(int, token_ids))], dtype=torch.long)
+        cache_kw = {cache_name: cache}
+        with torch.no_grad():
+            if cache is None:
+                result = hf_model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            else:
+                result = hf_model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kw)
+        if pending:
+            raise InferenceError(f"transformers ran without finishing layers {sorted(pending)}")
+        logits = _np(result.logits[0, -1])
+        pass_emit(Stage.LM_HEAD, None, logits)
+        return logits
+
     try:
-        with _wrapped_eager_attention(hf_model, record), torch.no_grad():
-            result = hf_model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        with _wrapped_eager_attention(hf_model, record):
+            yield run_pass
     finally:
         for handle in handles:
             handle.remove()
-    if pending:
-        raise InferenceError(f"transformers ran without finishing layers {sorted(pending)}")
-    logits = _np(result.logits[0, -1])
-    emit(Stage.LM_HEAD, None, logits)
-    return logits
 
 
 def stage_activations(hf_model, token_ids: Sequence[int]) -> StageValues:
@@ -437,3 +478,42 @@ def hf_forward(
             progress,
             has_qkv_bias=_has_qkv_bias(model),
         )
+
+
+def hf_decode(
+    model: Model,
+    token_ids: list[int],
+    steps: int,
+    emit_for: Callable[[int], Emit],
+    progress: Progress | None = None,
+    forced: Sequence[int] | None = None,
+    *,
+    memory_budget: int | None = None,
+):
+    """``aprtrace.decode.numpy_decode`` computed by transformers: the prompt pass fills a
+    ``DynamicCache`` (``past_key_values``), then one token per step, every stage captured."""
+    from aprtrace.decode import check_decode, generate
+
+    cfg = model.config
+    ids = check_token_ids(cfg, token_ids)
+    if cfg.num_layers <= 0:
+        raise InferenceError("the model has zero layers; there is nothing to trace")
+    forced = check_decode(cfg, ids.size, steps, forced)
+    torch, transformers = import_ref()
+    check_memory(model, memory_budget)
+    threads = max(1, min(TORCH_THREADS, os.cpu_count() or 1))
+    with _torch_threads(torch, threads), torch.no_grad():
+        hf_model = build_hf_model(model)
+        cache = transformers.DynamicCache(config=hf_model.config)
+        with hooked_passes(hf_model, progress, _has_qkv_bias(model)) as run_pass:
+            logits = run_pass(ids.tolist(), emit_for(0), cache)
+
+            def run_step(token: int, position: int, emit: Emit) -> np.ndarray:
+                if cache.get_seq_length() != position:
+                    raise InferenceError(
+                        f"transformers' cache holds {cache.get_seq_length()} positions before "
+                        f"the step at position {position}"
+                    )
+                return run_pass([token], emit, cache)
+
+            return generate(logits, ids.size, steps, forced, run_step, emit_for)
