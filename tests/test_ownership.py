@@ -926,3 +926,31 @@ def test_terminate_handlers_are_restored_after_a_command(tiny, tmp_path):
     assert run_cli("trace", "-q", tiny).exit_code == 0
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before
     assert threading.current_thread() is threading.main_thread()
+
+
+# --- Decode steps (issue 12) go through the same staging and ownership rules -----------------
+
+
+def test_decode_step_files_are_staged_committed_and_cleaned(tiny, tmp_path):
+    out = tmp_path / "dump"
+    assert _trace(tiny, out, "--decode", "2").exit_code == 0
+    assert (out / "decode-2" / "layer-0" / "attn_norm.bin").is_file()
+    before = snapshot(out)
+    failed = _trace(tiny, out, "--clean", "--decode-tokens", "1,99999")  # outside the vocab
+    assert failed.exit_code == 5 and snapshot(out) == before
+    result = _trace(tiny, out, "--clean", "--save-tensor", "embedding")
+    assert result.exit_code == 0, result.stderr
+    assert not [p for p in out.rglob("*.bin") if "decode-" in str(p)]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_symlinked_decode_step_directory_is_not_followed(tiny, tmp_path):
+    out = tmp_path / "dump"
+    out.mkdir()
+    outside = tmp_path / "outside"
+    (outside / "layer-0").mkdir(parents=True)
+    (outside / "layer-0" / "attn_norm.bin").write_bytes(b"precious")
+    (out / "decode-1").symlink_to(outside, target_is_directory=True)
+    result = _trace(tiny, out, "--decode", "1")
+    assert result.exit_code == 7 and "decode-1 is a symlink" in result.stderr
+    assert (outside / "layer-0" / "attn_norm.bin").read_bytes() == b"precious"
