@@ -324,7 +324,7 @@ def _visible_files(out: Path) -> dict[str, bytes]:
 
 def _check_killed_run(out: Path, before: dict[str, bytes], reference: Path, finished: bool) -> None:
     """A killed run leaves the previous dump whole; a finished one the reference dump. Only in
-    the few milliseconds of the commit may a kill leave a dump without a manifest, and then
+    the commit (renames only) may a kill leave a dump without a manifest, and then
     every file holds either the old bytes or the new run's."""
     after = _visible_files(out)
     new = _visible_files(reference)

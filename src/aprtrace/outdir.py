@@ -13,9 +13,9 @@ A run never writes into the dump directory DIR while the forward pass runs. It
    new manifest last.
 
 So a run that fails or is killed before the commit leaves the previous dump exactly as it
-was; a kill inside the commit (a few milliseconds of renames) leaves a dump without a
-manifest, which ``diff`` and ``inspect`` call incomplete. Whatever a run leaves behind is
-removed by the next run into DIR.
+was; a kill inside the commit (renames only: tens of milliseconds for 483 files) leaves a
+dump without a manifest, which ``diff`` and ``inspect`` call incomplete. Whatever a run
+leaves behind is removed by the next run into DIR.
 
 ``--clean`` deletes a file only when it is listed in an aprtrace manifest, sits at a stage
 layout path (``layer-N/<stage>.bin`` or ``<whole-model stage>.bin``) inside a real directory
@@ -179,11 +179,15 @@ class OutputRun:
         as apr reports a failed stage-file write.
         """
         out_fd = _open_dir(self.out)
+        dir_fds: dict[tuple[str, ...], tuple[int, int]] = {}  # one pair per directory
         try:
             self._remove_old_manifest(out_fd)
             self._delete_cleaned(out_fd)
-            return [self._move_into_place(out_fd, path) for path in staged]
+            return [self._move_into_place(out_fd, path, dir_fds) for path in staged]
         finally:
+            for fds in dir_fds.values():
+                for fd in fds:
+                    os.close(fd)
             os.close(out_fd)
 
     def _remove_old_manifest(self, out_fd: int) -> None:
@@ -219,21 +223,24 @@ class OutputRun:
             finally:
                 os.close(dir_fd)
 
-    def _move_into_place(self, out_fd: int, staged: Path) -> Path:
+    def _move_into_place(
+        self, out_fd: int, staged: Path, dir_fds: dict[tuple[str, ...], tuple[int, int]]
+    ) -> Path:
         rel = staged.relative_to(self.staging)
         target = self.out / rel
         try:
-            dst_fd = _open_chain(out_fd, rel.parts[:-1], create=True)
-            try:
-                src_fd = _open_dir(staged.parent)
+            key = rel.parts[:-1]
+            if key not in dir_fds:
+                dst_fd = _open_chain(out_fd, key, create=True)
                 try:
-                    if file_kind(target) not in (None, "file"):
-                        raise IsADirectoryError(errno.EISDIR, "not a regular file")
-                    os.replace(staged.name, rel.name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-                finally:
-                    os.close(src_fd)
-            finally:
-                os.close(dst_fd)
+                    dir_fds[key] = (_open_dir(staged.parent), dst_fd)
+                except BaseException:
+                    os.close(dst_fd)
+                    raise
+            src_fd, dst_fd = dir_fds[key]
+            # A directory at the target makes the rename fail; a symlink there (refused up
+            # front) would itself be replaced, its target never written.
+            os.replace(staged.name, rel.name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
         except OSError as exc:
             why = exc.strerror or str(exc)
             if exc.errno == errno.ELOOP:
