@@ -64,7 +64,7 @@ def tiny_dirs(tokenizer, tmp_path_factory):
 def last_rows(full: dict, key: tuple[str, int | None]) -> np.ndarray:
     """The last position of a prompt-pass buffer, in a decode step's layout."""
     values = full[key]
-    if key[0] == Stage.LM_HEAD.value:
+    if "seq" not in Stage(key[0]).spec.shape_dims:  # lm_head, the MoE stages: last row only
         return values
     if values.ndim == 3:  # attention map [heads, queries, keys]: the last query, every key
         return values[:, -1:, :]

@@ -47,6 +47,7 @@ PAIR_KEYS = {
     "attribution_source",
     "predecessor",
     "lm_head",
+    "index_agreement",
     "top_diffs",
     "step",
 }

@@ -31,6 +31,7 @@ import numpy as np
 from aprtrace.aprt import AprtFile, read_aprt
 from aprtrace.decode import step_of_path
 from aprtrace.errors import InvalidFormatError, NotFoundError, ValidationError
+from aprtrace.index_metrics import IndexAgreement, index_agreement
 from aprtrace.manifest import Manifest, read_manifest
 from aprtrace.stages import (
     WHOLE_MODEL_LAYER,
@@ -622,6 +623,7 @@ class PairResult:
     error: str | None = None  # incomparable: why
     attribution: float | None = None
     predecessor: str | None = None
+    index: IndexAgreement | None = None  # index payloads (moe_router_indices): per token
 
     @property
     def max_position(self) -> str | None:
@@ -961,6 +963,11 @@ def compare_pair(
     if key.stage == Stage.LM_HEAD.value:
         result.lm_head = lm_head_stats(fa.values, fb.values)
     result.passed, result.reason = verdict(result.stats, tol)
+    # Index payloads (expert ids as f32) are compared as integers, per token.
+    stage = stage_from_file_stem(key.stage)
+    if stage is not None and stage.index_payload:
+        result.index = index_agreement(fa.values, fb.values, result.shape)
+        result.passed, result.reason = result.index.passed, result.index.reason
     return result
 
 

@@ -165,6 +165,7 @@ def pair_json(p: PairResult, localization: Localization | None = None) -> dict[s
             "kl_divergence": finite_or_none(p.lm_head.kl_divergence),
         }
     )
+    out["index_agreement"] = p.index.to_json() if p.index is not None else None
     out["top_diffs"] = [
         {
             "index": t.index,

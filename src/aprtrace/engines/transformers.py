@@ -46,6 +46,9 @@ _CAUSAL_LM_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
 }
 _ATTENTION_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
 _MLP_BIASES = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
@@ -126,8 +129,9 @@ def hf_config(model: Model):
         extra["attention_bias"] = _has_any(model, _ATTENTION_BIASES)
     if cfg.architecture == "llama":
         extra["mlp_bias"] = _has_any(model, _MLP_BIASES)
-    if cfg.architecture in ("qwen2", "qwen3"):
+    if cfg.architecture in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
         extra["use_sliding_window"] = False
+    extra |= _moe_config(model)
     rope_scaling = None
     if cfg.rope_linear_factor != 1.0:
         rope_scaling = {"rope_type": "linear", "factor": float(cfg.rope_linear_factor)}
@@ -154,6 +158,51 @@ def hf_config(model: Model):
     return config
 
 
+def _moe_config(model: Model) -> dict[str, Any]:
+    """transformers' MoE config arguments (every layer sparse, as aprtrace requires)."""
+    cfg = model.config
+    if not cfg.is_moe:
+        return {}
+    if cfg.architecture == "mixtral":
+        return {
+            "num_local_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.num_experts_per_tok,
+            "sliding_window": None,
+        }
+    extra = {
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    }
+    if cfg.architecture == "qwen2moe":
+        extra["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+        extra["qkv_bias"] = _has_any(model, _ATTENTION_BIASES[:3])
+    return extra
+
+
+def _moe_parameter(model: Model, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """transformers 5.x's stacked expert parameters (``mlp.experts.gate_up_proj``
+    ``[E, 2*I, H]``, ``mlp.experts.down_proj`` ``[E, H, I]``) and the ``[1, H]`` shared
+    expert gate, from aprtrace's per-expert tensors; None for any other name."""
+    from aprtrace.mapping.moe import expert_name
+
+    parts = name.split(".")
+    if name.endswith(".mlp.shared_expert_gate.weight"):
+        return model.weight(name).reshape(shape)
+    if len(parts) != 6 or parts[3:5] != ["mlp", "experts"]:
+        return None
+    layer, kind = int(parts[2]), parts[5]
+    projections = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+    stacked = [
+        np.concatenate([model.weight(expert_name(layer, e, p)) for p in projections])
+        for e in range(shape[0])
+    ]
+    return np.stack(stacked).reshape(shape)
+
+
 def _state_dict(model: Model, expected: dict[str, tuple[int, ...]], torch) -> dict:
     """transformers' parameter name -> float32 tensor from ``model`` (zeros for absent biases)."""
     loaded: dict[str, Any] = {}
@@ -165,7 +214,10 @@ def _state_dict(model: Model, expected: dict[str, tuple[int, ...]], torch) -> di
     for name, shape in expected.items():
         source = source_of(name)
         if source not in loaded:
-            if not model.has(source) and name.endswith(".bias"):
+            moe_values = _moe_parameter(model, name, shape) if model.config.is_moe else None
+            if moe_values is not None:
+                values = moe_values
+            elif not model.has(source) and name.endswith(".bias"):
                 values = np.zeros(shape, dtype=np.float32)
             else:
                 values = model.weight(source, shape)
@@ -333,7 +385,7 @@ def hooked_passes(
         handles.append(proj.register_forward_hook(hook))
 
     # The stages this architecture computes, from the stage graph (as the NumPy engine).
-    graph_view = SimpleNamespace(architecture=hf_model.config.model_type, qkv_bias=has_qkv_bias)
+    graph_view = _graph_view(hf_model.config, has_qkv_bias)
     per_layer = {s for s in stages_for(graph_view) if s.per_layer and s is not Stage.EMBEDDING}
 
     def flush(layer: int) -> None:
@@ -386,11 +438,14 @@ def hooked_passes(
         on_output(attn.o_proj, Stage.ATTN_OUT, i)
         on_input(layer.post_attention_layernorm, Stage.POST_ATTN_RESIDUAL, i)
         on_output(layer.post_attention_layernorm, Stage.FFN_NORM, i)
-        on_output(mlp.gate_proj, Stage.FFN_GATE, i)
-        on_output(mlp.up_proj, Stage.FFN_UP, i)
-        on_output(mlp.act_fn, Stage.FFN_SILU, i)
-        on_input(mlp.down_proj, Stage.FFN_SWIGL, i)
-        on_output(mlp.down_proj, Stage.FFN_OUT, i)
+        if hasattr(mlp, "experts"):
+            handles.extend(_moe_hooks(mlp, i, put))
+        else:
+            on_output(mlp.gate_proj, Stage.FFN_GATE, i)
+            on_output(mlp.up_proj, Stage.FFN_UP, i)
+            on_output(mlp.act_fn, Stage.FFN_SILU, i)
+            on_input(mlp.down_proj, Stage.FFN_SWIGL, i)
+            on_output(mlp.down_proj, Stage.FFN_OUT, i)
         on_layer_done(layer, i)
     handles.append(
         base.norm.register_forward_hook(lambda _m, _i, o: emit(Stage.FINAL_NORM, None, _np(o[0])))
@@ -425,6 +480,54 @@ def hooked_passes(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _graph_view(hf_config, has_qkv_bias: bool) -> SimpleNamespace:
+    """The config attributes the stage graph's predicates read, from a transformers config."""
+    from aprtrace.config import normalize_architecture
+
+    experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", 0)
+    return SimpleNamespace(
+        architecture=normalize_architecture(hf_config.model_type),
+        qkv_bias=has_qkv_bias,
+        num_experts=experts or 0,
+        shared_expert_intermediate_size=(
+            getattr(hf_config, "shared_expert_intermediate_size", 0) or 0
+        )
+        if hf_config.model_type == "qwen2_moe"
+        else 0,
+    )
+
+
+def _moe_hooks(block, layer: int, put: Callable) -> list:
+    """Hooks on a sparse MoE block: the router's top-k weights and ids (last position), the
+    gated shared expert (every position) and the block output (last position)."""
+    shared: dict[str, Any] = {}
+
+    def on_router(_m, _i, output) -> None:
+        _, weights, ids = output  # (logits, top-k weights, top-k ids), highest first
+        put(Stage.MOE_ROUTER, layer, weights[-1])
+        put(Stage.MOE_ROUTER_INDICES, layer, ids[-1].float())
+
+    def on_shared_expert(_m, _i, output) -> None:
+        shared["out"] = output
+
+    def on_shared_gate(_m, _i, output) -> None:
+        import torch
+
+        put(Stage.MOE_SHARED_EXPERT, layer, torch.sigmoid(output) * shared.pop("out"))
+
+    def on_block(_m, _i, output) -> None:
+        put(Stage.MOE_FFN_OUT, layer, _first(output)[0][-1])
+
+    handles = [
+        block.gate.register_forward_hook(on_router),
+        block.register_forward_hook(on_block),
+    ]
+    if getattr(block, "shared_expert_gate", None) is not None:
+        handles.append(block.shared_expert.register_forward_hook(on_shared_expert))
+        handles.append(block.shared_expert_gate.register_forward_hook(on_shared_gate))
+    return handles
 
 
 def stage_activations(hf_model, token_ids: Sequence[int]) -> StageValues:
