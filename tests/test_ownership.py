@@ -897,7 +897,11 @@ def test_trace_of_a_model_truncated_mid_run_exits_7_with_a_message(big_model, tm
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 7, stderr  # never 135 (SIGBUS) without a message
     assert "shrank" in stderr or "Bus error" in stderr
-    assert not out.exists() or not [p for p in out.iterdir()]
+    left = [p.name for p in out.iterdir()] if out.exists() else []
+    if "shrank" in stderr:  # the size check caught it: a clean unwind
+        assert left == []
+    else:  # SIGBUS inside a decode: _exit at once; staging and lock wait for the next run
+        assert all(name.startswith(".aprtrace") for name in left), left
 
 
 def test_sigbus_inside_a_decode_exits_7_with_a_message(tmp_path):
