@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +19,13 @@ import click
 import numpy as np
 
 from aprtrace import __version__
-from aprtrace.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, AprtraceError, ValidationError
+from aprtrace.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    AprtraceError,
+    Terminated,
+    ValidationError,
+)
 from aprtrace.stages import Stage, stages_for
 
 DEFAULT_PROMPT = "What is 2+2?"
@@ -47,22 +54,29 @@ class AprtraceGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         debug = "--debug" in sys.argv[1:] or bool(ctx.params.get("debug"))
+        from aprtrace.signals import install_sigbus_exit, terminate_like_interrupt
+
+        install_sigbus_exit()
+        _print_undecodable_names_as_given()
         try:
-            return super().invoke(ctx)
+            with terminate_like_interrupt():
+                return super().invoke(ctx)
         except AprtraceError as exc:
             if debug:
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if debug:
                 raise
+            signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+            name = signal.Signals(signum).name
             click.echo(
-                "interrupted: stopped; files already written are complete, "
-                "the dump has no manifest.json",
+                f"interrupted ({name}): stopped; temporary files were removed and nothing "
+                "already in the output was replaced",
                 err=True,
             )
-            ctx.exit(EXIT_INTERRUPTED)
+            ctx.exit(EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum)
         except MemoryError:
             if debug:
                 raise
@@ -85,6 +99,16 @@ class AprtraceGroup(click.Group):
                 err=True,
             )
             ctx.exit(EXIT_INTERNAL)
+
+
+def _print_undecodable_names_as_given() -> None:
+    """File names that are not UTF-8 reach Python as lone surrogates; printing one to a
+    strict UTF-8 stdout would fail, so they are written back as the original bytes (as
+    ``ls`` does)."""
+    stream = sys.stdout
+    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="surrogateescape")
 
 
 @click.group(cls=AprtraceGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -341,6 +365,7 @@ def trace(
             "files": [{"path": str(f.path), "bytes": f.size} for f in result.log.files],
             "output_dir": str(plan.out_dir) if plan else None,
             "stale_files": [str(p) for p in result.stale_files],
+            "leftovers_removed": [str(p) for p in result.leftovers_removed],
         }
         if result.decode is not None:
             payload["decode"] = _decode_json(result)
@@ -357,6 +382,12 @@ def trace(
             f"Wrote {len(result.log.files)} files and {result.manifest_path.name} "
             f"to {plan.out_dir} in {result.seconds:.2f} s"
         )
+        if result.leftovers_removed:
+            click.echo(
+                f"note: removed {len(result.leftovers_removed)} leftovers of interrupted runs "
+                f"from {plan.out_dir} (staging directories, temporary files)",
+                err=True,
+            )
         if result.stale_files:
             click.echo(
                 f"warning: {len(result.stale_files)} .bin files in {plan.out_dir} are not "

@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from aprtrace import report
+from aprtrace.atomic import remove_orphaned_temps, write_bytes_atomic
 from aprtrace.console import stderr_progress, stdout_console
 from aprtrace.diff import (
     DEFAULT_TOLERANCE,
@@ -25,6 +26,7 @@ from aprtrace.diff import (
     verdict,
 )
 from aprtrace.errors import EXIT_DIVERGED, NotFoundError, OutputError, ValidationError
+from aprtrace.safeio import file_kind, path_text, text_for_output
 
 _T = DEFAULT_TOLERANCE
 _LAYER_DIR = re.compile(r"^layer-\d+$")
@@ -77,13 +79,17 @@ Exit codes:
 
 
 def _write(path: Path, data: str | bytes) -> None:
-    try:
-        if isinstance(data, bytes):
-            path.write_bytes(data)
-        else:
-            path.write_text(data, encoding="utf-8")
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    """Write a report atomically (temp + rename): a full disk or a kill leaves the previous
+    report whole. Undecodable bytes of file names in the text are written as U+FFFD."""
+    if file_kind(path) not in (None, "file"):
+        raise OutputError(
+            f"{path_text(path)} is a {file_kind(path)}, not a regular file; refusing to replace it",
+            hint="give a new or regular file name",
+        )
+    if isinstance(data, str):
+        data = text_for_output(data).encode("utf-8")
+    remove_orphaned_temps(path)
+    write_bytes_atomic(path, data)
 
 
 def _pair_filter(stages_spec: str | None, layers_spec: str | None, steps_spec: str | None = None):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aprtrace.errors import InvalidFormatError, NotFoundError, OutputError
 from aprtrace.model import Model
+from aprtrace.safeio import file_kind, path_text
 
 GGUF = "gguf"
 APR = "apr"
@@ -27,6 +28,11 @@ def sniff_format(path: Path) -> str:
             return SAFETENSORS
         raise InvalidFormatError(
             f"{path} is a directory without config.json",
+            hint="pass a .gguf / .apr file, or a Hugging Face model directory",
+        )
+    if not path.is_file():  # a FIFO would block the read below, a device never ends
+        raise InvalidFormatError(
+            f"{path_text(path)} is a {file_kind(path.resolve())}, not a regular file",
             hint="pass a .gguf / .apr file, or a Hugging Face model directory",
         )
     try:
