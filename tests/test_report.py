@@ -46,6 +46,7 @@ PAIR_KEYS = {
     "attribution",
     "attribution_source",
     "predecessor",
+    "input_note",
     "lm_head",
     "top_diffs",
 }
@@ -62,6 +63,12 @@ TOP_KEYS = {
     "warnings",
     "only_in_a",
     "only_in_b",
+    "stale_a",
+    "stale_b",
+    "missing_a",
+    "missing_b",
+    "unreadable_a",
+    "unreadable_b",
     "summary",
     "first_divergence",
     "amplifiers",
@@ -71,7 +78,7 @@ TOP_KEYS = {
 
 @pytest.fixture
 def diverged(tmp_path):
-    stages = ["embedding", "attn_norm", "q_post_rope", "attn_scores", "attn_softmax"]
+    stages = ["embedding", "attn_norm", "q_post_rope", "k_post_rope", "attn_scores", "attn_softmax"]
     a = make_dump(tmp_path / "a", {0: stages, 1: stages[1:]})
     b = make_dump(
         tmp_path / "b",
@@ -87,11 +94,14 @@ def test_dir_json_schema(diverged):
     assert all(set(p) == PAIR_KEYS for p in doc["pairs"])
     assert doc["summary"] == {
         "verdict": "diverged",
-        "pairs": 11,
-        "passed": 10,
+        "pairs": 13,
+        "passed": 12,
         "failed": 1,
         "incomparable": 0,
+        "unreadable": 0,
         "stopped_early": False,
+        "exit_code": 1,
+        "incomplete": [],
     }
     assert doc["first_divergence"]["path"] == "layer-1/attn_softmax.bin"
     json.loads(report.to_json_text(doc))  # strict JSON: no NaN / Infinity tokens
@@ -107,7 +117,7 @@ def test_terminal_table_and_summary(diverged):
     text = buf.getvalue()
     assert "first divergence" in text
     assert "layer 1 attn_softmax multiplies the error by 40" in text
-    assert report.summary_line(diverged).startswith("DIVERGED: 1 of 11 pairs")
+    assert report.summary_line(diverged).startswith("DIVERGED: 1 of 13 pairs")
 
 
 class _Collect(HTMLParser):
@@ -151,7 +161,7 @@ def test_svg_and_png_plots(tmp_path, diverged):
     length, tag = struct.unpack(">I4s", png[8:16])
     width, height = struct.unpack(">II", png[16:24])
     assert (tag, length) == (b"IHDR", 13)
-    assert (width, height) == (7 * 4, 3 * 4)  # 7 stages x (2 layers + whole-model)
+    assert (width, height) == (8 * 4, 3 * 4)  # 8 stages x (2 layers + whole-model)
     idat_len = struct.unpack(">I", png[33:37])[0]
     raw = zlib.decompress(png[41 : 41 + idat_len])
     assert len(raw) == height * (1 + 3 * width)
@@ -204,7 +214,7 @@ def test_default_table_fits_the_terminal(diverged, width):
     assert table_lines and all(len(line) <= width for line in table_lines), table_lines
     # the verdict and the first-divergence marker survive every width; ULP never by default
     assert "◀ first" in text and "FAIL max|d|" in text and "ULP" not in text
-    assert text.rstrip().splitlines()[-1].startswith("DIVERGED: 1 of 11 pairs")
+    assert text.rstrip().splitlines()[-1].startswith("DIVERGED: 1 of 13 pairs")
     if width == 120:
         assert "x input" in text and "h0 q" in text and "not shown" not in text
     if width == 60:

@@ -14,7 +14,9 @@ from aprtrace import report
 from aprtrace.console import stderr_progress, stdout_console
 from aprtrace.diff import (
     DEFAULT_TOLERANCE,
+    MAX_LIMIT,
     Tolerance,
+    check_tol_pattern,
     check_tolerance_value,
     diff_dirs,
     diff_files,
@@ -22,6 +24,7 @@ from aprtrace.diff import (
     list_stage_files,
     parse_tol_override,
     tolerance_for,
+    unmatched_tol_warnings,
     verdict,
 )
 from aprtrace.errors import EXIT_DIVERGED, NotFoundError, OutputError, ValidationError
@@ -68,10 +71,20 @@ it receives. Pass A's model instead to see weight quantization as local error.
 Exit codes:
   0  every pair within tolerance
   1  at least one pair diverged (the report names the first one in forward order)
+  2  the command line cannot be parsed (unknown option, missing argument)
   3  an input file or directory does not exist
   4  an input is not a valid APRT file or manifest
   5  incomparable inputs: element count or layer mismatch (as apr), a file paired with a
-     directory, no files in common, or a bad option value
+     directory, no files in common, two dumps of different models, token ids or
+     prompts (refused before any pair is read), or any invalid option value
+  9  INCOMPLETE: every compared pair is within tolerance, but files listed in a manifest
+     are missing or unreadable, or some stage files exist on one side only
+     (--only-common accepts one-sided files)
+
+\b
+With a manifest.json, a dump is exactly the files it lists; other .bin files in the
+directory (left over from an earlier trace) are reported as stale and ignored unless
+--include-stale is given. Dumps written by apr (no manifest) use every .bin file found.
 """
 
 
@@ -92,8 +105,8 @@ def _pair_filter(stages_spec: str | None, layers_spec: str | None):
     from aprtrace.plan import parse_layers
     from aprtrace.stages import parse_stage_list
 
-    names = {s.value for s in parse_stage_list(stages_spec)} if stages_spec else None
-    layers = parse_layers(layers_spec) if layers_spec else None
+    names = {s.value for s in parse_stage_list(stages_spec, "--stages")} if stages_spec else None
+    layers = parse_layers(layers_spec, "--layers") if layers_spec else None
 
     def keep(key) -> bool:
         if names is not None and key.stage not in names:
@@ -161,8 +174,9 @@ def _localize(result, model_path: Path, arch: str | None):
     "--limit",
     default=10,
     show_default=True,
-    type=click.IntRange(min=0),
-    help="Top differences listed per pair.",
+    type=click.IntRange(min=0, max=MAX_LIMIT),
+    help=f"Top differences listed per pair (at most {MAX_LIMIT:,}; found by partial selection, "
+    "memory grows with the limit, not the tensor).",
 )
 @click.option(
     "--json",
@@ -194,6 +208,17 @@ def _localize(result, model_path: Path, arch: str | None):
     multiple=True,
     metavar="PATTERN:K=V[,K=V]",
     help="Per-stage tolerance override (repeatable).",
+)
+@click.option(
+    "--include-stale",
+    is_flag=True,
+    help="Also compare .bin files a dump's manifest.json does not list (stale files).",
+)
+@click.option(
+    "--only-common",
+    is_flag=True,
+    help="Files on one side only are listed but do not make the verdict INCOMPLETE "
+    "(e.g. an aprtrace dump against apr's 16 classic stages).",
 )
 @click.option(
     "--fail-fast", is_flag=True, help="Stop at the first pair out of tolerance (directory mode)."
@@ -269,12 +294,16 @@ def diff_command(
     metric: str,
     stages_spec: str | None,
     layers_spec: str | None,
+    include_stale: bool,
+    only_common: bool,
 ) -> None:
     select = _pair_filter(stages_spec, layers_spec)
     for name, value in (("atol", atol), ("rtol", rtol), ("cos_min", cos_min)):
         check_tolerance_value(name, value, f"--{name.replace('_', '-')}")
     base = Tolerance(atol=atol, rtol=rtol, cos_min=cos_min)
     rules = [parse_tol_override(spec) for spec in tol_rules]
+    for rule in rules:
+        check_tol_pattern(rule)
     if plot_path is not None and plot_path.suffix.lower() not in (".svg", ".png"):
         raise ValidationError(
             f"--plot {plot_path}: unsupported extension", hint="use a .svg or .png file name"
@@ -315,7 +344,10 @@ def diff_command(
             fail_fast=fail_fast,
             on_pair=advance,
             select=select,
+            include_stale=include_stale,
         )
+    result.one_sided_ok = only_common
+    result.warnings.extend(unmatched_tol_warnings(rules, result.pairs))
     localization = _localize(result, model_path, arch) if model_path is not None else None
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -339,7 +371,7 @@ def diff_command(
             hint="both dumps must come from the same model shape and prompt",
         )
     sys.stdout.flush()
-    ctx.exit(EXIT_DIVERGED if result.failed else 0)
+    ctx.exit(result.verdict.exit_code)
 
 
 __all__ = ["diff_command"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import mmap as _mmap
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from aprtrace.aprt import AprtFile, read_aprt
-from aprtrace.errors import InvalidFormatError, NotFoundError, ValidationError
+from aprtrace.errors import (
+    EXIT_DIVERGED,
+    InvalidFormatError,
+    NotFoundError,
+    OutputError,
+    ValidationError,
+)
 from aprtrace.manifest import Manifest, read_manifest
 from aprtrace.stages import (
     WHOLE_MODEL_LAYER,
@@ -38,6 +45,8 @@ from aprtrace.stages import (
     stage_from_file_stem,
     stage_inputs,
     stage_shape,
+    suggest,
+    valid_names_text,
 )
 
 CHUNK = 1 << 18  # 256 Ki elements (1 MiB per side) per streamed chunk: cache-sized
@@ -112,6 +121,28 @@ def check_tolerance_value(key: str, value: float, where: str) -> None:
         raise ValidationError(f"{where}: {key} = {value} must be a non-negative number")
     if key == "cos_min" and value > 1:
         raise ValidationError(f"{where}: cos-min = {value} must be at most 1")
+
+
+def check_tol_pattern(rule: TolOverride) -> None:
+    """A ``--tol`` pattern without wildcards must name a stage (suggesting the nearest)."""
+    stage_part = rule.pattern.rsplit("/", 1)[-1]
+    if any(c in stage_part for c in "*?[") or stage_from_file_stem(stage_part) is not None:
+        return
+    close = suggest(stage_part)
+    hint = f"did you mean '{close}'? " if close else ""
+    raise ValidationError(
+        f"--tol '{rule.pattern}:...': '{stage_part}' is not a stage name",
+        hint=f"{hint}valid names: {valid_names_text()}",
+    )
+
+
+def unmatched_tol_warnings(rules: list[TolOverride], pairs: list[PairResult]) -> list[str]:
+    """One warning per ``--tol`` rule that matched none of the compared pairs."""
+    return [
+        f"--tol '{rule.pattern}' matches no compared stage file; it has no effect"
+        for rule in rules
+        if not any(rule.matches(p.key.stage, p.key.rel_stem) for p in pairs)
+    ]
 
 
 def tolerance_for(
@@ -226,6 +257,62 @@ def _classes(x: np.ndarray) -> np.ndarray:
     return out
 
 
+# `--limit` bound: each listed difference costs about 24 bytes while a pair is compared (twice
+# that while candidates are merged), and every one is printed in --json.
+MAX_LIMIT = 1_000_000
+
+
+@dataclass
+class _TopArrays:
+    """Top-difference candidates as parallel arrays (key: |d| with NaN as -1)."""
+
+    key: np.ndarray
+    index: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    d: np.ndarray
+    full: bool = False
+    threshold: float = -np.inf
+
+    @property
+    def size(self) -> int:
+        return int(self.key.size)
+
+    def extend(self, other: _TopArrays) -> _TopArrays:
+        merged = _TopArrays(
+            *(np.concatenate([getattr(self, f), getattr(other, f)]) for f in _TOP_FIELDS)
+        )
+        merged.full, merged.threshold = self.full, self.threshold
+        return merged
+
+    def select(self, k: int, ordered: bool = True) -> _TopArrays:
+        """The ``k`` best by (-key, index) by partial selection; sorted when ``ordered``."""
+        if self.size > k:
+            kth = np.partition(self.key, self.size - k)[self.size - k]
+            above = np.flatnonzero(self.key > kth)
+            ties = np.flatnonzero(self.key == kth)
+            ties = ties[np.argsort(self.index[ties], kind="stable")[: k - above.size]]
+            keep = np.concatenate([above, ties])
+        else:
+            keep = np.arange(self.size)
+        if ordered:
+            keep = keep[np.lexsort((self.index[keep], -self.key[keep].astype(np.float64)))]
+        out = _TopArrays(*(getattr(self, f)[keep] for f in _TOP_FIELDS))
+        out.full = out.size >= k
+        out.threshold = float(out.key.min()) if out.full and out.size else -np.inf
+        return out
+
+    def as_list(self) -> list[TopDiff]:
+        return [
+            TopDiff(int(i), float(x), float(y), float(z))
+            for i, x, y, z in zip(
+                self.index.tolist(), self.a.tolist(), self.b.tolist(), self.d.tolist(), strict=True
+            )
+        ]
+
+
+_TOP_FIELDS = ("key", "index", "a", "b", "d")
+
 # Up to this many elements the ULP distances of a pair are kept (4 bytes each) and the median
 # is exact by selection; above, a two-level histogram plus a second pass gives it exactly.
 ULP_EXACT_MAX = 1 << 24
@@ -246,7 +333,7 @@ class _Accumulator:
         self.norm_a = 0.0
         self.norm_b = 0.0
         self.max_abs_a = 0.0
-        self.top: list[tuple[float, int, float, float, float]] = []  # (key, index, a, b, d)
+        self.top_arrays: _TopArrays | None = None
         self.nan_a = self.nan_b = self.inf_a = self.inf_b = self.mismatch = 0
         self.ulp_max = 0
         self.work: _Workspace | None = None
@@ -312,27 +399,23 @@ class _Accumulator:
             self._update_top(key, a, b, d, base, w.flags)
 
     def _update_top(self, key, a, b, d, base, scratch) -> None:
-        k = self.limit
-        if len(self.top) >= k:
+        """Keep the ``limit`` largest ``key`` values (lower index first among ties).
+
+        Candidates are held in NumPy arrays and cut back to ``limit`` by a partial selection
+        whenever they pass twice that: memory O(limit), time O(n) per chunk.
+        """
+        top = self.top_arrays
+        if top is not None and top.full:
             # Later indices lose ties, so only strictly larger values can enter.
-            idx = np.flatnonzero(np.greater(key, self.top[-1][0], out=scratch))
-        elif key.size > k:
-            kth = np.partition(key, key.size - k)[key.size - k]
-            above = np.flatnonzero(key > kth)
-            ties = np.flatnonzero(key == kth)[: k - above.size]
-            idx = np.concatenate([above, ties])
+            idx = np.flatnonzero(np.greater(key, top.threshold, out=scratch))
         else:
             idx = np.arange(key.size)
-        if idx.size > k:  # exact top-k of the candidates, lower index first among ties
-            vals = key[idx]
-            kth = np.partition(vals, vals.size - k)[vals.size - k]
-            above = idx[vals > kth]
-            ties = idx[vals == kth][: k - above.size]
-            idx = np.concatenate([above, ties])
-        for j in idx.tolist():
-            self.top.append((float(key[j]), base + j, float(a[j]), float(b[j]), float(d[j])))
-        self.top.sort(key=lambda t: (-t[0], t[1]))
-        del self.top[k:]
+        if idx.size == 0:
+            return
+        fresh = _TopArrays(key[idx], idx + base, a[idx], b[idx], d[idx])
+        self.top_arrays = fresh if top is None else top.extend(fresh)
+        if self.top_arrays.size >= 2 * self.limit:
+            self.top_arrays = self.top_arrays.select(self.limit, ordered=False)
 
     def finish(
         self, refine: Callable[[set[int]], dict[int, np.ndarray]] | None = None
@@ -345,7 +428,8 @@ class _Accumulator:
             cosine = 0.0
         else:
             cosine = self.dot / (math.sqrt(self.norm_a) * math.sqrt(self.norm_b))
-        top = [TopDiff(i, av, bv, dv) for _, i, av, bv, dv in self.top]
+        chosen = self.top_arrays.select(self.limit) if self.top_arrays is not None else None
+        top = chosen.as_list() if chosen is not None else []
         stats = PairStats(n, self.max_d, self.max_i, rms, cosine, top)
         if not self.extended:
             return stats
@@ -575,15 +659,38 @@ def key_for(rel: str) -> PairKey:
     return PairKey(rel, stage, layer)
 
 
+def scan_dump(dump: Path) -> tuple[dict[str, PairKey], list[str]]:
+    """Every ``*.bin`` under ``dump`` (hidden temp files skipped), by relative posix path,
+    and the directories that could not be listed (relative paths; ``.`` for ``dump``)."""
+    dump = Path(dump)
+    out: dict[str, PairKey] = {}
+    unreadable: list[str] = []
+
+    def failed(exc: OSError) -> None:
+        where = Path(exc.filename) if exc.filename else dump
+        try:
+            rel = where.relative_to(dump).as_posix()
+        except ValueError:
+            rel = str(where)
+        unreadable.append(rel or ".")
+
+    for root, dirs, names in os.walk(dump, onerror=failed):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        base = Path(root)
+        for name in sorted(names):
+            if name.startswith(".") or not name.endswith(".bin"):
+                continue
+            path = base / name
+            if not path.is_file():
+                continue
+            rel = path.relative_to(dump).as_posix()
+            out[rel] = key_for(rel)
+    return dict(sorted(out.items())), sorted(unreadable)
+
+
 def list_stage_files(dump: Path) -> dict[str, PairKey]:
     """Every ``*.bin`` under ``dump`` (hidden temp files skipped), by relative posix path."""
-    out = {}
-    for path in sorted(dump.rglob("*.bin")):
-        rel = path.relative_to(dump).as_posix()
-        if any(part.startswith(".") for part in rel.split("/")) or not path.is_file():
-            continue
-        out[rel] = key_for(rel)
-    return out
+    return scan_dump(dump)[0]
 
 
 @dataclass
@@ -610,6 +717,9 @@ class PairResult:
     error: str | None = None  # incomparable: why
     attribution: float | None = None
     predecessor: str | None = None
+    # Why there is no attribution although the pair has statistics (an input not in the dump).
+    input_note: str | None = None
+    unreadable: str | None = None  # a file of the pair could not be read (OS error)
 
     @property
     def max_position(self) -> str | None:
@@ -620,9 +730,37 @@ class PairResult:
 
 @dataclass
 class DumpInfo:
+    """One side of a directory diff.
+
+    With a manifest, ``files`` are exactly the files it lists (that exist); other ``.bin``
+    files under the directory are ``stale`` and ignored unless the caller includes them.
+    Without one (an ``apr`` dump), ``files`` are all ``.bin`` files found.
+    """
+
     path: Path
     manifest: Manifest | None
     files: dict[str, PairKey]
+    stale: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # listed in the manifest, not on disk
+    unreadable: list[str] = field(default_factory=list)  # listed or found, but not readable
+
+
+EXIT_INCOMPLETE = 9  # documented in `aprtrace diff --help` and docs/diff-json.md
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The overall answer of a directory diff, and the exit code that says it.
+
+    ``word``: ``pass`` (every pair within tolerance and nothing missing), ``diverged`` (a
+    pair is out of tolerance; exit 1), ``incomplete`` (files missing, unreadable or on one
+    side only; exit 9, never "OK"), ``incomparable`` (pairs of different sizes; exit 5).
+    ``problems``: one sentence per reason the dump pair is incomplete.
+    """
+
+    word: str
+    exit_code: int
+    problems: tuple[str, ...] = ()
 
 
 @dataclass
@@ -638,6 +776,7 @@ class DirDiff:
     warnings: list[str] = field(default_factory=list)
     first_divergence: PairResult | None = None
     stopped_early: bool = False
+    one_sided_ok: bool = False  # files on one side only do not make the verdict incomplete
 
     @property
     def passed(self) -> int:
@@ -650,6 +789,43 @@ class DirDiff:
     @property
     def incomparable(self) -> list[PairResult]:
         return [p for p in self.pairs if p.error is not None]
+
+    @property
+    def unreadable(self) -> list[PairResult]:
+        return [p for p in self.pairs if p.unreadable is not None]
+
+    def incomplete_problems(self) -> list[str]:
+        """Why the comparison does not cover both dumps (empty when it does)."""
+        out = []
+        for side, dump in (("A", self.a), ("B", self.b)):
+            if dump.missing:
+                out.append(
+                    f"{side}: {len(dump.missing)} file(s) listed in manifest.json are missing "
+                    f"(first: {dump.missing[0]})"
+                )
+            if dump.unreadable:
+                out.append(
+                    f"{side}: {len(dump.unreadable)} path(s) could not be read "
+                    f"(first: {dump.unreadable[0]})"
+                )
+        for side, names in (("A", self.only_a), ("B", self.only_b)):
+            if names and not self.one_sided_ok:
+                out.append(f"{len(names)} file(s) only in {side} (first: {names[0]})")
+        bad = self.unreadable
+        if bad:
+            out.append(f"{len(bad)} pair(s) could not be read (first: {bad[0].unreadable})")
+        return out
+
+    @property
+    def verdict(self) -> Verdict:
+        problems = tuple(self.incomplete_problems())
+        if self.incomparable:
+            return Verdict("incomparable", ValidationError.exit_code, problems)
+        if self.failed:
+            return Verdict("diverged", EXIT_DIVERGED, problems)
+        if problems:
+            return Verdict("incomplete", EXIT_INCOMPLETE, problems)
+        return Verdict("pass", 0)
 
     def amplifiers(self, threshold: float = 2.0, top: int = 5) -> list[PairResult]:
         """Pairs whose relative error is at least ``threshold`` times their input's.
@@ -775,20 +951,33 @@ def _check_dir(path: Path, side: str) -> Path:
     return path
 
 
+@dataclass
+class _Inputs:
+    """The pairs a stage consumes, and the operands that are not in the dump."""
+
+    found: list[PairResult]
+    missing: list[str]  # labels of operands the graph names but the dump does not hold
+    unknown: bool = False  # an operand cannot be named (last layer of a model of unknown depth)
+
+
+def _label(layer: int | None, stage: Stage) -> str:
+    return stage.value if layer is None else f"layer {layer} {stage.value}"
+
+
 def _consumed(
     key: PairKey,
     present: dict[tuple[int | None, str], PairResult],
     num_layers: int | None,
     config: dict | None,
-) -> list[PairResult]:
+) -> _Inputs | None:
     """The pairs whose outputs ``key``'s stage consumes, read from the stage graph.
 
     Alternatives (``qkv_bias`` else ``qkv_matmul``) are chosen by the model's config when a
-    manifest gives it, else by what the dump holds. Operands not in the dump are skipped.
+    manifest gives it, else by what the dump holds. None for a stage the graph does not know.
     """
     stage = stage_from_file_stem(key.stage)
     if stage is None:
-        return []
+        return None
     cfg = _config_view(config)
     if cfg is not None:
 
@@ -799,15 +988,18 @@ def _consumed(
         def has(s: Stage) -> bool:
             return any(st == s.value for (_, st) in present)
 
-    found = []
+    inputs = _Inputs([], [])
     for operand in stage_inputs(stage, key.layer, has, num_layers):
         if operand is None:
+            inputs.unknown = True
             continue
         layer, source = operand
         pair = present.get((layer, source.value))
         if pair is not None:
-            found.append(pair)
-    return found
+            inputs.found.append(pair)
+        else:
+            inputs.missing.append(_label(layer, source))
+    return inputs
 
 
 def _config_view(config: dict | None):
@@ -824,27 +1016,31 @@ def attribute(
 ) -> None:
     """Set ``attribution`` = rel_l2(stage) / rel_l2(consumed stage) where both are known.
 
+    The consumed stages come from the stage graph, never from which layers a dump happens to
+    hold: when one is not in the dump, ``input_note`` says so and there is no ratio. Without
+    ``num_layers`` (an ``apr`` dump has no manifest) ``final_norm``'s input is unknown.
     inf when the stage creates error from an identical input; None when unknown.
     """
     present = {(p.key.layer, p.key.stage): p for p in pairs if p.stats is not None}
-    if num_layers is None:  # no manifest (an apr dump): the deepest layer dumped
-        layers = [
-            p.key.layer
-            for p in pairs
-            if p.key.layer is not None and p.key.stage == "post_ffn_residual"
-        ]
-        num_layers = max(layers) + 1 if layers else None
     for p in pairs:
         if p.stats is None or p.stats.rel_l2 is None:
             continue
-        inputs = [
-            q
-            for q in _consumed(p.key, present, num_layers, config)
-            if q.stats is not None and q.stats.rel_l2 is not None
-        ]
-        if not inputs:
+        inputs = _consumed(p.key, present, num_layers, config)
+        if inputs is None or (not inputs.found and not inputs.missing and not inputs.unknown):
+            continue  # an unknown stage, or one with no inputs (embedding)
+        if inputs.missing:
+            p.input_note = f"its input {inputs.missing[0]} is not in the dump"
             continue
-        pred = max(inputs, key=lambda q: q.stats.rel_l2)  # type: ignore[union-attr,return-value]
+        if inputs.unknown:
+            p.input_note = (
+                "its input (the last layer's output) is unknown: no manifest gives the "
+                "number of layers"
+            )
+            continue
+        usable = [q for q in inputs.found if q.stats is not None and q.stats.rel_l2 is not None]
+        if len(usable) < len(inputs.found):
+            continue
+        pred = max(usable, key=lambda q: q.stats.rel_l2)  # type: ignore[union-attr,return-value]
         p.predecessor = pred.key.label
         own, inherited = p.stats.rel_l2, pred.stats.rel_l2  # type: ignore[union-attr]
         if not (math.isfinite(own) and math.isfinite(inherited)):
@@ -855,13 +1051,88 @@ def attribute(
             p.attribution = own / inherited
 
 
-def load_dump(path: Path, side: str) -> DumpInfo:
+def load_dump(path: Path, side: str, include_stale: bool = False) -> DumpInfo:
+    """Discover one dump. With a manifest, the files it lists are the dump (see DumpInfo)."""
     path = _check_dir(path, side)
-    return DumpInfo(path, read_manifest(path), list_stage_files(path))
+    if not path.is_dir():
+        raise ValidationError(f"{side}: {path} is not a directory")
+    found, unreadable = scan_dump(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        return DumpInfo(path, None, found, unreadable=unreadable)
+    listed = [f.path for f in manifest.files]
+    listed_set = set(listed)
+    missing = []
+    for rel in listed:
+        if rel in found:
+            continue
+        try:
+            (path / rel).stat()
+        except FileNotFoundError:
+            missing.append(rel)
+            continue
+        except OSError:
+            pass
+        unreadable.append(rel)  # it exists, but its directory could not be listed
+    stale = [rel for rel in found if rel not in listed_set]
+    files = found if include_stale else {r: k for r, k in found.items() if r in listed_set}
+    return DumpInfo(path, manifest, files, stale, missing, sorted(set(unreadable)))
+
+
+# Config keys that decide every stage's shape: two dumps differing in one are different models.
+SHAPE_KEYS = (
+    "architecture",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+)
+
+
+def config_difference(a: dict | None, b: dict | None) -> str | None:
+    """The first shape-deciding config key on which ``a`` and ``b`` differ, as text."""
+    if not a or not b:
+        return None
+    for key in SHAPE_KEYS:
+        if key in a and key in b and a[key] != b[key]:
+            return f"{key} {a[key]} vs {b[key]}"
+    return None
+
+
+def _ids_text(ids) -> str:
+    ids = list(ids)
+    return str(ids) if len(ids) <= 12 else f"[{', '.join(map(str, ids[:12]))}, ...] ({len(ids)})"
+
+
+def check_same_run(a: DumpInfo, b: DumpInfo) -> None:
+    """Refuse, before any pair is read, two dumps whose manifests show different model
+    shapes, token ids or prompts: every pair would be incomparable or meaningless."""
+    ma, mb = a.manifest, b.manifest
+    if ma is None or mb is None:
+        return
+    differs = config_difference(ma.config, mb.config)
+    if differs is not None:
+        why = f"A and B are different models ({differs})"
+    elif ma.token_ids != mb.token_ids:
+        why = (
+            f"A and B were traced on different token ids (A {_ids_text(ma.token_ids)}, "
+            f"B {_ids_text(mb.token_ids)})"
+        )
+    elif ma.prompt is not None and mb.prompt is not None and ma.prompt != mb.prompt:
+        why = f"A and B were traced on different prompts ({ma.prompt!r} vs {mb.prompt!r})"
+    else:
+        return
+    raise ValidationError(
+        f"{why}, so their stages cannot be compared position by position",
+        hint="trace both on the same model shape and --tokens (aprtrace compare does this)",
+    )
 
 
 def dump_warnings(a: DumpInfo, b: DumpInfo) -> list[str]:
-    """Loud warnings: missing manifests, incomplete dumps, different token ids."""
+    """Loud warnings: missing manifests, stale files left out."""
     out = []
     for side, dump in (("A", a), ("B", b)):
         if dump.manifest is None:
@@ -869,20 +1140,12 @@ def dump_warnings(a: DumpInfo, b: DumpInfo) -> list[str]:
                 f"{side} ({dump.path}): no manifest.json: the dump may be incomplete or "
                 "written by apr; shapes are inferred where possible"
             )
-            continue
-        missing = [f.path for f in dump.manifest.files if f.path not in dump.files]
-        if missing:
+        if dump.stale:
             out.append(
-                f"{side} ({dump.path}): {len(missing)} file(s) listed in manifest.json are "
-                f"missing, e.g. {missing[0]}"
+                f"{side} ({dump.path}): {len(dump.stale)} .bin file(s) not listed in "
+                f"manifest.json (stale, e.g. {dump.stale[0]}) are ignored; --include-stale "
+                "compares them too"
             )
-    ma, mb = a.manifest, b.manifest
-    if ma is not None and mb is not None and ma.token_ids != mb.token_ids:
-        out.append(
-            "A and B were traced on DIFFERENT token ids "
-            f"(A {list(ma.token_ids)[:16]}, B {list(mb.token_ids)[:16]}): "
-            "activations are not comparable position by position"
-        )
     return out
 
 
@@ -895,8 +1158,13 @@ def compare_pair(
     chunk: int = CHUNK,
 ) -> PairResult:
     result = PairResult(key, tol)
-    fa = read_aprt(a.path / key.rel)
-    fb = read_aprt(b.path / key.rel)
+    try:
+        fa = read_aprt(a.path / key.rel)
+        fb = read_aprt(b.path / key.rel)
+    except (OutputError, NotFoundError) as exc:  # vanished or unreadable: the dump is incomplete
+        result.unreadable = exc.message
+        result.reason = "unreadable"
+        return result
     try:
         check_comparable(fa, fb)
     except ValidationError as exc:
@@ -923,19 +1191,29 @@ def diff_dirs(
     chunk: int = CHUNK,
     on_pair: Callable[[PairResult], None] | None = None,
     select: Callable[[PairKey], bool] | None = None,
+    include_stale: bool = False,
 ) -> DirDiff:
     """Compare two dump directories pair by pair in forward order.
 
-    ``select`` keeps only the pairs it returns True for (``--stages`` / ``--layers``).
+    ``select`` keeps only the pairs it returns True for (``--stages`` / ``--layers``); files
+    on one side only count against completeness only when selected. Two dumps whose
+    manifests show different models, token ids or prompts are refused before any pair is read.
     """
-    a, b = load_dump(path_a, "A"), load_dump(path_b, "B")
+    a = load_dump(path_a, "A", include_stale)
+    b = load_dump(path_b, "B", include_stale)
+    check_same_run(a, b)
     overrides = overrides or []
     common = sorted((a.files[rel] for rel in a.files.keys() & b.files.keys()), key=PairKey.sort_key)
     if select is not None:
         common = [key for key in common if select(key)]
-    only_a = sorted(a.files.keys() - b.files.keys(), key=lambda r: a.files[r].sort_key())
-    only_b = sorted(b.files.keys() - a.files.keys(), key=lambda r: b.files[r].sort_key())
-    result = DirDiff(a, b, tolerance, [], only_a, only_b, dump_warnings(a, b))
+
+    def one_sided(mine: DumpInfo, other: DumpInfo) -> list[str]:
+        rels = [r for r in mine.files if r not in other.files]
+        if select is not None:
+            rels = [r for r in rels if select(mine.files[r])]
+        return sorted(rels, key=lambda r: mine.files[r].sort_key())
+
+    result = DirDiff(a, b, tolerance, [], one_sided(a, b), one_sided(b, a), dump_warnings(a, b))
     if not common:
         raise ValidationError(
             f"no stage files in common between {a.path} ({len(a.files)} files) and "

@@ -61,8 +61,21 @@ def _layer_number(spec: str, digits: str) -> int:
     return int(digits)
 
 
-def parse_layers(spec: str) -> LayerSelection:
-    """Parse ``--save-tensor-layers``: ``START..END`` (end exclusive), ``N``, lists, ``all``."""
+def parse_layers(spec: str, flag: str = "--save-tensor-layers") -> LayerSelection:
+    """Parse ``--save-tensor-layers``: ``START..END`` (end exclusive), ``N``, lists, ``all``.
+
+    ``flag`` is the option the user typed, named in error messages."""
+    try:
+        return _parse_layers(spec)
+    except ValidationError as exc:
+        if flag == "--save-tensor-layers":
+            raise
+        raise ValidationError(
+            exc.message.replace("--save-tensor-layers", flag, 1), exc.hint
+        ) from None
+
+
+def _parse_layers(spec: str) -> LayerSelection:
     text = spec.strip()
     if text.lower() == "all":
         return LayerSelection(every=True, spec=text)

@@ -108,15 +108,15 @@ def file_pair_text(result: FilePairResult, verdict_line: str | None = None) -> s
 
 
 def _verdict_word(p: PairResult) -> str:
+    if p.unreadable is not None:
+        return "unreadable"
     if p.error is not None:
         return "incomparable"
     return "pass" if p.passed else "fail"
 
 
 def overall_verdict(d: DirDiff) -> str:
-    if d.incomparable:
-        return "incomparable"
-    return "diverged" if d.failed else "pass"
+    return d.verdict.word
 
 
 def pair_json(p: PairResult, localization: Localization | None = None) -> dict[str, Any]:
@@ -126,7 +126,7 @@ def pair_json(p: PairResult, localization: Localization | None = None) -> dict[s
         "stage": p.key.stage,
         "layer": p.key.layer if p.key.layer is not None else "whole-model",
         "verdict": _verdict_word(p),
-        "reason": p.error if p.error is not None else p.reason,
+        "reason": p.error or p.unreadable or p.reason,
         "tolerance": p.tolerance.as_dict(),
         "shape": list(p.shape) if p.shape is not None else None,
         "dim_product": s.count if s else None,
@@ -153,6 +153,7 @@ def pair_json(p: PairResult, localization: Localization | None = None) -> dict[s
     out["attribution"] = finite_or_none(p.attribution)
     out["attribution_source"] = p.attribution is not None and math.isinf(p.attribution)
     out["predecessor"] = p.predecessor
+    out["input_note"] = p.input_note
     out["lm_head"] = (
         None
         if p.lm_head is None
@@ -229,8 +230,17 @@ def dir_json(d: DirDiff, localization: Localization | None = None) -> dict[str, 
             "passed": d.passed,
             "failed": d.failed,
             "incomparable": len(d.incomparable),
+            "unreadable": len(d.unreadable),
             "stopped_early": d.stopped_early,
+            "exit_code": d.verdict.exit_code,
+            "incomplete": list(d.verdict.problems),
         },
+        "stale_a": list(d.a.stale),
+        "stale_b": list(d.b.stale),
+        "missing_a": list(d.a.missing),
+        "missing_b": list(d.b.missing),
+        "unreadable_a": list(d.a.unreadable),
+        "unreadable_b": list(d.b.unreadable),
         "first_divergence": _ref(d.first_divergence),
         "amplifiers": [
             {
@@ -365,6 +375,13 @@ def summary_line(d: DirDiff) -> str:
             f"INCOMPARABLE: {len(d.incomparable)} of {n} pairs cannot be compared "
             f"(first: {bad.key.rel}: {bad.error})"
         )
+    problems = d.verdict.problems
+    incomplete = f"; INCOMPLETE: {'; '.join(problems)}" if problems else ""
+    if not d.failed and problems:
+        return (
+            f"INCOMPLETE: {n} pairs compared, all within tolerance ({tol_text}), but "
+            f"{'; '.join(problems)}"
+        )
     if not d.failed:
         return f"OK: all {n} pairs within tolerance ({tol_text})"
     first = d.first_divergence
@@ -376,7 +393,7 @@ def summary_line(d: DirDiff) -> str:
         where = f" (max|d| {fmt(first.stats.max_abs_diff, '.3g')} at {pos})"
     return (
         f"DIVERGED: {d.failed} of {n} pairs out of tolerance ({tol_text}); first divergence: "
-        f"{first.key.label} [{first.key.rel}]: {first.reason}{where}{stop}"
+        f"{first.key.label} [{first.key.rel}]: {first.reason}{where}{stop}{incomplete}"
     )
 
 
