@@ -35,14 +35,17 @@ def trace_to_dir(
     stages: str = "all",
     layers: str = "all",
     arch: str | None = None,
+    model=None,
 ) -> TracedDump:
-    """Trace ``model_path`` with ``engine`` into ``out_dir`` (cleaned of an earlier run's files)."""
+    """Trace ``model_path`` with ``engine`` into ``out_dir`` (cleaned of an earlier run's files).
+
+    ``model``: the already loaded model of ``model_path``, when the caller has it."""
     from aprtrace.formats import load_model
     from aprtrace.plan import make_plan
     from aprtrace.trace import encode_prompt, run_trace
 
     plan = make_plan(stages, layers, out_dir, model_path)
-    model = load_model(model_path, arch=arch)
+    model = model if model is not None else load_model(model_path, arch=arch)
     ids = list(token_ids) if token_ids is not None else encode_prompt(model, prompt, False)
     result = run_trace(
         model,
@@ -56,6 +59,30 @@ def trace_to_dir(
     return TracedDump(
         Path(model_path), engine, plan.out_dir, ids, len(result.log.files), result.seconds
     )
+
+
+def check_models_comparable(model_a, model_b, token_ids: list[int], tokens_given: bool) -> None:
+    """Before anything is traced: B must have A's shape and accept A's token ids."""
+    from aprtrace.diff import config_difference
+
+    differs = config_difference(model_a.config.to_dict(), model_b.config.to_dict())
+    if differs is not None:
+        raise ValidationError(
+            f"MODEL_A and MODEL_B are different models ({differs}), so their stages cannot be "
+            "compared",
+            hint="compare two builds (quantizations, containers, engines) of the same model",
+        )
+    source = "--tokens" if tokens_given else "MODEL_A's tokenizer"
+    for side, model in (("A", model_a), ("B", model_b)):
+        vocab = model.config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValidationError(
+                f"token id {bad[0]} (from {source}) is outside MODEL_{side}'s vocabulary "
+                f"(0..{vocab - 1})",
+                hint="both models need the same vocabulary"
+                + ("" if tokens_given else "; or give --tokens that both accept"),
+            )
 
 
 def _dump_name(side: str, path: Path, engine: str) -> str:
@@ -124,19 +151,40 @@ def compare_command(
         from aprtrace.engines.transformers import import_ref
 
         import_ref()  # before tracing A, not after
+    from aprtrace.formats import load_model
+    from aprtrace.trace import encode_prompt
+
+    if tokens is not None and ctx.get_parameter_source("prompt").name != "DEFAULT":
+        raise ValidationError(
+            "--prompt and --tokens both given; --tokens bypasses the tokenizer, so the prompt "
+            "would be ignored",
+            hint="give one of them",
+        )
     work_dir = work_dir or Path(model_a).parent / "aprtrace-compare"
     ids = parse_token_list(tokens) if tokens is not None else None
+    # Both models are opened (weights stay encoded) and checked before anything is traced.
+    loaded_a = load_model(model_a, arch=arch)
+    loaded_b = loaded_a if model_b == model_a else load_model(model_b, arch=arch)
+    tokens_given = ids is not None
+    if ids is None:
+        ids = encode_prompt(loaded_a, prompt, False)
+    check_models_comparable(loaded_a, loaded_b, ids, tokens_given)
     dumps = []
-    for side, path, engine in (("A", model_a, engine_a), ("B", model_b, engine_b)):
+    for side, path, engine, loaded in (
+        ("A", model_a, engine_a, loaded_a),
+        ("B", model_b, engine_b, loaded_b),
+    ):
         dump = trace_to_dir(
             path,
             work_dir / _dump_name(side, Path(path), engine),
             engine=engine,
             prompt=prompt,
-            token_ids=ids,
+            # A encodes the prompt again (and records it); B runs on exactly A's ids.
+            token_ids=ids if tokens_given or side == "B" else None,
             stages=stages,
             layers=layers,
             arch=arch,
+            model=loaded,
         )
         ids = dump.token_ids  # B runs on exactly A's token ids
         click.echo(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -323,17 +324,24 @@ def encode_prompt(model: Model, prompt: str, add_bos: bool) -> list[int]:
     return ids
 
 
+_TOKEN_ID = re.compile(r"^[0-9]+$")  # ASCII digits only: no '1_000', no full-width digits
+
+
 def parse_token_list(spec: str) -> list[int]:
-    """``--tokens 1,2,3`` -> [1, 2, 3]."""
-    try:
-        ids = [int(t) for t in spec.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise ValidationError(
-            f"invalid --tokens '{spec}'",
-            hint="give comma-separated integers, e.g. --tokens 3838,374",
-        ) from None
-    if not ids:
+    """``--tokens 1,2,3`` -> [1, 2, 3]; blanks around an id are allowed, nothing else."""
+    hint = "give comma-separated ASCII integers, e.g. --tokens 3838,374"
+    items = [t.strip() for t in spec.split(",")]
+    if all(not t for t in items):
         raise ValidationError("--tokens is empty", hint="give comma-separated integers")
-    if any(i < 0 for i in ids):
-        raise ValidationError(f"invalid --tokens '{spec}': token ids are >= 0")
+    ids = []
+    for item in items:
+        if not item:
+            raise ValidationError(f"invalid --tokens '{spec}': empty item", hint=hint)
+        if item.startswith("-") and _TOKEN_ID.match(item[1:]):
+            raise ValidationError(f"invalid --tokens '{spec}': token ids are >= 0")
+        if not _TOKEN_ID.match(item) or len(item) > 12:
+            raise ValidationError(
+                f"invalid --tokens '{spec}': '{item}' is not a token id", hint=hint
+            )
+        ids.append(int(item))
     return ids
