@@ -169,7 +169,7 @@ def estimate_dump_bytes(plan: SavePlan, cfg, seq: int) -> int:
     from aprtrace.stages import stage_shape, stages_for
 
     layers = plan.layers.resolve(cfg.num_layers)
-    total = 0
+    total = files = 0
     for stage in stages_for(cfg):
         if stage not in plan.stages:
             continue
@@ -183,7 +183,8 @@ def estimate_dump_bytes(plan: SavePlan, cfg, seq: int) -> int:
         else:
             count = len(layers)
         total += count * (12 + 4 * values)
-    return total + 200 * (len(plan.stages) * max(1, len(layers)) + 10)
+        files += count
+    return total + 150 * files + 4096  # manifest.json: one entry per file, plus the config
 
 
 def free_bytes(directory: Path) -> int | None:
