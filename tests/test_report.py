@@ -116,7 +116,9 @@ def test_terminal_table_and_summary(diverged):
     report.render_dir_table(diverged, Console(file=buf, width=200))
     text = buf.getvalue()
     assert "first divergence" in text
-    assert "layer 1 attn_softmax multiplies the error by 40" in text
+    assert (
+        "layer 1 attn_softmax adds 0.039 (rel L2 0.001 -> 0.04, x40 vs layer 1 attn_scores)" in text
+    )
     assert report.summary_line(diverged).startswith("DIVERGED: 1 of 13 pairs")
 
 
@@ -201,9 +203,9 @@ def test_finite_or_none(value, expected):
     assert report.finite_or_none(value) == expected
 
 
-def _table_text(d, width: int, wide: bool = False) -> str:
+def _table_text(d, width: int, wide: bool = False, show_all: bool = True) -> str:
     buf = io.StringIO()
-    report.render_dir_table(d, Console(file=buf, width=width), wide=wide)
+    report.render_dir_table(d, Console(file=buf, width=width), wide=wide, show_all=show_all)
     return buf.getvalue()
 
 
@@ -214,11 +216,13 @@ def test_default_table_fits_the_terminal(diverged, width):
     assert table_lines and all(len(line) <= width for line in table_lines), table_lines
     # the verdict and the first-divergence marker survive every width; ULP never by default
     assert "◀ first" in text and "FAIL max|d|" in text and "ULP" not in text
-    assert text.rstrip().splitlines()[-1].startswith("DIVERGED: 1 of 13 pairs")
+    assert text.splitlines()[2].startswith("DIVERGED: 1 of 13 pairs")
+    assert text.rstrip().splitlines()[-1] == "verdict: DIVERGED (exit 1)"
     if width == 120:
         assert "x input" in text and "h0 q" in text and "not shown" not in text
     if width == 60:
-        assert "max|d|" not in text.splitlines()[2] and "--wide shows all" in text
+        header = next(line for line in text.splitlines() if "stage" in line and "verdict" in line)
+        assert "max|d|" not in header and "--wide shows all" in text
 
 
 def test_wide_table_has_ulp_and_full_reasons(diverged):
@@ -230,8 +234,8 @@ def test_wide_table_has_ulp_and_full_reasons(diverged):
 
 def test_cli_wide_option(diverged):
     a, b = str(diverged.a.path), str(diverged.b.path)
-    narrow = CliRunner().invoke(diff_command, ["--values", a, b, "--rtol", "0.01"])
-    wide = CliRunner().invoke(diff_command, ["--values", a, b, "--rtol", "0.01", "--wide"])
+    narrow = CliRunner().invoke(diff_command, ["--values", a, b, "--rtol", "0.01", "--all"])
+    wide = CliRunner().invoke(diff_command, ["--values", a, b, "--rtol", "0.01", "--wide", "--all"])
     assert narrow.exit_code == wide.exit_code == 1
     assert "ULP max/med" not in narrow.output and "ULP max/med" in wide.output
     table = [line for line in narrow.output.splitlines() if "attn_norm" in line]
@@ -239,22 +243,59 @@ def test_cli_wide_option(diverged):
 
 
 @pytest.mark.parametrize(
-    ("position", "short"),
+    ("stage", "shape", "index", "text", "short"),
     [
-        ("token 0, channel 121", "t0 c121"),
-        ("head 3, query 5, key 2", "h3 q5 k2"),
-        ("vocab id 267", "id 267"),
-        ("[1, 2, 3]", "[1, 2, 3]"),
-        (None, None),
+        ("attn_norm", (2, 200), 321, "token 1, channel 121", "t1 c121"),
+        ("attn_scores", (4, 6, 6), 3 * 36 + 5 * 6 + 2, "head 3, query 5, key 2", "h3 q5 k2"),
+        ("lm_head", (384,), 267, "vocab id 267", "id 267"),
+        ("unknown_stage", (2, 2, 2), 7, "[1, 1, 1]", "[1, 1, 1]"),
     ],
 )
-def test_short_position(position, short):
-    assert report.short_position(position) == short
+def test_positions_are_structured_not_parsed_back(stage, shape, index, text, short):
+    from aprtrace.diff import position_of
+
+    pos = position_of(stage, shape, index)
+    assert pos.text == text and pos.short == short
 
 
-def test_summary_names_the_position_of_the_first_divergence(diverged):
+def test_first_divergence_line_names_the_position(diverged):
     first = diverged.first_divergence
-    assert f"at {first.max_position})" in report.summary_line(diverged)
+    line = report.first_divergence_line(diverged)
+    assert line.startswith("First divergence: layer 1 attn_softmax")
+    assert f"at {first.max_position}, 1 - cosine" in line
+
+
+def test_default_view_shows_the_news_not_the_table(diverged):
+    text = _table_text(diverged, 160, show_all=False)
+    lines = text.splitlines()
+    assert lines[2].startswith("DIVERGED") and lines[3].startswith("First divergence:")
+    assert "Stages adding the most error" in text
+    assert "Out of tolerance (1 of 13 pairs; --all prints every row)" in text
+    rows = [line for line in lines if "◀ first" in line or " ok" in line]
+    assert len(rows) == 1  # only the failing row, not the 12 passing ones
+    every = _table_text(diverged, 160, show_all=True)
+    assert sum(" ok" in line for line in every.splitlines()) == 12
+    # rows that do not differ show no position; the ratio of a source is 'new', never 'inf'
+    same = next(line for line in every.splitlines() if " embedding " in line)
+    assert " t0 c0" not in same
+    assert " inf" not in every and "new" in every
+    assert "1-cos" in every and "e-" in every  # 1 - cosine in scientific notation
+
+
+def test_float32_rounding_noise_is_not_reported_as_error_added(tmp_path):
+    stages = ["embedding", "attn_norm", "qkv_matmul"]
+    a = make_dump(tmp_path / "a", {0: stages})
+    # a relative change of 1e-7 (f32 rounding), amplified x10 by qkv_matmul: still noise
+    b = make_dump(
+        tmp_path / "b",
+        {0: stages},
+        scale={"layer-0/attn_norm": 1 + 1.2e-7, "layer-0/qkv_matmul": 1 + 1.2e-6},
+    )
+    d = diff_dirs(a, b)
+    qkv = next(p for p in d.pairs if p.key.stage == "qkv_matmul")
+    assert qkv.attribution is not None and qkv.attribution > 2  # a ratio exists ...
+    assert d.error_adders() == [] and d.amplifiers() == []  # ... but it is not news
+    assert "Stages adding" not in _table_text(d, 160, show_all=False)
 
 
 def test_color_scale_is_anchored_to_the_tolerance(diverged):

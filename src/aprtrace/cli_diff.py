@@ -236,6 +236,13 @@ def _localize(result, model_path: Path, arch: str | None):
     help="Write the heatmap as .svg or .png (directory mode).",
 )
 @click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="Print every pair's row; by default only the pairs out of tolerance are listed "
+    "(after the summary, the first divergence and the stages adding the most error).",
+)
+@click.option(
     "-w",
     "--wide",
     is_flag=True,
@@ -296,6 +303,7 @@ def diff_command(
     layers_spec: str | None,
     include_stale: bool,
     only_common: bool,
+    show_all: bool,
 ) -> None:
     select = _pair_filter(stages_spec, layers_spec)
     for name, value in (("atol", atol), ("rtol", rtol), ("cos_min", cos_min)):
@@ -354,7 +362,9 @@ def diff_command(
     if as_json:
         click.echo(report.to_json_text(report.dir_json(result, localization)))
     else:
-        report.render_dir_table(result, _console(wide), wide=wide, localization=localization)
+        report.render_dir_table(
+            result, _console(wide), wide=wide, localization=localization, show_all=show_all
+        )
     if html_path is not None:
         _write(html_path, report.html_report(result, metric, localization))
         click.echo(f"wrote {html_path}", err=True)

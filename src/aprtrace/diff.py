@@ -722,10 +722,16 @@ class PairResult:
     unreadable: str | None = None  # a file of the pair could not be read (OS error)
 
     @property
-    def max_position(self) -> str | None:
+    def max_coords(self) -> Position | None:
+        """Where max|d| is, as named coordinates (None without a shape)."""
         if self.stats is None or self.shape is None:
             return None
-        return decode_position(self.key.stage, self.shape, self.stats.max_abs_diff_index)
+        return position_of(self.key.stage, self.shape, self.stats.max_abs_diff_index)
+
+    @property
+    def max_position(self) -> str | None:
+        pos = self.max_coords
+        return pos.text if pos is not None else None
 
 
 @dataclass
@@ -744,6 +750,10 @@ class DumpInfo:
     missing: list[str] = field(default_factory=list)  # listed in the manifest, not on disk
     unreadable: list[str] = field(default_factory=list)  # listed or found, but not readable
 
+
+# Relative L2 error below which a stage is float32 rounding noise, not news: two correct f32
+# implementations of one stage differ by ~1e-7..1e-6 (summation order, fused operations).
+NOISE_REL_L2 = 1e-5
 
 EXIT_INCOMPLETE = 9  # documented in `aprtrace diff --help` and docs/diff-json.md
 
@@ -827,6 +837,25 @@ class DirDiff:
             return Verdict("incomplete", EXIT_INCOMPLETE, problems)
         return Verdict("pass", 0)
 
+    def error_adders(self, top: int = 5) -> list[tuple[PairResult, float]]:
+        """The pairs that add the most relative error of their own, with the amount added.
+
+        added = rel_l2(stage) - rel_l2(its input) (the whole rel_l2 for a source whose input is
+        identical). Stages under NOISE_REL_L2 (float32 rounding) are left out.
+        """
+        out = []
+        for p in self.pairs:
+            s = p.stats
+            if s is None or s.rel_l2 is None or not math.isfinite(s.rel_l2):
+                continue
+            if s.rel_l2 < NOISE_REL_L2 or p.attribution is None:
+                continue
+            added = s.rel_l2 if math.isinf(p.attribution) else s.rel_l2 * (1 - 1 / p.attribution)
+            if added > 0.5 * NOISE_REL_L2:
+                out.append((p, added))
+        out.sort(key=lambda t: -t[1])
+        return out[:top]
+
     def amplifiers(self, threshold: float = 2.0, top: int = 5) -> list[PairResult]:
         """Pairs whose relative error is at least ``threshold`` times their input's.
 
@@ -839,7 +868,7 @@ class DirDiff:
             if p.attribution is not None
             and p.attribution >= threshold
             and p.stats is not None
-            and (p.stats.rel_l2 or 0) > 0
+            and (p.stats.rel_l2 or 0) >= NOISE_REL_L2  # not float32 rounding noise
         ]
 
         def added(p: PairResult) -> float:
@@ -858,21 +887,53 @@ def _spec_of(stem: str):
     return stage.spec if stage is not None else None
 
 
-def decode_position(stage: str, shape: tuple[int, ...], index: int) -> str | None:
+@dataclass(frozen=True)
+class Position:
+    """Named coordinates of one element: ``(("token", 0), ("channel", 121))``."""
+
+    coords: tuple[tuple[str, int], ...]
+
+    @property
+    def text(self) -> str:
+        """'token 0, channel 121'; unnamed coordinates as '[1, 2, 3]'."""
+        if all(name for name, _ in self.coords):
+            return ", ".join(f"{name} {value}" for name, value in self.coords)
+        return "[" + ", ".join(str(value) for _, value in self.coords) + "]"
+
+    @property
+    def short(self) -> str:
+        """'t0 c121' (see POSITION_SHORT_NAMES)."""
+        if not all(name for name, _ in self.coords):
+            return self.text
+        return " ".join(f"{POSITION_SHORT_NAMES[name]}{value}" for name, value in self.coords)
+
+
+POSITION_SHORT_NAMES = {"token": "t", "channel": "c", "head": "h", "query": "q", "key": "k"}
+POSITION_SHORT_NAMES["vocab id"] = "id "
+
+
+def position_of(stage: str, shape: tuple[int, ...], index: int) -> Position | None:
     """Flat index -> named coordinates; None when the shape does not cover the index."""
     total = int(np.prod(shape)) if shape else 0
     if not shape or index >= total:
         return None
-    coords = np.unravel_index(index, shape)
-    c = [int(x) for x in coords]
+    c = [int(x) for x in np.unravel_index(index, shape)]
     spec = _spec_of(stage)
     if spec is not None and spec.attention_map and len(shape) == 3:
-        return f"head {c[0]}, query {c[1]}, key {c[2]}"
-    if len(shape) == 2:
-        return f"token {c[0]}, channel {c[1]}"
-    if stage == Stage.LM_HEAD.value and len(shape) == 1:
-        return f"vocab id {c[0]}"
-    return "[" + ", ".join(str(x) for x in c) + "]"
+        names: tuple[str, ...] = ("head", "query", "key")
+    elif len(shape) == 2:
+        names = ("token", "channel")
+    elif stage == Stage.LM_HEAD.value and len(shape) == 1:
+        names = ("vocab id",)
+    else:
+        names = ("",) * len(c)
+    return Position(tuple(zip(names, c, strict=True)))
+
+
+def decode_position(stage: str, shape: tuple[int, ...], index: int) -> str | None:
+    """Flat index -> 'token 0, channel 121'; None when the shape does not cover the index."""
+    pos = position_of(stage, shape, index)
+    return pos.text if pos is not None else None
 
 
 def infer_shape(key: PairKey, count: int, manifests: list[Manifest]) -> tuple[int, ...] | None:

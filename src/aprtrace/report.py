@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aprtrace import __version__
-from aprtrace.diff import DirDiff, FilePairResult, PairResult, layer_label
+from aprtrace.diff import NOISE_REL_L2, DirDiff, FilePairResult, PairResult, layer_label
 from aprtrace.stages import Stage
 
 if TYPE_CHECKING:
@@ -387,36 +387,62 @@ def summary_line(d: DirDiff) -> str:
     first = d.first_divergence
     assert first is not None
     stop = " (stopped there: --fail-fast)" if d.stopped_early else ""
-    where = ""
-    if first.stats is not None:
-        pos = first.max_position or f"index {first.stats.max_abs_diff_index}"
-        where = f" (max|d| {fmt(first.stats.max_abs_diff, '.3g')} at {pos})"
     return (
         f"DIVERGED: {d.failed} of {n} pairs out of tolerance ({tol_text}); first divergence: "
-        f"{first.key.label} [{first.key.rel}]: {first.reason}{where}{stop}{incomplete}"
+        f"{first.key.label}{stop}{incomplete}"
     )
 
 
-_POSITION_SHORT = (
-    (re.compile(r"^token (\d+), channel (\d+)$"), r"t\1 c\2"),
-    (re.compile(r"^head (\d+), query (\d+), key (\d+)$"), r"h\1 q\2 k\3"),
-    (re.compile(r"^vocab id (\d+)$"), r"id \1"),
-)
 POSITION_LEGEND = "at: t = token, c = channel, h = head, q = query, k = key, id = vocab id"
 
 
-def short_position(position: str | None) -> str | None:
-    """'token 0, channel 121' -> 't0 c121' (see POSITION_LEGEND); other text unchanged."""
-    if position is None:
+def cosine_gap(p: PairResult) -> float | None:
+    """1 - cosine, the column that shows a small difference (a cosine of 0.9999999 is 1e-7)."""
+    s = p.stats
+    if s is None or math.isnan(s.cosine_sim):
         return None
-    for pattern, repl in _POSITION_SHORT:
-        if pattern.match(position):
-            return pattern.sub(repl, position)
-    return position
+    if s.max_abs_diff == 0 and s.nonfinite_mismatch == 0:
+        return 0.0  # identical: the f64 cosine may still round to 1 - 1e-16
+    return max(0.0, 1.0 - s.cosine_sim)
+
+
+def fmt_sci(x: float | None) -> str:
+    """Scientific notation with 2 digits; exact zero as '0'."""
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    return fmt(x, ".1e")
+
+
+def ratio_text(p: PairResult) -> str:
+    """The stage's error relative to its input's: 'x40', 'new' (identical input), '-'."""
+    if p.attribution is None:
+        return "-"
+    if math.isinf(p.attribution):
+        return "new"
+    return f"x{p.attribution:.3g}"
+
+
+def adder_sentence(p: PairResult, added: float) -> str:
+    """'layer 1 attn_softmax adds 0.039 (rel L2 0.001 -> 0.04, x40 vs layer 1 attn_scores)'."""
+    own = p.stats.rel_l2 if p.stats is not None else None
+    if p.attribution is not None and math.isinf(p.attribution):
+        return (
+            f"{p.key.label} adds {fmt(added, '.2g')} (rel L2 {fmt(own, '.2g')}; its input "
+            f"{p.predecessor} is identical)"
+        )
+    inherited = own / p.attribution if own is not None and p.attribution else None
+    return (
+        f"{p.key.label} adds {fmt(added, '.2g')} (rel L2 {fmt(inherited, '.2g')} -> "
+        f"{fmt(own, '.2g')}, {ratio_text(p)} vs {p.predecessor})"
+    )
 
 
 def short_reason(p: PairResult) -> str:
     """The failed check in a word: 'cos', 'max|d|', 'NaN/Inf' (full text in p.reason)."""
+    if p.unreadable is not None:
+        return "unreadable"
     if p.error is not None:
         return "incomparable"
     if p.passed:
@@ -440,7 +466,9 @@ class _Column:
 
 def _verdict_cell(d: DirDiff, wide: bool) -> Callable[[PairResult], Text]:
     def cell(p: PairResult) -> Text:
-        if p.error is not None:
+        if p.unreadable is not None:
+            text = Text("UNREADABLE", style="bold magenta")
+        elif p.error is not None:
             text = Text("INCOMPARABLE", style="bold magenta")
         elif p.passed:
             text = Text("ok", style="green")
@@ -454,15 +482,23 @@ def _verdict_cell(d: DirDiff, wide: bool) -> Callable[[PairResult], Text]:
 
 
 def _ratio_cell(p: PairResult) -> Text:
-    text = Text(fmt(p.attribution, ".3g"))
+    text = Text(ratio_text(p))
     if (
         p.attribution is not None
         and p.attribution >= AMPLIFY_THRESHOLD
         and p.stats is not None
-        and (p.stats.rel_l2 or 0) > 0
+        and (p.stats.rel_l2 or 0) >= NOISE_REL_L2
     ):
         text.stylize("bold yellow")
     return text
+
+
+def _sqnr_cell(p: PairResult) -> str:
+    """SQNR in dB; '-' when there is no error (an infinite SQNR)."""
+    s = p.stats
+    if s is None or s.sqnr_db is None or math.isinf(s.sqnr_db) and s.sqnr_db > 0:
+        return "-"
+    return fmt(s.sqnr_db, ".1f")
 
 
 def _stat(spec: str, attr: str) -> Callable[[PairResult], str]:
@@ -542,12 +578,12 @@ def _table_columns(
     """Every column in display order. Priority 0 is always shown."""
 
     def at(p: PairResult) -> str:
-        if p.stats is None:
-            return "-"
-        pos = p.max_position
+        if p.stats is None or not p.stats.max_abs_diff > 0:
+            return ""  # nothing differs: no position to show
+        pos = p.max_coords
         if pos is None:
             return f"#{p.stats.max_abs_diff_index}"
-        return pos if wide else (short_position(pos) or pos)
+        return pos.text if wide else pos.short
 
     def ulp(p: PairResult) -> str:
         s = p.stats
@@ -556,12 +592,12 @@ def _table_columns(
     columns = [
         _Column("layer", "right", 0, lambda p: "-" if p.key.layer is None else str(p.key.layer)),
         _Column("stage", "left", 0, lambda p: p.key.stage),
-        _Column("cosine", "right", 1, _stat(".6f", "cosine_sim")),
+        _Column("1-cos", "right", 1, lambda p: fmt_sci(cosine_gap(p))),
         _Column("rel L2", "right", 1, _stat(".3g", "rel_l2")),
         _Column("max|d|", "right", 2, _stat(".3g", "max_abs_diff")),
         _Column("at", "left", 3, at),
         _Column("x input", "right", 4, _ratio_cell),
-        _Column("SQNR dB", "right", 5, _stat(".1f", "sqnr_db")),
+        _Column("SQNR dB", "right", 5, _sqnr_cell),
         _Column("rms", "right", 6, _stat(".3g", "rms_diff")),
         _Column("ULP max/med", "right", 7, ulp, wide_only=True),
         _Column("verdict", "left", 0, _verdict_cell(d, wide)),
@@ -586,51 +622,64 @@ def _fit_columns(columns: list[_Column], widths: list[int], budget: int) -> list
     return keep
 
 
+def first_divergence_line(d: DirDiff) -> str | None:
+    """'First divergence: layer 1 attn_softmax [layer-1/attn_softmax.bin]: <reason>; ...'."""
+    first = d.first_divergence
+    if first is None:
+        return None
+    where = ""
+    if first.stats is not None:
+        pos = first.max_coords
+        at = pos.text if pos is not None else f"index {first.stats.max_abs_diff_index}"
+        where = (
+            f"; max|d| {fmt(first.stats.max_abs_diff, '.3g')} at {at}, "
+            f"1 - cosine {fmt_sci(cosine_gap(first))}, rel L2 {fmt(first.stats.rel_l2, '.3g')}"
+        )
+    return f"First divergence: {first.key.label} [{first.key.rel}]: {first.reason}{where}"
+
+
 def render_dir_table(
     d: DirDiff,
     console: Console,
     wide: bool = False,
     localization: Localization | None = None,
+    show_all: bool = False,
 ) -> None:
-    """Table in forward order, then findings, the first divergence and the summary line.
+    """The news first: summary, first divergence, the stages adding the most error, then the
+    out-of-tolerance rows (every row with ``show_all``), findings, and the verdict again.
 
-    The default table drops its least important columns (rms, SQNR, x input, max|d| and its
-    position) until it fits the console; ``wide`` shows every column, ULP distances and the
-    full verdict reasons included.
+    The table drops its least important columns (rms, SQNR, x input, max|d| and its position)
+    until it fits the console; ``wide`` shows every column, ULP distances and the full
+    verdict reasons included.
     """
-    columns = [c for c in _table_columns(d, wide, localization) if wide or not c.wide_only]
-    cells = [[c.cell(p) for c in columns] for p in d.pairs]
-    widths = [
-        max(
-            [len(c.header)]
-            + [
-                Text(row[j]).cell_len if isinstance(row[j], str) else row[j].cell_len
-                for row in cells
-            ]
-        )
-        for j, c in enumerate(columns)
-    ]
-    keep = list(range(len(columns))) if wide else _fit_columns(columns, widths, console.width)
+    verdict_style = "bold green" if overall_verdict(d) == "pass" else "bold red"
     # Paths and file names are printed as Text: a '[' in them is not rich markup.
     console.print(Text(f"A (reference): {d.a.path}"), soft_wrap=True)
     console.print(Text(f"B (candidate): {d.b.path}"), soft_wrap=True)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for i in keep:
-        c = columns[i]
-        table.add_column(c.header, justify=c.justify, no_wrap=c.header != "verdict")  # type: ignore[arg-type]
-    for p, row in zip(d.pairs, cells, strict=True):
-        style = "bold" if p is d.first_divergence else None
-        table.add_row(*(row[i] for i in keep), style=style)
-    console.print(table)  # the only hard-wrapped output
-    if any(columns[i].header == "at" for i in keep) and not wide:
-        console.print(Text(POSITION_LEGEND, style="dim"), soft_wrap=True)
-    dropped = [columns[i].header for i in range(len(columns)) if i not in keep]
-    if dropped:
+    console.print(Text(summary_line(d), style=verdict_style), soft_wrap=True)
+    first_line = first_divergence_line(d)
+    if first_line:
+        console.print(Text(first_line, style="bold"), soft_wrap=True)
+    adders = d.error_adders()
+    if adders:
         console.print(
-            Text(
-                f"(not shown for the terminal width: {', '.join(dropped)}; --wide shows all)",
-                style="dim",
-            ),
+            Text("Stages adding the most error (relative L2 added by the stage itself):"),
+            soft_wrap=True,
+        )
+        for p, added in adders:
+            console.print(Text(f"  - {adder_sentence(p, added)}"), soft_wrap=True)
+    rows = d.pairs if show_all else [p for p in d.pairs if not p.passed]
+    if rows:
+        heading = (
+            f"All {len(d.pairs)} pairs:"
+            if show_all
+            else f"Out of tolerance ({len(rows)} of {len(d.pairs)} pairs; --all prints every row):"
+        )
+        console.print(Text(heading), soft_wrap=True)
+        _print_table(d, rows, console, wide, localization)
+    else:
+        console.print(
+            Text(f"(no pair out of tolerance; --all prints all {len(d.pairs)} rows)", style="dim"),
             soft_wrap=True,
         )
     for p in d.pairs:
@@ -642,14 +691,6 @@ def render_dir_table(
                 f"KL(A||B) {fmt(h.kl_divergence, '.3g')}",
                 soft_wrap=True,
             )
-    amps = d.amplifiers(AMPLIFY_THRESHOLD)
-    if amps:
-        console.print(
-            "[bold]Error amplifiers[/bold] (relative error vs the stage it consumes):",
-            soft_wrap=True,
-        )
-        for p in amps:
-            console.print(Text(f"  - {amplifier_sentence(p)}"), soft_wrap=True)
     if localization is not None:
         for line in localization_lines(d, localization):
             console.print(Text(line), soft_wrap=True)
@@ -660,8 +701,57 @@ def render_dir_table(
                 Text.assemble((f"only in {side} ({len(names)}):", "yellow"), f" {shown}"),
                 soft_wrap=True,
             )
-    style = "bold green" if overall_verdict(d) == "pass" else "bold red"
-    console.print(Text(summary_line(d), style=style), soft_wrap=True)
+    v = d.verdict
+    console.print(
+        Text(f"verdict: {v.word.upper()} (exit {v.exit_code})", style=verdict_style),
+        soft_wrap=True,
+    )
+
+
+def _print_table(
+    d: DirDiff,
+    rows: list[PairResult],
+    console: Console,
+    wide: bool,
+    localization: Localization | None,
+) -> None:
+    columns = [c for c in _table_columns(d, wide, localization) if wide or not c.wide_only]
+    cells = [[c.cell(p) for c in columns] for p in rows]
+    widths = [
+        max(
+            [len(c.header)]
+            + [
+                Text(row[j]).cell_len if isinstance(row[j], str) else row[j].cell_len
+                for row in cells
+            ]
+        )
+        for j, c in enumerate(columns)
+    ]
+    keep = list(range(len(columns))) if wide else _fit_columns(columns, widths, console.width)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for i in keep:
+        c = columns[i]
+        table.add_column(c.header, justify=c.justify, no_wrap=c.header != "verdict")  # type: ignore[arg-type]
+    for p, row in zip(rows, cells, strict=True):
+        style = "bold" if p is d.first_divergence else None
+        table.add_row(*(row[i] for i in keep), style=style)
+    console.print(table)  # the only hard-wrapped output
+    notes = []
+    if any(columns[i].header == "at" for i in keep) and not wide:
+        notes.append(POSITION_LEGEND)
+    if any(columns[i].header == "x input" for i in keep):
+        notes.append("x input: rel L2 over its input's (new = input identical)")
+    if notes:
+        console.print(Text("; ".join(notes), style="dim"), soft_wrap=True)
+    dropped = [columns[i].header for i in range(len(columns)) if i not in keep]
+    if dropped:
+        console.print(
+            Text(
+                f"(not shown for the terminal width: {', '.join(dropped)}; --wide shows all)",
+                style="dim",
+            ),
+            soft_wrap=True,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
