@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from aprtrace.cli import DEFAULT_PROMPT
+from aprtrace.cli_diff import diff_options, options_from, run_diff
 from aprtrace.errors import ValidationError
 
 
@@ -36,17 +37,19 @@ def trace_to_dir(
     layers: str = "all",
     arch: str | None = None,
     model=None,
+    allow_large: bool = False,
 ) -> TracedDump:
     """Trace ``model_path`` with ``engine`` into ``out_dir`` (cleaned of an earlier run's files).
 
     ``model``: the already loaded model of ``model_path``, when the caller has it."""
     from aprtrace.formats import load_model
-    from aprtrace.plan import make_plan
+    from aprtrace.plan import check_dump_size, make_plan
     from aprtrace.trace import encode_prompt, run_trace
 
     plan = make_plan(stages, layers, out_dir, model_path)
     model = model if model is not None else load_model(model_path, arch=arch)
     ids = list(token_ids) if token_ids is not None else encode_prompt(model, prompt, False)
+    check_dump_size(plan, model.config, len(ids), allow_large)
     result = run_trace(
         model,
         ids,
@@ -90,7 +93,7 @@ def _dump_name(side: str, path: Path, engine: str) -> str:
     return f"{side}-{stem}-{engine}"
 
 
-@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.command()
 @click.argument("model_a", metavar="MODEL_A", type=click.Path(path_type=Path))
 @click.argument("model_b", metavar="[MODEL_B]", type=click.Path(path_type=Path), required=False)
 @click.option(
@@ -114,16 +117,35 @@ def _dump_name(side: str, path: Path, engine: str) -> str:
     help="Where the two dumps go [default: <MODEL_A's parent>/aprtrace-compare].",
 )
 @click.option("--arch", help="Architecture for APR files that do not name one.")
+@click.option(
+    "--allow-large",
+    is_flag=True,
+    help="Trace even when a dump's estimated size is over 2 GB or the free disk space.",
+)
+@diff_options
 @click.pass_context
 def compare_command(
-    ctx, model_a, model_b, engine_a, engine_b, prompt, tokens, stages, layers, work_dir, arch
+    ctx,
+    model_a,
+    model_b,
+    engine_a,
+    engine_b,
+    prompt,
+    tokens,
+    stages,
+    layers,
+    work_dir,
+    arch,
+    allow_large,
+    **diff_params,
 ):
     """Trace MODEL_A and MODEL_B on the same token ids and diff every stage (A = reference).
 
     With one model, compares aprtrace's NumPy forward pass against Hugging Face transformers
-    on the same decoded weights (`--engine-b transformers`). Options not listed here are
-    passed to `aprtrace diff --values` (--html, --tol, --cos-min, --model, --json, ...); the
-    exit code is diff's: 0 within tolerance, 1 diverged.
+    on the same decoded weights (`--engine-b transformers`). Both models are opened and
+    checked first (same shape, B accepts A's token ids), before anything is traced. The
+    options from --limit on are `aprtrace diff --values`'s (--html, --tol, --cos-min, --model,
+    --json, ...); the exit code is diff's: 0 within tolerance, 1 diverged, 9 incomplete.
 
     \b
     Examples:
@@ -131,13 +153,10 @@ def compare_command(
       aprtrace compare model.gguf                  # numpy vs transformers, same weights
       aprtrace compare hf-dir/ model.apr --save-tensor-layers 0..4 --cos-min 0.99
     """
-    from aprtrace.cli_diff import diff_command
     from aprtrace.trace import parse_token_list
 
-    if model_b is not None and str(model_b).startswith("-"):
-        # With one model, click takes the first pass-through diff option for MODEL_B.
-        ctx.args.insert(0, str(model_b))
-        model_b = None
+    opts = options_from(diff_params)
+    opts.arch = arch
     if model_b is None:
         model_b = model_a
         engine_b = engine_b or "transformers"
@@ -169,6 +188,14 @@ def compare_command(
     if ids is None:
         ids = encode_prompt(loaded_a, prompt, False)
     check_models_comparable(loaded_a, loaded_b, ids, tokens_given)
+    from aprtrace.plan import check_dump_size, make_plan
+
+    for side, path, engine, loaded in (
+        ("A", model_a, engine_a, loaded_a),
+        ("B", model_b, engine_b, loaded_b),
+    ):
+        out = work_dir / _dump_name(side, Path(path), engine)
+        check_dump_size(make_plan(stages, layers, out, path), loaded.config, len(ids), allow_large)
     dumps = []
     for side, path, engine, loaded in (
         ("A", model_a, engine_a, loaded_a),
@@ -185,13 +212,15 @@ def compare_command(
             layers=layers,
             arch=arch,
             model=loaded,
+            allow_large=allow_large,
         )
         ids = dump.token_ids  # B runs on exactly A's token ids
         click.echo(
             f"{side}: traced {path} ({engine}): {dump.files} stage files -> {dump.out_dir} "
-            f"({dump.seconds:.2f} s, tokens {dump.token_ids})"
+            f"({dump.seconds:.2f} s, tokens {dump.token_ids})",
+            err=opts.as_json,  # stdout holds only the JSON document
         )
         dumps.append(dump)
-    args = ["--values", str(dumps[0].out_dir), str(dumps[1].out_dir), *ctx.args]
-    click.echo(f"\n$ aprtrace diff {' '.join(args)}\n")
-    ctx.exit(diff_command.main(args, prog_name="aprtrace diff", standalone_mode=False) or 0)
+    if not opts.as_json:
+        click.echo(f"\n$ aprtrace diff --values {dumps[0].out_dir} {dumps[1].out_dir}\n")
+    ctx.exit(run_diff(dumps[0].out_dir, dumps[1].out_dir, opts))
