@@ -312,7 +312,7 @@ def test_color_scale_is_anchored_to_the_tolerance(diverged):
     assert sqnr.position(-10 * math.log10(500)) == pytest.approx(0.5)
     amp = report.color_scale(diverged, "attribution")
     assert amp.position(2.0) == pytest.approx(0.5) and amp.position(math.inf) == 1.0
-    assert report._color(0.5) == (250, 205, 60)
+    assert report.heatmap._color(0.5) == (250, 205, 60)
 
 
 def test_html_has_color_bar_metadata_and_clickable_rows(diverged):

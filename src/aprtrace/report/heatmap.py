@@ -1,0 +1,319 @@
+"""The layer x stage heatmap: colour scale, SVG (standalone and inside the HTML), PNG."""
+
+from __future__ import annotations
+
+import html
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aprtrace.diff import DirDiff, PairResult
+from aprtrace.stages import Stage
+
+if TYPE_CHECKING:
+    pass
+from aprtrace.report.text import AMPLIFY_THRESHOLD, fmt
+
+HEATMAP_METRICS = ("rel-l2", "cosine", "max-abs", "sqnr", "ulp-max", "attribution")
+
+
+def metric_value(p: PairResult, metric: str) -> float | None:
+    """The heatmap value of a pair; larger always means worse (cosine -> 1 - cos)."""
+    s = p.stats
+    if s is None:
+        return None
+    if metric == "rel-l2":
+        return s.rel_l2
+    if metric == "cosine":
+        return None if math.isnan(s.cosine_sim) else max(0.0, 1.0 - s.cosine_sim)
+    if metric == "max-abs":
+        return s.max_abs_diff
+    if metric == "sqnr":
+        return None if s.sqnr_db is None else -s.sqnr_db
+    if metric == "ulp-max":
+        return None if s.ulp_max is None else float(s.ulp_max)
+    if metric == "attribution":
+        return p.attribution
+    raise ValueError(f"unknown heatmap metric {metric}")
+
+
+def _metric_label(metric: str) -> str:
+    return {
+        "rel-l2": "relative L2 error",
+        "cosine": "1 - cosine",
+        "max-abs": "max |a-b|",
+        "sqnr": "SQNR dB (lower is worse)",
+        "ulp-max": "max ULP distance",
+        "attribution": "error amplification vs input",
+    }[metric]
+
+
+@dataclass(frozen=True)
+class ColorScale:
+    """Metric value -> colour position in [0, 1] (0 best, 1 worst).
+
+    Error metrics use a log axis; SQNR is already logarithmic and uses a linear one. When the
+    metric has a natural bound from the tolerance (``mid``), that value sits at 0.5 (yellow), so
+    green means well within tolerance and red far outside it, comparably across reports.
+    Otherwise the axis spans the values present.
+    """
+
+    lo: float
+    hi: float
+    mid: float | None
+    log: bool
+    mid_label: str = ""
+
+    def _axis(self, v: float) -> float:
+        return math.log10(v) if self.log else v
+
+    def position(self, v: float | None) -> float | None:
+        if v is None or math.isnan(v):
+            return None
+        if math.isinf(v):
+            return 1.0 if v > 0 else 0.0
+        if self.log and v <= 0:
+            return 0.0
+        x, lo, hi = self._axis(v), self._axis(self.lo), self._axis(self.hi)
+        if self.mid is None:
+            t = 0.5 if hi == lo else (x - lo) / (hi - lo)
+        else:
+            m = self._axis(self.mid)
+            t = 0.5 * (x - lo) / (m - lo) if x <= m else 0.5 + 0.5 * (x - m) / (hi - m)
+        return min(1.0, max(0.0, t))
+
+    def ticks(self) -> list[tuple[float, float]]:
+        """(value, position) pairs for a colour bar: the ends and the tolerance mark."""
+        values = [self.lo] + ([self.mid] if self.mid is not None else []) + [self.hi]
+        return [(v, self.position(v) or 0.0) for v in values]
+
+
+def color_scale(d: DirDiff, metric: str) -> ColorScale:
+    """The heatmap's colour scale for ``metric``, anchored to the base tolerance when possible.
+
+    cosine: 1 - cos-min at yellow, 1 (uncorrelated) red. rel-l2: the relative error a cosine
+    of exactly cos-min implies for an error uncorrelated with A, sqrt(2 (1 - cos-min)), at
+    yellow, 1 red. sqnr: the same bound in dB. attribution: the amplifier threshold (x2).
+    max-abs and ulp-max have no tolerance-free bound and span the values present.
+    """
+    values = [metric_value(p, metric) for p in d.pairs]
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    gap = 1.0 - d.base_tolerance.cos_min
+    if metric in ("cosine", "rel-l2", "sqnr") and 0.0 < gap < 0.5:
+        cos_text = f"cos-min {d.base_tolerance.cos_min:g}"
+        if metric == "cosine":
+            return ColorScale(gap * 1e-3, 1.0, gap, True, cos_text)
+        rel = math.sqrt(2.0 * gap)
+        if metric == "rel-l2":
+            return ColorScale(rel * 1e-3, 1.0, rel, True, f"~{cos_text}")
+        db = -20.0 * math.log10(rel)  # metric_value is -SQNR: larger is worse
+        return ColorScale(-(db + 60.0), 0.0, -db, False, f"~{cos_text}")
+    if metric == "attribution":
+        return ColorScale(0.1, 100.0, AMPLIFY_THRESHOLD, True, f"x{AMPLIFY_THRESHOLD:g}")
+    if metric == "sqnr":
+        lo, hi = (min(finite), max(finite)) if finite else (-1.0, 0.0)
+        return ColorScale(lo, hi, None, False)
+    positive = [v for v in finite if v > 0]
+    lo, hi = (min(positive), max(positive)) if positive else (0.1, 1.0)
+    return ColorScale(lo, hi, None, True)
+
+
+def _color(t: float | None) -> tuple[int, int, int]:
+    if t is None:
+        return (210, 210, 210)
+    stops = [(0.0, (26, 135, 70)), (0.5, (250, 205, 60)), (1.0, (190, 30, 45))]
+    t = min(1.0, max(0.0, t))
+    for (t0, c0), (t1, c1) in zip(stops, stops[1:], strict=False):
+        if t <= t1:
+            u = (t - t0) / (t1 - t0)
+            return tuple(round(c0[i] + u * (c1[i] - c0[i])) for i in range(3))  # type: ignore[return-value]
+    return stops[-1][1]
+
+
+def _ink(rgb: tuple[int, int, int]) -> str:
+    """Black or white, whichever reads better on ``rgb`` (relative luminance)."""
+    r, g, b = rgb
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 150 else "white"
+
+
+def _grid(d: DirDiff) -> tuple[list[str], list[str], dict[tuple[str, str], int]]:
+    """Rows (layer labels, whole-model last), columns (stages in forward order), cell -> pair."""
+    layers = sorted({p.key.layer for p in d.pairs if p.key.layer is not None})
+    rows = [f"layer {x}" for x in layers]
+    if any(p.key.layer is None for p in d.pairs):
+        rows.append("whole-model")
+    order = {s.value: s.order for s in Stage}
+    stages = sorted({p.key.stage for p in d.pairs}, key=lambda s: (order.get(s, len(order)), s))
+    cells = {}
+    for i, p in enumerate(d.pairs):
+        row = "whole-model" if p.key.layer is None else f"layer {p.key.layer}"
+        cells[(row, p.key.stage)] = i
+    return rows, stages, cells
+
+
+def _tooltip(p: PairResult, metric: str) -> str:
+    s = p.stats
+    if s is None:
+        return f"{p.key.rel}: incomparable: {p.error}"
+    lines = [
+        f"{p.key.rel}: {'PASS' if p.passed else 'FAIL'} ({p.reason})",
+        f"{_metric_label(metric)} = {fmt(metric_value(p, metric))}",
+        f"max|d| {fmt(s.max_abs_diff)} at {p.max_position or s.max_abs_diff_index}",
+        f"cosine {fmt(s.cosine_sim, '.6f')}  rel L2 {fmt(s.rel_l2)}",
+        f"SQNR {fmt(s.sqnr_db, '.1f')} dB",
+        f"ULP max {fmt(s.ulp_max, 'd')} median {fmt(s.ulp_median, '.10g')}",
+    ]
+    if p.attribution is not None:
+        lines.append(f"x{fmt(p.attribution, '.3g')} vs {p.predecessor}")
+    return "\n".join(lines)
+
+
+def _tick_text(value: float, metric: str) -> str:
+    if metric == "sqnr":
+        return f"{-value:.0f} dB"
+    if metric == "attribution":
+        return f"x{value:.3g}"
+    return fmt(value, ".2g")
+
+
+def _colorbar_svg(scale: ColorScale, metric: str, x: float, y: float, width: float) -> list[str]:
+    """A horizontal gradient bar with the scale's end values and the tolerance mark."""
+    stops = "".join(
+        f'<stop offset="{t:.2f}" stop-color="rgb{_color(t)}"/>' for t in [i / 10 for i in range(11)]
+    )
+    out = [
+        f'<defs><linearGradient id="cbar">{stops}</linearGradient></defs>',
+        f'<rect x="{x}" y="{y}" width="{width}" height="12" fill="url(#cbar)" stroke="#888"/>',
+    ]
+    ticks = scale.ticks()
+    for k, (value, t) in enumerate(ticks):
+        tx = x + t * width
+        anchor = "start" if k == 0 else "end" if k == len(ticks) - 1 else "middle"
+        label = _tick_text(value, metric)
+        if scale.mid is not None and value == scale.mid:
+            label = f"{label} ({scale.mid_label})" if scale.mid_label else label
+        out.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{y}" y2="{y + 16}" stroke="#333"/>')
+        out.append(
+            f'<text x="{tx:.1f}" y="{y + 28}" text-anchor="{anchor}">{html.escape(label)}</text>'
+        )
+    return out
+
+
+def heatmap_svg(d: DirDiff, metric: str = "rel-l2", interactive: bool = False) -> str:
+    """Layer-by-stage heatmap as SVG text: colour bar, failing cells crossed, first divergence
+    outlined and its row and column labels in bold."""
+    rows, stages, cells = _grid(d)
+    values = [metric_value(p, metric) for p in d.pairs]
+    scale = color_scale(d, metric)
+    cw, ch, left, top = 34, 22, 110, 130
+    legend_w = 560
+    width = max(left + cw * len(stages) + 20, legend_w)
+    grid_bottom = top + ch * len(rows)
+    height = grid_bottom + 100
+    first = d.first_divergence
+    first_row = first_stage = None
+    if first is not None:
+        first_row = "whole-model" if first.key.layer is None else f"layer {first.key.layer}"
+        first_stage = first.key.stage
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11" id="heatmap">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="4" y="16" font-size="13" font-weight="bold">'
+        f"{html.escape(_metric_label(metric))} per layer and stage (A = reference)</text>",
+    ]
+    for j, stage in enumerate(stages):
+        x = left + j * cw + cw / 2
+        bold = ' font-weight="bold"' if stage == first_stage else ""
+        out.append(
+            f'<text x="{x:.0f}" y="{top - 6}" transform="rotate(-60 {x:.0f} {top - 6})"{bold}>'
+            f"{html.escape(stage)}</text>"
+        )
+    first_box = ""
+    for r, row in enumerate(rows):
+        y = top + r * ch
+        bold = ' font-weight="bold"' if row == first_row else ""
+        out.append(
+            f'<text x="{left - 6}" y="{y + 15}" text-anchor="end"{bold}>{html.escape(row)}</text>'
+        )
+        for j, stage in enumerate(stages):
+            x = left + j * cw
+            idx = cells.get((row, stage))
+            if idx is None:
+                out.append(
+                    f'<rect x="{x}" y="{y}" width="{cw - 2}" height="{ch - 2}" fill="#f4f4f4"/>'
+                )
+                continue
+            p = d.pairs[idx]
+            rgb = _color(scale.position(values[idx]))
+            attrs = f' class="cell" data-i="{idx}"' if interactive else ""
+            out.append(
+                f"<g{attrs}><title>{html.escape(_tooltip(p, metric))}</title>"
+                f'<rect x="{x}" y="{y}" width="{cw - 2}" height="{ch - 2}" '
+                f'fill="rgb{rgb}"/>'
+            )
+            if p.passed is False or p.error is not None:
+                out.append(
+                    f'<text x="{x + cw / 2 - 1:.0f}" y="{y + 15}" text-anchor="middle" '
+                    f'fill="{_ink(rgb)}" font-weight="bold">x</text>'
+                )
+            out.append("</g>")
+            if p is first:  # drawn last, above the neighbouring cells
+                first_box = (
+                    f'<rect x="{x - 2}" y="{y - 2}" width="{cw + 2}" height="{ch + 2}" '
+                    f'fill="none" stroke="black" stroke-width="3" class="first-divergence" '
+                    f'pointer-events="none"/>'
+                )
+    if first_box:
+        out.append(first_box)
+    y = grid_bottom + 16
+    out.append(f'<text x="4" y="{y + 10}">colour:</text>')
+    out.extend(_colorbar_svg(scale, metric, 50, y, 300))
+    legend = "x = out of tolerance"
+    if scale.mid is not None:
+        legend = f"yellow = at the tolerance, red = far outside; {legend}"
+    out.append(f'<text x="4" y="{y + 50}">{html.escape(legend)}</text>')
+    if first is not None:
+        out.append(
+            f'<rect x="4" y="{y + 60}" width="14" height="10" fill="none" stroke="black" '
+            f'stroke-width="2.5"/><text x="24" y="{y + 69}">first divergence: '
+            f"{html.escape(first.key.label)}</text>"
+        )
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def heatmap_png(d: DirDiff, metric: str = "rel-l2", cell: int = 16) -> bytes:
+    """The heatmap as a label-free PNG (stdlib only): rows = layers, columns = stages."""
+    rows, stages, cells = _grid(d)
+    values = [metric_value(p, metric) for p in d.pairs]
+    scale = color_scale(d, metric).position
+    w, h = max(1, len(stages)) * cell, max(1, len(rows)) * cell
+    first = d.first_divergence
+    raw = bytearray()
+    for y in range(h):
+        raw.append(0)  # filter type None
+        r = y // cell
+        for x in range(w):
+            j = x // cell
+            idx = cells.get((rows[r], stages[j])) if rows and stages else None
+            rgb = (244, 244, 244) if idx is None else _color(scale(values[idx]))
+            edge = x % cell in (0, cell - 1) or y % cell in (0, cell - 1)
+            if idx is not None and d.pairs[idx] is first and edge:
+                rgb = (0, 0, 0)
+            elif x % cell == cell - 1 or y % cell == cell - 1:
+                rgb = (255, 255, 255)
+            raw.extend(rgb)
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(raw), 9))
+        + chunk(b"IEND", b"")
+    )
