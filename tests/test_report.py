@@ -47,6 +47,9 @@ PAIR_KEYS = {
     "attribution_source",
     "predecessor",
     "input_note",
+    "max_abs_diff_coords",
+    "norm_a",
+    "norm_b",
     "lm_head",
     "top_diffs",
 }
@@ -69,6 +72,7 @@ TOP_KEYS = {
     "missing_b",
     "unreadable_a",
     "unreadable_b",
+    "token_texts",
     "summary",
     "first_divergence",
     "amplifiers",
@@ -300,14 +304,19 @@ def test_float32_rounding_noise_is_not_reported_as_error_added(tmp_path):
 
 def test_color_scale_is_anchored_to_the_tolerance(diverged):
     # cos-min 0.999 (the fixture's): 1 - cos = 1e-3 and rel L2 = sqrt(2e-3) sit at yellow (0.5),
-    # a thousand times smaller at green (0), an uncorrelated 1 at red (1), on a log axis.
+    # float32 rounding (rel L2 1e-8, 1 - cos 1e-16) at the low end (0), an uncorrelated 1 at
+    # red (1), on a log axis: a float32-level bug (rel 1e-5) is not the colour of rounding.
     cos = report.color_scale(diverged, "cosine")
     assert cos.position(1e-3) == pytest.approx(0.5)
-    assert cos.position(1e-6) == pytest.approx(0.0) and cos.position(1.0) == pytest.approx(1.0)
-    assert cos.position(10**-4.5) == pytest.approx(0.25)
+    assert cos.position(1e-16) == pytest.approx(0.0) and cos.position(1.0) == pytest.approx(1.0)
+    assert cos.position(10**-9.5) == pytest.approx(0.25)
     rel = report.color_scale(diverged, "rel-l2")
     assert rel.position(math.sqrt(2e-3)) == pytest.approx(0.5)
     assert rel.position(1e-9) == 0.0 and rel.position(5.0) == 1.0 and rel.position(None) is None
+    assert rel.position(1e-8) == pytest.approx(0.0)
+    noise, bug = rel.position(1e-7), rel.position(1e-5)
+    assert bug - noise > 0.1  # two decades apart: visibly different colours
+    assert report.heatmap._color(noise) != report.heatmap._color(bug)
     sqnr = report.color_scale(diverged, "sqnr")  # values are -SQNR dB; bound 10*log10(500)
     assert sqnr.position(-10 * math.log10(500)) == pytest.approx(0.5)
     amp = report.color_scale(diverged, "attribution")

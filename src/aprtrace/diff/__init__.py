@@ -71,6 +71,7 @@ from aprtrace.diff.results import (  # noqa: F401
     PairResult,
     Verdict,
 )
+from aprtrace.diff.tokens import TokenTexts, token_texts  # noqa: F401
 from aprtrace.diff.tolerance import (  # noqa: F401
     DEFAULT_TOLERANCE,
     Tolerance,

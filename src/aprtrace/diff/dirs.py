@@ -19,6 +19,7 @@ from aprtrace.diff.layout import (
 )
 from aprtrace.diff.metrics import CHUNK, compare_arrays, lm_head_stats
 from aprtrace.diff.results import DirDiff, PairResult
+from aprtrace.diff.tokens import token_texts
 from aprtrace.diff.tolerance import (
     DEFAULT_TOLERANCE,
     Tolerance,
@@ -79,6 +80,7 @@ def diff_dirs(
     on_pair: Callable[[PairResult], None] | None = None,
     select: Callable[[PairKey], bool] | None = None,
     include_stale: bool = False,
+    decode_tokens: bool = True,
 ) -> DirDiff:
     """Compare two dump directories pair by pair in forward order.
 
@@ -121,4 +123,8 @@ def diff_dirs(
     config = next((m.config for m in (a.manifest, b.manifest) if m is not None and m.config), None)
     num_layers = config.get("num_layers") if config else None
     attribute(result.pairs, num_layers if isinstance(num_layers, int) else None, config)
+    result.adders = result.error_adders()
+    result.amplifying = result.amplifiers()
+    if decode_tokens:
+        result.token_texts = token_texts([a.manifest, b.manifest])
     return result

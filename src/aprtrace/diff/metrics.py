@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import mmap as _mmap
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -103,6 +103,8 @@ class PairStats:
     inf_a: int = 0
     inf_b: int = 0
     nonfinite_mismatch: int = 0
+    norm_a: float | None = None  # L2 norms over the finite positions (directory mode)
+    norm_b: float | None = None
 
 
 def _classes(x: np.ndarray) -> np.ndarray:
@@ -292,6 +294,7 @@ class _Accumulator:
         if not self.extended:
             return stats
         stats.max_abs_a = self.max_abs_a
+        stats.norm_a, stats.norm_b = math.sqrt(self.norm_a), math.sqrt(self.norm_b)
         stats.nan_a, stats.nan_b = self.nan_a, self.nan_b
         stats.inf_a, stats.inf_b = self.inf_a, self.inf_b
         stats.nonfinite_mismatch = self.mismatch
@@ -412,6 +415,9 @@ class LmHeadStats:
     top1_agree: bool
     top5_overlap: int
     kl_divergence: float | None
+    # The top-5 (token id, logit) of each side, highest first.
+    top_a: list[tuple[int, float]] = field(default_factory=list)
+    top_b: list[tuple[int, float]] = field(default_factory=list)
 
 
 def _softmax_log(x: np.ndarray) -> np.ndarray:
@@ -435,4 +441,13 @@ def lm_head_stats(a: np.ndarray, b: np.ndarray) -> LmHeadStats:
         kl = max(kl, 0.0)  # rounding can leave -1e-17 for identical inputs
     t1a = int(top_a[0]) if k else -1
     t1b = int(top_b[0]) if k else -1
-    return LmHeadStats(t1a, t1b, t1a == t1b, len(set(top_a.tolist()) & set(top_b.tolist())), kl)
+    overlap = len(set(top_a.tolist()) & set(top_b.tolist()))
+    return LmHeadStats(
+        t1a,
+        t1b,
+        t1a == t1b,
+        overlap,
+        kl,
+        [(int(i), float(a[i])) for i in top_a],
+        [(int(i), float(b[i])) for i in top_b],
+    )

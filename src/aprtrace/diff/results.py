@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from aprtrace.diff.layout import DumpInfo, PairKey, Position, position_of
 from aprtrace.diff.metrics import LmHeadStats, PairStats
+from aprtrace.diff.tokens import TokenTexts
 from aprtrace.diff.tolerance import Tolerance
 from aprtrace.errors import (
     EXIT_DIVERGED,
@@ -33,12 +34,18 @@ class PairResult:
     input_note: str | None = None
     unreadable: str | None = None  # a file of the pair could not be read (OS error)
 
+    def coords_of(self, index: int) -> Position | None:
+        """Named coordinates of flat ``index`` (None without a shape)."""
+        if self.shape is None:
+            return None
+        return position_of(self.key.stage, self.shape, index)
+
     @property
     def max_coords(self) -> Position | None:
         """Where max|d| is, as named coordinates (None without a shape)."""
-        if self.stats is None or self.shape is None:
+        if self.stats is None:
             return None
-        return position_of(self.key.stage, self.shape, self.stats.max_abs_diff_index)
+        return self.coords_of(self.stats.max_abs_diff_index)
 
     @property
     def max_position(self) -> str | None:
@@ -82,6 +89,10 @@ class DirDiff:
     first_divergence: PairResult | None = None
     stopped_early: bool = False
     one_sided_ok: bool = False  # files on one side only do not make the verdict incomplete
+    # Findings, set by diff_dirs once attribution is known (renderers only read them).
+    adders: list[tuple[PairResult, float]] = field(default_factory=list)
+    amplifying: list[PairResult] = field(default_factory=list)
+    token_texts: TokenTexts | None = None  # from a dump's model tokenizer, when available
 
     @property
     def passed(self) -> int:

@@ -85,8 +85,17 @@ class ColorScale:
         return min(1.0, max(0.0, t))
 
     def ticks(self) -> list[tuple[float, float]]:
-        """(value, position) pairs for a colour bar: the ends and the tolerance mark."""
+        """(value, position) pairs for a colour bar: the ends, the tolerance mark and, on a
+        log axis, every second decade between them."""
         values = [self.lo] + ([self.mid] if self.mid is not None else []) + [self.hi]
+        if self.log and self.lo > 0 and self.hi > self.lo:
+            lo, hi = math.ceil(math.log10(self.lo)), math.floor(math.log10(self.hi))
+            step = 2 if hi - lo > 4 else 1
+            for e in range(lo, hi + 1, step):
+                v = 10.0**e
+                if all(abs(self.position(v) - self.position(w)) > 0.07 for w in values):  # type: ignore[operator]
+                    values.append(v)
+        values.sort()
         return [(v, self.position(v) or 0.0) for v in values]
 
 
@@ -95,7 +104,10 @@ def color_scale(d: DirDiff, metric: str) -> ColorScale:
 
     cosine: 1 - cos-min at yellow, 1 (uncorrelated) red. rel-l2: the relative error a cosine
     of exactly cos-min implies for an error uncorrelated with A, sqrt(2 (1 - cos-min)), at
-    yellow, 1 red. sqnr: the same bound in dB. attribution: the amplifier threshold (x2).
+    yellow, 1 red. Below the tolerance the log axis reaches float32 rounding (rel L2 1e-8,
+    1 - cos 1e-16): a float32-level bug (1e-5) is a different colour from rounding noise
+    (1e-7), not one uniform green. sqnr: the same bound in dB (160 dB ~ rel L2 1e-8).
+    attribution: the amplifier threshold (x2).
     max-abs and ulp-max have no tolerance-free bound and span the values present.
     """
     values = [metric_value(p, metric) for p in d.pairs]
@@ -104,12 +116,12 @@ def color_scale(d: DirDiff, metric: str) -> ColorScale:
     if metric in ("cosine", "rel-l2", "sqnr") and 0.0 < gap < 0.5:
         cos_text = f"cos-min {d.base_tolerance.cos_min:g}"
         if metric == "cosine":
-            return ColorScale(gap * 1e-3, 1.0, gap, True, cos_text)
+            return ColorScale(FLOAT32_FLOOR**2, 1.0, gap, True, cos_text)
         rel = math.sqrt(2.0 * gap)
         if metric == "rel-l2":
-            return ColorScale(rel * 1e-3, 1.0, rel, True, f"~{cos_text}")
+            return ColorScale(FLOAT32_FLOOR, 1.0, rel, True, f"~{cos_text}")
         db = -20.0 * math.log10(rel)  # metric_value is -SQNR: larger is worse
-        return ColorScale(-(db + 60.0), 0.0, -db, False, f"~{cos_text}")
+        return ColorScale(20.0 * math.log10(FLOAT32_FLOOR), 0.0, -db, False, f"~{cos_text}")
     if metric == "attribution":
         return ColorScale(0.1, 100.0, AMPLIFY_THRESHOLD, True, f"x{AMPLIFY_THRESHOLD:g}")
     if metric == "sqnr":
@@ -120,10 +132,26 @@ def color_scale(d: DirDiff, metric: str) -> ColorScale:
     return ColorScale(lo, hi, None, True)
 
 
+# The colour scale's low end: relative error of float32 rounding (a few ULP of eps 1.2e-7
+# spread over a tensor gives ~1e-8..1e-7).
+FLOAT32_FLOOR = 1e-8
+
+# Below the tolerance (t < 0.5) the hue walks blue -> teal -> green -> yellow, so each decade
+# between float32 rounding and the tolerance reads differently; above it, orange -> red.
+_STOPS = [
+    (0.0, (37, 52, 148)),
+    (0.2, (34, 128, 168)),
+    (0.35, (46, 160, 90)),
+    (0.5, (250, 205, 60)),
+    (0.75, (240, 120, 40)),
+    (1.0, (190, 30, 45)),
+]
+
+
 def _color(t: float | None) -> tuple[int, int, int]:
     if t is None:
         return (210, 210, 210)
-    stops = [(0.0, (26, 135, 70)), (0.5, (250, 205, 60)), (1.0, (190, 30, 45))]
+    stops = _STOPS
     t = min(1.0, max(0.0, t))
     for (t0, c0), (t1, c1) in zip(stops, stops[1:], strict=False):
         if t <= t1:
@@ -181,7 +209,7 @@ def _tick_text(value: float, metric: str) -> str:
 def _colorbar_svg(scale: ColorScale, metric: str, x: float, y: float, width: float) -> list[str]:
     """A horizontal gradient bar with the scale's end values and the tolerance mark."""
     stops = "".join(
-        f'<stop offset="{t:.2f}" stop-color="rgb{_color(t)}"/>' for t in [i / 10 for i in range(11)]
+        f'<stop offset="{t:.2f}" stop-color="rgb{_color(t)}"/>' for t in [i / 20 for i in range(21)]
     )
     out = [
         f'<defs><linearGradient id="cbar">{stops}</linearGradient></defs>',
@@ -192,11 +220,46 @@ def _colorbar_svg(scale: ColorScale, metric: str, x: float, y: float, width: flo
         tx = x + t * width
         anchor = "start" if k == 0 else "end" if k == len(ticks) - 1 else "middle"
         label = _tick_text(value, metric)
-        if scale.mid is not None and value == scale.mid:
-            label = f"{label} ({scale.mid_label})" if scale.mid_label else label
-        out.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{y}" y2="{y + 16}" stroke="#333"/>')
+        is_mid = scale.mid is not None and value == scale.mid
+        thick = ' stroke-width="2"' if is_mid else ""
         out.append(
-            f'<text x="{tx:.1f}" y="{y + 28}" text-anchor="{anchor}">{html.escape(label)}</text>'
+            f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{y}" y2="{y + (16 if is_mid else 13)}" '
+            f'stroke="#333"{thick}/>'
+        )
+        out.append(
+            f'<text x="{tx:.1f}" y="{y + 26}" text-anchor="{anchor}" font-size="10">'
+            f"{html.escape(label)}</text>"
+        )
+        if is_mid and scale.mid_label:
+            out.append(
+                f'<text x="{tx:.1f}" y="{y + 38}" text-anchor="middle" font-size="10">'
+                f"tolerance ({html.escape(scale.mid_label)})</text>"
+            )
+    return out
+
+
+def _legend_svg(scale: ColorScale, first: str | None, x: float, y: float) -> list[str]:
+    """One line per mark of the heatmap."""
+    out = []
+    if scale.mid is not None:
+        out.append(
+            f'<text x="{x}" y="{y + 9}">blue/green = below the tolerance (down to float32 '
+            "rounding), yellow = at it, red = far outside</text>"
+        )
+        y += 16
+    out.append(
+        f'<text x="{x + 7}" y="{y + 9}" text-anchor="middle" font-weight="bold">x</text>'
+        f'<text x="{x + 20}" y="{y + 9}">out of tolerance</text>'
+        f'<rect x="{x + 130}" y="{y}" width="14" height="10" fill="#f4f4f4" stroke="#ccc"/>'
+        f'<text x="{x + 150}" y="{y + 9}">not in both dumps</text>'
+        f'<rect x="{x + 270}" y="{y}" width="14" height="10" fill="rgb(210, 210, 210)"/>'
+        f'<text x="{x + 290}" y="{y + 9}">no value (incomparable)</text>'
+    )
+    if first is not None:
+        out.append(
+            f'<rect x="{x}" y="{y + 16}" width="14" height="10" fill="none" stroke="black" '
+            f'stroke-width="2.5"/><text x="{x + 20}" y="{y + 25}">first divergence: '
+            f"{html.escape(first)}</text>"
         )
     return out
 
@@ -211,7 +274,7 @@ def heatmap_svg(d: DirDiff, metric: str = "rel-l2", interactive: bool = False) -
     legend_w = 560
     width = max(left + cw * len(stages) + 20, legend_w)
     grid_bottom = top + ch * len(rows)
-    height = grid_bottom + 100
+    height = grid_bottom + 130
     first = d.first_divergence
     first_row = first_stage = None
     if first is not None:
@@ -270,17 +333,8 @@ def heatmap_svg(d: DirDiff, metric: str = "rel-l2", interactive: bool = False) -
         out.append(first_box)
     y = grid_bottom + 16
     out.append(f'<text x="4" y="{y + 10}">colour:</text>')
-    out.extend(_colorbar_svg(scale, metric, 50, y, 300))
-    legend = "x = out of tolerance"
-    if scale.mid is not None:
-        legend = f"yellow = at the tolerance, red = far outside; {legend}"
-    out.append(f'<text x="4" y="{y + 50}">{html.escape(legend)}</text>')
-    if first is not None:
-        out.append(
-            f'<rect x="4" y="{y + 60}" width="14" height="10" fill="none" stroke="black" '
-            f'stroke-width="2.5"/><text x="24" y="{y + 69}">first divergence: '
-            f"{html.escape(first.key.label)}</text>"
-        )
+    out.extend(_colorbar_svg(scale, metric, 50, y, 360))
+    out.extend(_legend_svg(scale, first.key.label if first is not None else None, 4, y + 52))
     out.append("</svg>")
     return "\n".join(out)
 

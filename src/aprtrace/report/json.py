@@ -10,16 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 from aprtrace import __version__
 from aprtrace.diff import DirDiff, FilePairResult, PairResult, layer_label
-
-if TYPE_CHECKING:
-    from aprtrace.localize import Localization
 from aprtrace.report.text import (
-    AMPLIFY_THRESHOLD,
     _localized,
     _verdict_word,
     finite_or_none,
     overall_verdict,
 )
+
+if TYPE_CHECKING:
+    from aprtrace.localize import Localization
 
 FILE_PAIR_SCHEMA = "apr-stage-diff-v1"
 
@@ -52,7 +51,20 @@ def file_pair_json(result: FilePairResult) -> dict[str, Any]:
     }
 
 
-def pair_json(p: PairResult, localization: Localization | None = None) -> dict[str, Any]:
+def _coords(pos) -> dict[str, int] | None:
+    return None if pos is None else {name or f"dim{i}": v for i, (name, v) in enumerate(pos.coords)}
+
+
+def _top_logits(top: list[tuple[int, float]], texts) -> list[dict[str, Any]]:
+    return [
+        {"id": i, "logit": finite_or_none(v), "text": texts.text(i) if texts else None}
+        for i, v in top
+    ]
+
+
+def pair_json(
+    p: PairResult, localization: Localization | None = None, texts=None
+) -> dict[str, Any]:
     s = p.stats
     out: dict[str, Any] = {
         "path": p.key.rel,
@@ -83,6 +95,7 @@ def pair_json(p: PairResult, localization: Localization | None = None) -> dict[s
     for k in keys:
         out[k] = finite_or_none(getattr(s, k)) if s else None
     out["max_abs_diff_position"] = p.max_position
+    out["max_abs_diff_coords"] = _coords(p.max_coords)
     out["attribution"] = finite_or_none(p.attribution)
     out["attribution_source"] = p.attribution is not None and math.isinf(p.attribution)
     out["predecessor"] = p.predecessor
@@ -96,6 +109,8 @@ def pair_json(p: PairResult, localization: Localization | None = None) -> dict[s
             "top1_agree": p.lm_head.top1_agree,
             "top5_overlap": p.lm_head.top5_overlap,
             "kl_divergence": finite_or_none(p.lm_head.kl_divergence),
+            "top_a": _top_logits(p.lm_head.top_a, texts),
+            "top_b": _top_logits(p.lm_head.top_b, texts),
         }
     )
     out["top_diffs"] = [
@@ -104,9 +119,12 @@ def pair_json(p: PairResult, localization: Localization | None = None) -> dict[s
             "a": finite_or_none(t.a),
             "b": finite_or_none(t.b),
             "abs_diff": finite_or_none(t.abs_diff),
+            "coords": _coords(p.coords_of(t.index)),
         }
         for t in (s.top_diffs if s else [])
     ]
+    out["norm_a"] = finite_or_none(s.norm_a) if s else None
+    out["norm_b"] = finite_or_none(s.norm_b) if s else None
     if localization is not None:
         out.update(local_json(localization, p))
     return out
@@ -182,9 +200,10 @@ def dir_json(d: DirDiff, localization: Localization | None = None) -> dict[str, 
                 "source": math.isinf(p.attribution or 0.0),
                 "predecessor": p.predecessor,
             }
-            for p in d.amplifiers(AMPLIFY_THRESHOLD)
+            for p in d.amplifying
         ],
-        "pairs": [pair_json(p, localization) for p in d.pairs],
+        "token_texts": d.token_texts.prompt if d.token_texts is not None else None,
+        "pairs": [pair_json(p, localization, d.token_texts) for p in d.pairs],
     }
     if localization is not None:
         doc["localization"] = localization_json(d, localization)

@@ -14,9 +14,6 @@ from rich.table import Table
 from rich.text import Text
 
 from aprtrace.diff import NOISE_REL_L2, DirDiff, FilePairResult, PairResult, layer_label
-
-if TYPE_CHECKING:
-    from aprtrace.localize import Localization
 from aprtrace.report.text import (
     AMPLIFY_THRESHOLD,
     POSITION_LEGEND,
@@ -31,6 +28,9 @@ from aprtrace.report.text import (
     short_reason,
     summary_line,
 )
+
+if TYPE_CHECKING:
+    from aprtrace.localize import Localization
 
 
 def file_pair_text(result: FilePairResult, verdict_line: str | None = None) -> str:
@@ -196,7 +196,7 @@ def render_dir_table(
     first_line = first_divergence_line(d)
     if first_line:
         console.print(Text(first_line, style="bold"), soft_wrap=True)
-    adders = d.error_adders()
+    adders = d.adders
     if adders:
         console.print(
             Text("Stages adding the most error (relative L2 added by the stage itself):"),
