@@ -158,19 +158,67 @@ def test_html_report_is_self_contained_with_heatmap(diverged):
     assert json.loads(data)["schema"] == "aprtrace-diff-v1"
 
 
+def _decode_png(png: bytes) -> tuple[int, int, bytes]:
+    """Width, height and RGB rows of an 8-bit RGB PNG with filter 0 (what heatmap_png writes)."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    length, tag = struct.unpack(">I4s", png[8:16])
+    assert (tag, length) == (b"IHDR", 13)
+    width, height = struct.unpack(">II", png[16:24])
+    idat_len = struct.unpack(">I", png[33:37])[0]
+    raw = zlib.decompress(png[41 : 41 + idat_len])
+    assert len(raw) == height * (1 + 3 * width)
+    rows = b"".join(raw[y * (1 + 3 * width) + 1 : (y + 1) * (1 + 3 * width)] for y in range(height))
+    return width, height, rows
+
+
 def test_svg_and_png_plots(tmp_path, diverged):
     svg = report.heatmap_svg(diverged, "rel-l2")
     root = ET.fromstring(svg)
     assert root.tag.endswith("svg")
-    png = report.heatmap_png(diverged, "rel-l2", cell=4)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    length, tag = struct.unpack(">I4s", png[8:16])
-    width, height = struct.unpack(">II", png[16:24])
-    assert (tag, length) == (b"IHDR", 13)
-    assert (width, height) == (8 * 4, 3 * 4)  # 8 stages x (2 layers + whole-model)
-    idat_len = struct.unpack(">I", png[33:37])[0]
-    raw = zlib.decompress(png[41 : 41 + idat_len])
-    assert len(raw) == height * (1 + 3 * width)
+    assert "out of tolerance" in svg and "first divergence: layer 1 attn_softmax" in svg
+    width, height, rgb = _decode_png(report.heatmap_png(diverged, "rel-l2", cell=16))
+
+    def px(x, y):
+        return tuple(rgb[3 * (y * width + x) : 3 * (y * width + x) + 3])
+
+    colours = {px(x, y) for y in range(height) for x in range(width)}
+    # the colour bar spans the whole scale, from float32 rounding to far outside
+    assert report.heatmap._color(0.0) in colours and report.heatmap._color(1.0) in colours
+    # text (title, labels, legend) is drawn in black on white: many black pixels in the top band
+    title_band = [px(x, y) for y in range(8, 21) for x in range(width)]
+    assert sum(p == (0, 0, 0) for p in title_band) > 200
+    assert width > 8 * 16 and height > 3 * 16  # more than the bare grid: labels and bar
+
+
+def test_png_marks_failing_cells_and_the_first_divergence(diverged):
+    from aprtrace.report.heatmap import _grid, png_grid_origin
+
+    cell = 16
+    width, _, rgb = _decode_png(report.heatmap_png(diverged, "rel-l2", cell=cell))
+    rows, stages, cells = _grid(diverged)
+    left, top = png_grid_origin(rows, stages)
+
+    def px(x, y):
+        return tuple(rgb[3 * (y * width + x) : 3 * (y * width + x) + 3])
+
+    def inked(r, j):  # pixels of the 'x' mark: neither the cell colour nor the white gap
+        x0, y0 = left + j * cell, top + r * cell
+        fill = px(x0 + 1, y0 + 1)
+        return sum(
+            px(x, y) != fill
+            for y in range(y0 + 2, y0 + cell - 3)
+            for x in range(x0 + 2, x0 + cell - 3)
+        )
+
+    first = diverged.first_divergence
+    for (row, stage), i in cells.items():
+        r, j = rows.index(row), stages.index(stage)
+        p = diverged.pairs[i]
+        assert (inked(r, j) > 5) == (p.passed is False), (row, stage)
+        if p is first:
+            assert px(left + j * cell - 2, top + r * cell + 4) == (0, 0, 0)  # the outline
+        elif r == 0 and j == 0:
+            assert px(left - 2, top + 4) == (255, 255, 255)
 
 
 def test_cli_writes_html_and_plots(tmp_path, diverged):

@@ -93,7 +93,7 @@ class ColorScale:
             step = 2 if hi - lo > 4 else 1
             for e in range(lo, hi + 1, step):
                 v = 10.0**e
-                if all(abs(self.position(v) - self.position(w)) > 0.07 for w in values):  # type: ignore[operator]
+                if all(abs(self.position(v) - self.position(w)) > 0.12 for w in values):  # type: ignore[operator]
                     values.append(v)
         values.sort()
         return [(v, self.position(v) or 0.0) for v in values]
@@ -203,7 +203,8 @@ def _tick_text(value: float, metric: str) -> str:
         return f"{-value:.0f} dB"
     if metric == "attribution":
         return f"x{value:.3g}"
-    return fmt(value, ".2g")
+    text = fmt(value, ".2g")
+    return text.replace("e-0", "e-").replace("e+0", "e")  # 1e-08 -> 1e-8
 
 
 def _colorbar_svg(scale: ColorScale, metric: str, x: float, y: float, width: float) -> list[str]:
@@ -339,35 +340,150 @@ def heatmap_svg(d: DirDiff, metric: str = "rel-l2", interactive: bool = False) -
     return "\n".join(out)
 
 
+class _Raster:
+    """An RGB image with rectangles and bitmap text (report.font), encoded as PNG."""
+
+    def __init__(self, width: int, height: int):
+        self.width, self.height = width, height
+        self.pixels = bytearray(b"\xff" * (3 * width * height))
+
+    def rect(self, x: int, y: int, w: int, h: int, rgb: tuple[int, int, int]) -> None:
+        x0, y0 = max(0, x), max(0, y)
+        x1, y1 = min(self.width, x + w), min(self.height, y + h)
+        if x1 <= x0:
+            return
+        row = bytes(rgb) * (x1 - x0)
+        for yy in range(y0, y1):
+            i = 3 * (yy * self.width + x0)
+            self.pixels[i : i + len(row)] = row
+
+    def outline(self, x: int, y: int, w: int, h: int, rgb, t: int = 1) -> None:
+        self.rect(x, y, w, t, rgb)
+        self.rect(x, y + h - t, w, t, rgb)
+        self.rect(x, y, t, h, rgb)
+        self.rect(x + w - t, y, t, h, rgb)
+
+    def text(self, x: int, y: int, text: str, rgb=(0, 0, 0), vertical: bool = False) -> int:
+        """Draw ``text`` with its top-left at (x, y); ``vertical`` reads bottom to top, with
+        (x, y) the bottom-left. Returns the advance in pixels."""
+        from aprtrace.report.font import HEIGHT, WIDTH, glyph
+
+        for k, ch in enumerate(text):
+            rows = glyph(ch)
+            for r, bits in enumerate(rows):
+                for c in range(WIDTH):
+                    if bits >> (WIDTH - 1 - c) & 1:
+                        if vertical:
+                            self.rect(x + r, y - k * WIDTH - c, 1, 1, rgb)
+                        else:
+                            self.rect(x + k * WIDTH + c, y + r, 1, 1, rgb)
+        return len(text) * WIDTH if not vertical else HEIGHT
+
+    def png(self) -> bytes:
+        raw = bytearray()
+        stride = 3 * self.width
+        for y in range(self.height):
+            raw.append(0)  # filter type None
+            raw.extend(self.pixels[y * stride : (y + 1) * stride])
+
+        def chunk(tag: bytes, body: bytes) -> bytes:
+            crc = struct.pack(">I", zlib.crc32(tag + body))
+            return struct.pack(">I", len(body)) + tag + body + crc
+
+        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
+        return (
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(bytes(raw), 9))
+            + chunk(b"IEND", b"")
+        )
+
+
+def png_grid_origin(rows: list[str], stages: list[str]) -> tuple[int, int]:
+    """Top-left pixel of the PNG heatmap's grid: after the row labels, under the title and
+    the vertical stage labels."""
+    from aprtrace.report.font import HEIGHT, WIDTH
+
+    left = max([len(r) for r in rows] + [5]) * WIDTH + 12
+    label_h = max([len(s) for s in stages] + [5]) * WIDTH + 8
+    return left, 8 + HEIGHT + 8 + HEIGHT + 4 + label_h
+
+
 def heatmap_png(d: DirDiff, metric: str = "rel-l2", cell: int = 16) -> bytes:
-    """The heatmap as a label-free PNG (stdlib only): rows = layers, columns = stages."""
+    """The heatmap as a PNG that reads on its own (stdlib only): title, axis labels (layers
+    down, stages across), the colour bar with its ticks and tolerance mark, out-of-tolerance
+    cells crossed, the first divergence outlined, and a legend."""
+    from aprtrace.report.font import HEIGHT, WIDTH
+
     rows, stages, cells = _grid(d)
     values = [metric_value(p, metric) for p in d.pairs]
-    scale = color_scale(d, metric).position
-    w, h = max(1, len(stages)) * cell, max(1, len(rows)) * cell
+    scale = color_scale(d, metric)
     first = d.first_divergence
-    raw = bytearray()
-    for y in range(h):
-        raw.append(0)  # filter type None
-        r = y // cell
-        for x in range(w):
-            j = x // cell
-            idx = cells.get((rows[r], stages[j])) if rows and stages else None
-            rgb = (244, 244, 244) if idx is None else _color(scale(values[idx]))
-            edge = x % cell in (0, cell - 1) or y % cell in (0, cell - 1)
-            if idx is not None and d.pairs[idx] is first and edge:
-                rgb = (0, 0, 0)
-            elif x % cell == cell - 1 or y % cell == cell - 1:
-                rgb = (255, 255, 255)
-            raw.extend(rgb)
-
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(bytes(raw), 9))
-        + chunk(b"IEND", b"")
-    )
+    title = f"{_metric_label(metric)} per layer and stage (A = reference, B = candidate)"
+    left, top = png_grid_origin(rows, stages)
+    grid_w, grid_h = cell * max(1, len(stages)), cell * max(1, len(rows))
+    bar_w = 360
+    legend = [
+        "x = out of tolerance; grey = not in both dumps",
+        f"black box = first divergence: {first.key.label}" if first else "no divergence",
+    ]
+    width = max(left + grid_w + 16, 16 + len(title) * WIDTH, 40 + bar_w + 60)
+    width = max(width, 16 + max(len(t) for t in legend) * WIDTH)
+    height = top + grid_h + 16 + 14 + 3 * (HEIGHT + 2) + 8 + 2 * (HEIGHT + 4) + 8
+    img = _Raster(width, height)
+    img.text(8, 8, title)
+    img.text(8, 8 + HEIGHT + 8, "stage ->", (80, 80, 80))
+    img.text(8, top - HEIGHT - 2, "layer", (80, 80, 80))
+    ink = {"black": (0, 0, 0), "white": (255, 255, 255)}
+    for j, stage in enumerate(stages):
+        bold = first is not None and stage == first.key.stage
+        img.text(left + j * cell + (cell - HEIGHT) // 2, top - 4, stage, (0, 0, 0), vertical=True)
+        if bold:
+            img.rect(left + j * cell + 1, top - 3, cell - 2, 2, (0, 0, 0))
+    for r, row in enumerate(rows):
+        y = top + r * cell
+        img.text(left - 6 - len(row) * WIDTH, y + (cell - HEIGHT) // 2, row)
+        for j, stage in enumerate(stages):
+            x = left + j * cell
+            idx = cells.get((row, stage))
+            if idx is None:
+                img.rect(x, y, cell - 1, cell - 1, (244, 244, 244))
+                continue
+            rgb = _color(scale.position(values[idx]))
+            img.rect(x, y, cell - 1, cell - 1, rgb)
+            p = d.pairs[idx]
+            if p.passed is False or p.error is not None:
+                img.text(x + (cell - WIDTH) // 2, y + (cell - HEIGHT) // 2 - 1, "x", ink[_ink(rgb)])
+    if first is not None:
+        for r, row in enumerate(rows):
+            for j, stage in enumerate(stages):
+                if cells.get((row, stage)) is not None and d.pairs[cells[(row, stage)]] is first:
+                    img.outline(
+                        left + j * cell - 2, top + r * cell - 2, cell + 3, cell + 3, (0, 0, 0), 2
+                    )
+    y = top + grid_h + 16
+    bx = 40
+    img.text(8, y, "colour", (80, 80, 80))
+    for k in range(bar_w):
+        img.rect(bx + 20 + k, y, 1, 14, _color(k / (bar_w - 1)))
+    img.outline(bx + 19, y - 1, bar_w + 2, 16, (136, 136, 136))
+    ticks = scale.ticks()
+    for k, (value, t) in enumerate(ticks):
+        tx = bx + 20 + round(t * (bar_w - 1))
+        is_mid = scale.mid is not None and value == scale.mid
+        img.rect(tx, y + 14, 2 if is_mid else 1, 6 if is_mid else 4, (0, 0, 0))
+        label = _tick_text(value, metric)
+        lx = tx - len(label) * WIDTH // 2
+        if k == 0:
+            lx = tx
+        elif k == len(ticks) - 1:
+            lx = tx - len(label) * WIDTH
+        img.text(lx, y + 21, label)
+        if is_mid and scale.mid_label:
+            text = f"tolerance ({scale.mid_label})"
+            img.text(tx - len(text) * WIDTH // 2, y + 21 + HEIGHT + 2, text, (120, 0, 0))
+    y += 14 + 3 * (HEIGHT + 2) + 8
+    for line in legend:
+        img.text(8, y, line)
+        y += HEIGHT + 4
+    return img.png()
