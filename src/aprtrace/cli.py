@@ -398,7 +398,8 @@ def _print_stats_table(stats) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def stages(as_json):
+@click.option("--markdown", is_flag=True, help="Print the table of docs/stages.md.")
+def stages(as_json, markdown):
     """List the capture stages in forward order, with what each buffer holds.
 
     \b
@@ -421,6 +422,11 @@ def stages(as_json):
     ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
+        return
+    if markdown:
+        from aprtrace.stages import stages_markdown
+
+        click.echo(stages_markdown(), nl=False)
         return
     for r in rows:
         only = "" if r["architectures"] == "all" else f"  [{', '.join(r['architectures'])}]"
