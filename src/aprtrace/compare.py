@@ -48,7 +48,15 @@ def trace_to_dir(
 
     plan = make_plan(stages, layers, out_dir, model_path)
     model = model if model is not None else load_model(model_path, arch=arch)
-    ids = list(token_ids) if token_ids is not None else encode_prompt(model, prompt, False)
+    tokenizer = None
+    if token_ids is not None:
+        ids = list(token_ids)
+    elif engine == "llama.cpp":
+        from aprtrace.engines.llamacpp import prompt_token_ids
+
+        ids, tokenizer = prompt_token_ids(model, prompt, False)
+    else:
+        ids = encode_prompt(model, prompt, False)
     check_dump_size(plan, model.config, len(ids), allow_large)
     result = run_trace(
         model,
@@ -58,6 +66,7 @@ def trace_to_dir(
         collect_stats=False,
         clean=True,
         engine=engine,
+        tokenizer=tokenizer,
     )
     return TracedDump(
         Path(model_path), engine, plan.out_dir, ids, len(result.log.files), result.seconds
@@ -90,20 +99,38 @@ def check_models_comparable(model_a, model_b, token_ids: list[int], tokens_given
 
 def _dump_name(side: str, path: Path, engine: str) -> str:
     stem = path.name if path.is_dir() else path.stem
-    return f"{side}-{stem}-{engine}"
+    return f"{side}-{stem}-{engine.replace('.', '')}"
+
+
+ENGINE_CHOICE = click.Choice(["numpy", "transformers", "llama.cpp"])
+
+
+def parse_engines(spec: str) -> tuple[str, str]:
+    """``--engines numpy,llama.cpp`` -> ("numpy", "llama.cpp")."""
+    names = [n.strip() for n in spec.split(",")]
+    if len(names) != 2 or any(n not in ENGINE_CHOICE.choices for n in names):
+        raise ValidationError(
+            f"invalid --engines '{spec}'",
+            hint=f"give two of {', '.join(ENGINE_CHOICE.choices)}, e.g. --engines numpy,llama.cpp",
+        )
+    return names[0], names[1]
 
 
 @click.command()
 @click.argument("model_a", metavar="MODEL_A", type=click.Path(path_type=Path))
 @click.argument("model_b", metavar="[MODEL_B]", type=click.Path(path_type=Path), required=False)
-@click.option(
-    "--engine-a", default="numpy", show_default=True, type=click.Choice(["numpy", "transformers"])
-)
+@click.option("--engine-a", default="numpy", show_default=True, type=ENGINE_CHOICE)
 @click.option(
     "--engine-b",
     default=None,
-    type=click.Choice(["numpy", "transformers"]),
+    type=ENGINE_CHOICE,
     help="[default: numpy with MODEL_B, transformers without it]",
+)
+@click.option(
+    "--engines",
+    metavar="A,B",
+    default=None,
+    help="Both engines at once, e.g. numpy,llama.cpp (same as --engine-a A --engine-b B).",
 )
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True)
 @click.option("--tokens", metavar="IDS", help="Comma-separated token ids for both sides.")
@@ -130,6 +157,7 @@ def compare_command(
     model_b,
     engine_a,
     engine_b,
+    engines,
     prompt,
     tokens,
     stages,
@@ -151,12 +179,15 @@ def compare_command(
     Examples:
       aprtrace compare model-f16.gguf model-q4_k_m.gguf --html report.html
       aprtrace compare model.gguf                  # numpy vs transformers, same weights
+      aprtrace compare model.gguf --engines numpy,llama.cpp
       aprtrace compare hf-dir/ model.apr --save-tensor-layers 0..4 --cos-min 0.99
     """
     from aprtrace.trace import parse_token_list
 
     opts = options_from(diff_params)
     opts.arch = arch
+    if engines is not None:
+        engine_a, engine_b = parse_engines(engines)
     if model_b is None:
         model_b = model_a
         engine_b = engine_b or "transformers"
@@ -170,6 +201,10 @@ def compare_command(
         from aprtrace.engines.transformers import import_ref
 
         import_ref()  # before tracing A, not after
+    if "llama.cpp" in (engine_a, engine_b):
+        from aprtrace.engines.llamacpp import check_installed
+
+        check_installed()
     from aprtrace.formats import load_model
     from aprtrace.trace import encode_prompt
 
@@ -185,7 +220,11 @@ def compare_command(
     loaded_a = load_model(model_a, arch=arch)
     loaded_b = loaded_a if model_b == model_a else load_model(model_b, arch=arch)
     tokens_given = ids is not None
-    if ids is None:
+    if ids is None and engine_a == "llama.cpp":
+        from aprtrace.engines.llamacpp import prompt_token_ids
+
+        ids = list(prompt_token_ids(loaded_a, prompt, False)[0])  # llama.cpp's own tokenizer
+    elif ids is None:
         ids = encode_prompt(loaded_a, prompt, False)
     check_models_comparable(loaded_a, loaded_b, ids, tokens_given)
     from aprtrace.plan import check_dump_size, make_plan

@@ -192,9 +192,9 @@ def prepare_out_dir(plan: SavePlan, clean: bool) -> list[Path]:
     return sorted(out.rglob("*.bin"))
 
 
-ENGINES = ("numpy", "transformers")
+ENGINES = ("numpy", "transformers", "llama.cpp")
 # Suffix of the default output directory per engine (numpy keeps apr's `<stem>-trace`).
-ENGINE_DIR_SUFFIX = {"numpy": "", "transformers": "-transformers"}
+ENGINE_DIR_SUFFIX = {"numpy": "", "transformers": "-transformers", "llama.cpp": "-llamacpp"}
 
 
 def engine_forward(engine: str):
@@ -205,6 +205,10 @@ def engine_forward(engine: str):
         from aprtrace.engines.transformers import hf_forward
 
         return hf_forward
+    if engine == "llama.cpp":
+        from aprtrace.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine()  # a fresh one per run: it keeps the run's manifest_info
     raise ValidationError(f"unknown engine '{engine}'", hint=f"choose one of {', '.join(ENGINES)}")
 
 
@@ -218,13 +222,18 @@ def run_trace(
     progress: Progress | None = None,
     clean: bool = False,
     engine: str = "numpy",
+    tokenizer: dict | None = None,
 ) -> TraceResult:
     """Run the forward pass, write the planned stage files, then the manifest (last).
 
-    ``engine`` is ``numpy`` (aprtrace's own forward pass) or ``transformers`` (Hugging Face
-    transformers on the same decoded weights, as a reference dump in the same layout).
+    ``engine`` is ``numpy`` (aprtrace's own forward pass), ``transformers`` (Hugging Face
+    transformers on the same decoded weights) or ``llama.cpp`` (llama.cpp's own graph nodes,
+    GGUF only), each a dump in the same layout. ``tokenizer`` (which tokenizer made the ids)
+    goes into the manifest.
     """
     run_forward = engine_forward(engine)
+    if hasattr(run_forward, "check_model"):
+        run_forward.check_model(model)  # an engine's refusal comes before the output dir
     if plan is not None:
         layers = plan.layers.resolve(model.config.num_layers)
         existing = prepare_out_dir(plan, clean)
@@ -261,13 +270,16 @@ def run_trace(
         stale_files=stale,
     )
     if plan is not None:
+        extra = dict(getattr(run_forward, "manifest_info", None) or {})
+        if tokenizer is not None:
+            extra["tokenizer"] = tokenizer
         result.manifest_path = _write_manifest(
-            model, plan, layers, token_ids, prompt, log, hasher, engine
+            model, plan, layers, token_ids, prompt, log, hasher, engine, extra
         )
     return result
 
 
-def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine) -> Path:
+def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine, extra) -> Path:
     from aprtrace.manifest import build_manifest_data, write_manifest
 
     data = build_manifest_data(
@@ -284,6 +296,7 @@ def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine)
         digest=hasher.result() if hasher else None,
         engine=engine,
     )
+    data.update(extra)  # engine provenance (llama.cpp build, not_captured, ...)
     return write_manifest(plan.out_dir, data)
 
 

@@ -296,6 +296,12 @@ def check_same_run(a: DumpInfo, b: DumpInfo) -> None:
     )
 
 
+def not_captured(dump: DumpInfo) -> set[str]:
+    """Stages the dump's engine does not compute (manifest ``not_captured``)."""
+    skipped = dump.manifest.raw.get("not_captured") if dump.manifest is not None else None
+    return {str(s) for s in skipped} if isinstance(skipped, list) else set()
+
+
 def dump_warnings(a: DumpInfo, b: DumpInfo) -> list[str]:
     """Loud warnings: missing manifests, stale files left out."""
     out = []
@@ -304,6 +310,14 @@ def dump_warnings(a: DumpInfo, b: DumpInfo) -> list[str]:
             out.append(
                 f"{side} ({dump.path}): no manifest.json: the dump may be incomplete or "
                 "written by apr; shapes are inferred where possible"
+            )
+        # An engine that does not compute some stages says so (llama.cpp: ffn_silu).
+        skipped = not_captured(dump)
+        if skipped:
+            engine = dump.manifest.raw.get("engine", "this engine") if dump.manifest else ""
+            out.append(
+                f"{side} ({dump.path}): {engine} does not compute "
+                f"{', '.join(sorted(skipped))}: not in {side}, not compared"
             )
         if dump.stale:
             out.append(
