@@ -220,8 +220,9 @@ def test_limit_is_a_partial_selection_with_bounded_cost():
     d = np.abs(a - b)
     want = np.argsort(-d, kind="stable")[:1_000_000]
     assert [t.index for t in stats.top_diffs] == want.tolist()
-    # The list sorted per chunk took ~25 s here; the partial selection well under one.
-    assert took < 8.0, took
+    # Measured on the 2-core project machine at load 11: the old list sorted per chunk took
+    # 65 s, the partial selection 2.9 s (0.1 s with --limit 10). The bound leaves room for load.
+    assert took < 20.0, took
     bound = diff_module.MAX_LIMIT
     result = run("diff", "--values", "--limit", bound + 1, "x.bin", "y.bin")
     assert result.exit_code == 5 and f"{bound}" in result.output.replace(",", "")

@@ -137,12 +137,9 @@ class _TopArrays:
     def size(self) -> int:
         return int(self.key.size)
 
-    def extend(self, other: _TopArrays) -> _TopArrays:
-        merged = _TopArrays(
-            *(np.concatenate([getattr(self, f), getattr(other, f)]) for f in _TOP_FIELDS)
-        )
-        merged.full, merged.threshold = self.full, self.threshold
-        return merged
+    @staticmethod
+    def concat(parts: list[_TopArrays]) -> _TopArrays:
+        return _TopArrays(*(np.concatenate([getattr(p, f) for p in parts]) for f in _TOP_FIELDS))
 
     def select(self, k: int, ordered: bool = True) -> _TopArrays:
         """The ``k`` best by (-key, index) by partial selection; sorted when ``ordered``."""
@@ -194,6 +191,8 @@ class _Accumulator:
         self.norm_b = 0.0
         self.max_abs_a = 0.0
         self.top_arrays: _TopArrays | None = None
+        self.pending: list[_TopArrays] = []  # candidates not merged yet (bounded by 2 x limit)
+        self.pending_size = 0
         self.nan_a = self.nan_b = self.inf_a = self.inf_b = self.mismatch = 0
         self.ulp_max = 0
         self.work: _Workspace | None = None
@@ -272,10 +271,19 @@ class _Accumulator:
             idx = np.arange(key.size)
         if idx.size == 0:
             return
-        fresh = _TopArrays(key[idx], idx + base, a[idx], b[idx], d[idx])
-        self.top_arrays = fresh if top is None else top.extend(fresh)
-        if self.top_arrays.size >= 2 * self.limit:
-            self.top_arrays = self.top_arrays.select(self.limit, ordered=False)
+        self.pending.append(_TopArrays(key[idx], idx + base, a[idx], b[idx], d[idx]))
+        self.pending_size += int(idx.size)
+        if self.pending_size + (top.size if top is not None else 0) >= 2 * self.limit:
+            self._reduce(ordered=False)
+
+    def _reduce(self, ordered: bool) -> None:
+        """Merge the pending candidates into ``top_arrays`` and cut back to ``limit``."""
+        parts = ([self.top_arrays] if self.top_arrays is not None else []) + self.pending
+        self.pending, self.pending_size = [], 0
+        if not parts:
+            return
+        merged = parts[0] if len(parts) == 1 else _TopArrays.concat(parts)
+        self.top_arrays = merged.select(self.limit, ordered=ordered)
 
     def finish(
         self, refine: Callable[[set[int]], dict[int, np.ndarray]] | None = None
@@ -288,8 +296,9 @@ class _Accumulator:
             cosine = 0.0
         else:
             cosine = self.dot / (math.sqrt(self.norm_a) * math.sqrt(self.norm_b))
-        chosen = self.top_arrays.select(self.limit) if self.top_arrays is not None else None
-        top = chosen.as_list() if chosen is not None else []
+        if self.limit > 0:
+            self._reduce(ordered=True)
+        top = self.top_arrays.as_list() if self.top_arrays is not None else []
         stats = PairStats(n, self.max_d, self.max_i, rms, cosine, top)
         if not self.extended:
             return stats
