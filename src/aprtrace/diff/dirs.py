@@ -16,7 +16,6 @@ from aprtrace.diff.layout import (
     dump_warnings,
     infer_shape,
     load_dump,
-    not_captured,
 )
 from aprtrace.diff.metrics import CHUNK, compare_arrays, lm_head_stats
 from aprtrace.diff.results import DirDiff, PairResult
@@ -98,11 +97,7 @@ def diff_dirs(
         common = [key for key in common if select(key)]
 
     def one_sided(mine: DumpInfo, other: DumpInfo) -> list[str]:
-        # A stage the other side's engine does not compute is not missing from it.
-        skipped = not_captured(other)
-        rels = [
-            r for r in mine.files if r not in other.files and mine.files[r].stage not in skipped
-        ]
+        rels = [r for r in mine.files if r not in other.files]
         if select is not None:
             rels = [r for r in rels if select(mine.files[r])]
         return sorted(rels, key=lambda r: mine.files[r].sort_key())

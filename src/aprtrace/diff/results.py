@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from aprtrace.diff.layout import DumpInfo, PairKey, Position, position_of
+from aprtrace.diff.layout import DumpInfo, PairKey, Position, not_captured, position_of
 from aprtrace.diff.metrics import LmHeadStats, PairStats
 from aprtrace.diff.tokens import TokenTexts
 from aprtrace.diff.tolerance import Tolerance
@@ -124,7 +124,13 @@ class DirDiff:
                     f"{side}: {len(dump.unreadable)} path(s) could not be read "
                     f"(first: {dump.unreadable[0]})"
                 )
-        for side, names in (("A", self.only_a), ("B", self.only_b)):
+        for side, mine, other, names in (
+            ("A", self.a, self.b, self.only_a),
+            ("B", self.b, self.a, self.only_b),
+        ):
+            # A stage the other side's engine does not compute (it says so) is not missing.
+            skipped = not_captured(other)
+            names = [r for r in names if r not in mine.files or mine.files[r].stage not in skipped]
             if names and not self.one_sided_ok:
                 out.append(f"{len(names)} file(s) only in {side} (first: {names[0]})")
         bad = self.unreadable
