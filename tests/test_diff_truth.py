@@ -314,3 +314,37 @@ def test_size_estimate_grows_with_attention_maps(tiny_gguf, tmp_path):
     small, large = plan.estimate_dump_bytes(maps, cfg, 10), plan.estimate_dump_bytes(maps, cfg, 100)
     header = 12 + 150 + 4096
     assert (large - header) == pytest.approx(100 * (small - header), rel=0.01)  # heads x seq^2
+
+
+# ----------------------------------------------------------------------------- 4. report
+
+
+def test_report_decodes_tokens_and_shows_lm_head_topk_of_both_sides(tiny_gguf_pair, tmp_path):
+    from aprtrace import report
+    from aprtrace.formats import load_model
+
+    f32, q8 = tiny_gguf_pair
+    a = trace(f32, tmp_path / "a", "all", "0..2")
+    b = trace(q8, tmp_path / "b", "all", "0..2")
+    d = diff_dirs(a, b)
+    tok = load_model(f32).tokenizer
+    ids = list(read_manifest(a).token_ids)
+    assert d.token_texts is not None
+    assert d.token_texts.prompt == [tok.decode([i], skip_special_tokens=False) for i in ids]
+    doc = report.dir_json(d)
+    head = next(p for p in doc["pairs"] if p["stage"] == "lm_head")["lm_head"]
+    assert len(head["top_a"]) == len(head["top_b"]) == 5
+    for entry in head["top_a"] + head["top_b"]:
+        assert entry["text"] == tok.decode([entry["id"]], skip_special_tokens=False)
+    logits = np.fromfile(a / "lm_head.bin", dtype="<f4", offset=12)
+    assert [e["id"] for e in head["top_a"]] == list(np.argsort(-logits, kind="stable")[:5])
+    page = report.html_report(d)
+    assert 'id="growth"' in page and "Error growth through the layers" in page
+    assert 'id="only-failures"' in page and "first divergence" in page
+    assert "not in both dumps" in page and "out of tolerance" in page  # the legend
+    # the manifests' model files gone: no texts, and no error
+    for dump in (a, b):
+        doc = json.loads((dump / "manifest.json").read_text())
+        doc["model"]["path"] = str(tmp_path / "moved-away.gguf")
+        write_manifest(dump, doc)
+    assert report.dir_json(diff_dirs(a, b))["token_texts"] is None

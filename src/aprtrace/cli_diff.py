@@ -47,7 +47,8 @@ Directory mode (pairs files by relative path, forward order):
   aprtrace diff --values f32-trace/ q4-trace/ --cos-min 0.99 --tol 'attn_softmax:atol=1e-3'
   aprtrace diff --values a/ b/ --tol 'layer-3/ffn_*:cos-min=0.98,rtol=0.2' --fail-fast
   aprtrace diff --values a/ b/ --json > diff.json
-  aprtrace diff --values a/ b/ --html report.html --plot heatmap.svg --metric cosine
+  aprtrace diff --values a/ b/ --html report.html --plot heatmap.png --metric cosine
+  aprtrace diff --values a/ b/ --all --wide       # every row and every column
 Local vs inherited error (teacher forcing; MODEL = the model B ran, e.g. its quantized GGUF):
   aprtrace diff --values f32-trace/ q4-trace/ --model model-q4_0.gguf
 
@@ -70,7 +71,7 @@ it receives. Pass A's model instead to see weight quantization as local error.
 
 \b
 Exit codes:
-  0  every pair within tolerance
+  0  every pair within tolerance, nothing missing
   1  at least one pair diverged (the report names the first one in forward order)
   2  the command line cannot be parsed (unknown option, missing argument)
   3  an input file or directory does not exist
@@ -81,6 +82,11 @@ Exit codes:
   9  INCOMPLETE: every compared pair is within tolerance, but files listed in a manifest
      are missing or unreadable, or some stage files exist on one side only
      (--only-common accepts one-sided files)
+
+\b
+The terminal shows the summary, the first divergence, the stages adding the most error
+(float32 rounding noise, rel L2 < 1e-5, never counts) and the rows out of tolerance; --all
+prints every row. 1-cos is 1 - cosine in scientific notation.
 
 \b
 With a manifest.json, a dump is exactly the files it lists; other .bin files in the
