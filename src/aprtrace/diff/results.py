@@ -11,6 +11,7 @@ from aprtrace.diff.tokens import TokenTexts
 from aprtrace.diff.tolerance import Tolerance
 from aprtrace.errors import (
     EXIT_DIVERGED,
+    EXIT_INCOMPLETE,
     ValidationError,
 )
 
@@ -56,8 +57,6 @@ class PairResult:
 # Relative L2 error below which a stage is float32 rounding noise, not news: two correct f32
 # implementations of one stage differ by ~1e-7..1e-6 (summation order, fused operations).
 NOISE_REL_L2 = 1e-5
-
-EXIT_INCOMPLETE = 9  # documented in `aprtrace diff --help` and docs/diff-json.md
 
 
 @dataclass(frozen=True)
