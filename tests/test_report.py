@@ -51,7 +51,9 @@ PAIR_KEYS = {
     "norm_a",
     "norm_b",
     "lm_head",
+    "index_agreement",
     "top_diffs",
+    "step",
 }
 TOP_KEYS = {
     "schema",
@@ -75,6 +77,7 @@ TOP_KEYS = {
     "token_texts",
     "summary",
     "first_divergence",
+    "first_token_disagreement",
     "amplifiers",
     "pairs",
 }

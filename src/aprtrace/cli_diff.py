@@ -42,7 +42,8 @@ A is the reference, B the candidate (relative error, SQNR and rtol are measured 
 File pair (compatible with `apr diff --values A.bin B.bin`):
   aprtrace diff --values ref/layer-0/ffn_out.bin q8/layer-0/ffn_out.bin
   aprtrace diff --values --json --limit 5 a/lm_head.bin b/lm_head.bin
-Directory mode (pairs files by relative path, forward order):
+Directory mode (pairs files by relative path, forward order; dumps traced with --decode N
+are walked prompt pass first, then decode-1/ .. decode-N/, and --steps filters them):
   aprtrace diff --values f32-trace/ q8-trace/
   aprtrace diff --values f32-trace/ q4-trace/ --cos-min 0.99 --tol 'attn_softmax:atol=1e-3'
   aprtrace diff --values a/ b/ --tol 'layer-3/ffn_*:cos-min=0.98,rtol=0.2' --fail-fast
@@ -105,18 +106,22 @@ def _write(path: Path, data: str | bytes) -> None:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-def _pair_filter(stages_spec: str | None, layers_spec: str | None):
-    """A PairKey predicate from --stages / --layers (None when neither is given)."""
-    if stages_spec is None and layers_spec is None:
+def _pair_filter(stages_spec: str | None, layers_spec: str | None, steps_spec: str | None = None):
+    """A PairKey predicate from --stages / --layers / --steps (None when none is given)."""
+    if stages_spec is None and layers_spec is None and steps_spec is None:
         return None
+    from aprtrace.decode import parse_steps
     from aprtrace.plan import parse_layers
     from aprtrace.stages import parse_stage_list
 
     names = {s.value for s in parse_stage_list(stages_spec, "--stages")} if stages_spec else None
     layers = parse_layers(layers_spec, "--layers") if layers_spec else None
+    steps = parse_steps(steps_spec) if steps_spec else None
 
     def keep(key) -> bool:
         if names is not None and key.stage not in names:
+            return False
+        if steps is not None and key.step not in steps:
             return False
         return layers is None or key.layer is None or key.layer in layers
 
@@ -188,6 +193,7 @@ class DiffOptions:
     metric: str = "rel-l2"
     stages_spec: str | None = None
     layers_spec: str | None = None
+    steps_spec: str | None = None
     include_stale: bool = False
     only_common: bool = False
 
@@ -295,6 +301,13 @@ _DIFF_OPTIONS = [
         "stages are kept).",
     ),
     click.option(
+        "--steps",
+        "steps_spec",
+        metavar="STEPS",
+        help="Directory mode, dumps traced with --decode: compare only these passes (0 = the "
+        "prompt, k = DIR/decode-k; as --save-tensor-layers: 0..3 is 0, 1, 2).",
+    ),
+    click.option(
         "--include-stale",
         is_flag=True,
         help="Also compare .bin files a dump's manifest.json does not list (stale files).",
@@ -342,7 +355,7 @@ def diff_command(ctx: click.Context, values_flag: bool, path_a: Path, path_b: Pa
 
 def run_diff(path_a: Path, path_b: Path, opts: DiffOptions) -> int:
     """Compare two APRT files or two dumps, render the result, return the exit code."""
-    select = _pair_filter(opts.stages_spec, opts.layers_spec)
+    select = _pair_filter(opts.stages_spec, opts.layers_spec, opts.steps_spec)
     for name in ("atol", "rtol", "cos_min"):
         check_tolerance_value(name, getattr(opts, name), f"--{name.replace('_', '-')}")
     base = Tolerance(atol=opts.atol, rtol=opts.rtol, cos_min=opts.cos_min)
@@ -369,8 +382,8 @@ def run_diff(path_a: Path, path_b: Path, opts: DiffOptions) -> int:
     if path_a.is_file() and path_b.is_file():
         if html_path or plot_path or opts.fail_fast or model_path or select:
             raise ValidationError(
-                "--html, --plot, --fail-fast, --model, --stages and --layers need two dump "
-                "directories, not two files"
+                "--html, --plot, --fail-fast, --model, --stages, --layers and --steps need two "
+                "dump directories, not two files"
             )
         return _file_pair(path_a, path_b, opts.limit, opts.as_json, base, rules)
     if path_a.is_dir() != path_b.is_dir():

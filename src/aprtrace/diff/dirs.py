@@ -32,9 +32,8 @@ from aprtrace.errors import (
     OutputError,
     ValidationError,
 )
-from aprtrace.stages import (
-    Stage,
-)
+from aprtrace.index_metrics import index_agreement
+from aprtrace.stages import Stage, stage_from_file_stem
 
 
 def compare_pair(
@@ -66,6 +65,11 @@ def compare_pair(
     if key.stage == Stage.LM_HEAD.value:
         result.lm_head = lm_head_stats(fa.values, fb.values)
     result.passed, result.reason = verdict(result.stats, tol)
+    # Index payloads (expert ids as f32) are compared as integers, per token.
+    stage = stage_from_file_stem(key.stage)
+    if stage is not None and stage.index_payload:
+        result.index = index_agreement(fa.values, fb.values, result.shape)
+        result.passed, result.reason = result.index.passed, result.index.reason
     return result
 
 
@@ -110,7 +114,7 @@ def diff_dirs(
             hint="pass two dump directories written by aprtrace trace or apr trace --save-tensor",
         )
     for key in common:
-        tol = tolerance_for(tolerance, overrides, key.stage, key.rel_stem)
+        tol = tolerance_for(tolerance, overrides, key.stage, key.step_stem)
         pair = compare_pair(key, a, b, tol, limit, chunk)
         result.pairs.append(pair)
         if on_pair is not None:
@@ -122,7 +126,9 @@ def diff_dirs(
                 break
     config = next((m.config for m in (a.manifest, b.manifest) if m is not None and m.config), None)
     num_layers = config.get("num_layers") if config else None
-    attribute(result.pairs, num_layers if isinstance(num_layers, int) else None, config)
+    for step in result.steps:  # each pass reads its own inputs (decode steps too)
+        step_pairs = [p for p in result.pairs if p.key.step == step]
+        attribute(step_pairs, num_layers if isinstance(num_layers, int) else None, config)
     result.adders = result.error_adders()
     result.amplifying = result.amplifiers()
     if decode_tokens:

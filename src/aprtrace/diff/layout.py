@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aprtrace.decode import step_of_path
 from aprtrace.errors import (
     NotFoundError,
     ValidationError,
@@ -33,24 +34,35 @@ class PairKey:
     rel: str  # posix relative path, e.g. "layer-0/attn_norm.bin"
     stage: str  # stage name (or the file stem when unknown)
     layer: int | None  # None for whole-model (top-level) files
+    step: int = 0  # decode step (files under decode-k/); 0 = the prompt pass
 
     @property
     def rel_stem(self) -> str:
         return self.rel[: -len(".bin")] if self.rel.endswith(".bin") else self.rel
 
+    @property
+    def step_stem(self) -> str:
+        """``rel_stem`` inside its step (``decode-2/layer-3/x`` -> ``layer-3/x``), for --tol."""
+        return step_of_path(self.rel_stem)[1]
+
     def sort_key(self) -> tuple:
         known = stage_from_file_stem(self.stage)
         order = known.order if known is not None else _STAGE_COUNT
         if self.layer is None:
-            return (1, 0, order, self.rel)
-        return (0, self.layer, order, self.rel)
+            return (self.step, 1, 0, order, self.rel)
+        return (self.step, 0, self.layer, order, self.rel)
 
     @property
     def label(self) -> str:
-        return self.stage if self.layer is None else f"layer {self.layer} {self.stage}"
+        where = self.stage if self.layer is None else f"layer {self.layer} {self.stage}"
+        return f"step {self.step} {where}" if self.step else where
 
 
 def key_for(rel: str) -> PairKey:
+    step, inner = step_of_path(rel)
+    if step:
+        key = key_for(inner)
+        return PairKey(rel, key.stage, key.layer, step)
     parts = rel.split("/")
     stem = parts[-1][: -len(".bin")]
     known = stage_from_file_stem(stem)
@@ -180,21 +192,27 @@ def infer_shape(key: PairKey, count: int, manifests: list[Manifest]) -> tuple[in
     if stage is not None and len(stage.spec.shape_dims) == 1:
         return (count,)
     for m in manifests:
-        seq = len(m.token_ids)
+        seq, keys = len(m.token_ids), None
+        if key.step:  # a decode step: one new row attending every position up to its own
+            at = [s.get("position") for s in m.decode_steps if s.get("step") == key.step]
+            if not at or not isinstance(at[0], int):
+                continue
+            seq, keys = 1, at[0] + 1
         if seq <= 0:
             continue
         cfg = _config_view(m.config)
         if stage is not None and cfg is not None:
             try:
-                shape = stage_shape(stage, cfg, seq)
+                shape = stage_shape(stage, cfg, seq, keys)
             except (AttributeError, TypeError):
                 shape = None
             if shape is not None and int(np.prod(shape)) == count:
                 return shape
         if stage is not None and stage.spec.attention_map:
-            heads = count // (seq * seq)
-            if heads * seq * seq == count:
-                return (heads, seq, seq)
+            width = seq if keys is None else keys
+            heads = count // (seq * width)
+            if heads * seq * width == count:
+                return (heads, seq, width)
         elif count % seq == 0:
             return (seq, count // seq)
     return None
@@ -324,5 +342,17 @@ def dump_warnings(a: DumpInfo, b: DumpInfo) -> list[str]:
                 f"{side} ({dump.path}): {len(dump.stale)} .bin file(s) not listed in "
                 f"manifest.json (stale, e.g. {dump.stale[0]}) are ignored; --include-stale "
                 "compares them too"
+            )
+    ma, mb = a.manifest, b.manifest
+    if ma is not None and mb is not None:
+        fed_a = [s.get("token") for s in ma.decode_steps]
+        fed_b = [s.get("token") for s in mb.decode_steps]
+        n = min(len(fed_a), len(fed_b))
+        k = next((i for i in range(n) if fed_a[i] != fed_b[i]), None)
+        if k is not None:
+            out.append(
+                f"A and B were fed DIFFERENT tokens from decode step {k + 1} on "
+                f"(A {fed_a[k]}, B {fed_b[k]}): later steps are not comparable; trace B with "
+                "--decode-tokens set to A's tokens (as `aprtrace compare --decode` does)"
             )
     return out

@@ -14,6 +14,7 @@ from aprtrace.errors import (
     EXIT_INCOMPLETE,
     ValidationError,
 )
+from aprtrace.index_metrics import IndexAgreement
 
 
 @dataclass
@@ -34,6 +35,7 @@ class PairResult:
     # Why there is no attribution although the pair has statistics (an input not in the dump).
     input_note: str | None = None
     unreadable: str | None = None  # a file of the pair could not be read (OS error)
+    index: IndexAgreement | None = None  # index payloads (moe_router_indices): per token
 
     def coords_of(self, index: int) -> Position | None:
         """Named coordinates of flat ``index`` (None without a shape)."""
@@ -92,6 +94,20 @@ class DirDiff:
     adders: list[tuple[PairResult, float]] = field(default_factory=list)
     amplifying: list[PairResult] = field(default_factory=list)
     token_texts: TokenTexts | None = None  # from a dump's model tokenizer, when available
+
+    @property
+    def steps(self) -> list[int]:
+        """The decode steps compared (0 = the prompt pass), in order."""
+        return sorted({p.key.step for p in self.pairs})
+
+    @property
+    def first_token_disagreement(self) -> PairResult | None:
+        """The first pass (prompt, then steps) whose lm_head argmax differs between A and B:
+        from there on, the two engines would have generated different tokens."""
+        for p in sorted(self.pairs, key=lambda p: p.key.step):
+            if p.lm_head is not None and not p.lm_head.top1_agree:
+                return p
+        return None
 
     @property
     def passed(self) -> int:

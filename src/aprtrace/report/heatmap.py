@@ -168,17 +168,24 @@ def _ink(rgb: tuple[int, int, int]) -> str:
 
 def _grid(d: DirDiff) -> tuple[list[str], list[str], dict[tuple[str, str], int]]:
     """Rows (layer labels, whole-model last), columns (stages in forward order), cell -> pair."""
-    layers = sorted({p.key.layer for p in d.pairs if p.key.layer is not None})
-    rows = [f"layer {x}" for x in layers]
-    if any(p.key.layer is None for p in d.pairs):
-        rows.append("whole-model")
+    rows = []
+    for step in d.steps:  # a block of rows per decode step (step 0, the prompt, unprefixed)
+        here = [p for p in d.pairs if p.key.step == step]
+        layers = sorted({p.key.layer for p in here if p.key.layer is not None})
+        rows += [_row_label(step, x) for x in layers]
+        if any(p.key.layer is None for p in here):
+            rows.append(_row_label(step, None))
     order = {s.value: s.order for s in Stage}
     stages = sorted({p.key.stage for p in d.pairs}, key=lambda s: (order.get(s, len(order)), s))
     cells = {}
     for i, p in enumerate(d.pairs):
-        row = "whole-model" if p.key.layer is None else f"layer {p.key.layer}"
-        cells[(row, p.key.stage)] = i
+        cells[(_row_label(p.key.step, p.key.layer), p.key.stage)] = i
     return rows, stages, cells
+
+
+def _row_label(step: int, layer: int | None) -> str:
+    row = "whole-model" if layer is None else f"layer {layer}"
+    return f"step {step} {row}" if step else row
 
 
 def _tooltip(p: PairResult, metric: str) -> str:
@@ -279,7 +286,7 @@ def heatmap_svg(d: DirDiff, metric: str = "rel-l2", interactive: bool = False) -
     first = d.first_divergence
     first_row = first_stage = None
     if first is not None:
-        first_row = "whole-model" if first.key.layer is None else f"layer {first.key.layer}"
+        first_row = _row_label(first.key.step, first.key.layer)
         first_stage = first.key.stage
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '

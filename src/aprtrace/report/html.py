@@ -25,6 +25,7 @@ from aprtrace.report.text import (
     overall_verdict,
     ratio_text,
     summary_line,
+    token_disagreement_line,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +54,9 @@ def _manifest_rows(d: DirDiff) -> list[tuple[str, str]]:
         label = "prompt" if len(prompts) == 1 else "prompt (differs!)"
         text = f"tokens {list(ids)}" if prompt is None else f"{prompt!r}, tokens {list(ids)}"
         rows.append((label, text))
+    token_line = token_disagreement_line(d)  # decode steps (issue 12)
+    if token_line is not None:
+        rows.append(("generation", token_line))
     return rows
 
 
@@ -151,8 +155,9 @@ def html_report(
         gap = cosine_gap(p)
         cells = [
             (
-                "-" if p.key.layer is None else str(p.key.layer),
-                p.key.layer if p.key.layer is not None else 1e9,
+                ("" if p.key.step == 0 else f"step {p.key.step} ")
+                + ("-" if p.key.layer is None else str(p.key.layer)),
+                p.key.step * 1e6 + (p.key.layer if p.key.layer is not None else 1e5),
             ),
             (p.key.stage, p.key.stage),
             (fmt_sci(gap), gap),

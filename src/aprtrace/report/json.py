@@ -68,6 +68,7 @@ def pair_json(
     s = p.stats
     out: dict[str, Any] = {
         "path": p.key.rel,
+        "step": p.key.step,
         "stage": p.key.stage,
         "layer": p.key.layer if p.key.layer is not None else "whole-model",
         "verdict": _verdict_word(p),
@@ -113,6 +114,7 @@ def pair_json(
             "top_b": _top_logits(p.lm_head.top_b, texts),
         }
     )
+    out["index_agreement"] = p.index.to_json() if p.index is not None else None
     out["top_diffs"] = [
         {
             "index": t.index,
@@ -149,10 +151,18 @@ def _ref(p: PairResult | None) -> dict[str, Any] | None:
         return None
     return {
         "path": p.key.rel,
+        "step": p.key.step,
         "stage": p.key.stage,
         "layer": p.key.layer if p.key.layer is not None else "whole-model",
         "reason": p.reason,
     }
+
+
+def _token_disagreement_json(d: DirDiff) -> dict[str, Any] | None:
+    p = d.first_token_disagreement
+    if p is None or p.lm_head is None:
+        return None
+    return {"step": p.key.step, "path": p.key.rel, "a": p.lm_head.top1_a, "b": p.lm_head.top1_b}
 
 
 def dir_json(d: DirDiff, localization: Localization | None = None) -> dict[str, Any]:
@@ -193,6 +203,7 @@ def dir_json(d: DirDiff, localization: Localization | None = None) -> dict[str, 
         "unreadable_a": list(d.a.unreadable),
         "unreadable_b": list(d.b.unreadable),
         "first_divergence": _ref(d.first_divergence),
+        "first_token_disagreement": _token_disagreement_json(d),
         "amplifiers": [
             {
                 **_ref(p),  # type: ignore[dict-item]

@@ -27,6 +27,7 @@ from aprtrace.report.text import (
     ratio_text,
     short_reason,
     summary_line,
+    token_disagreement_line,
 )
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ def _table_columns(
         return "-" if s is None else f"{fmt(s.ulp_max, 'd')}/{fmt(s.ulp_median, '.10g')}"
 
     columns = [
+        *([_Column("step", "right", 0, lambda p: str(p.key.step))] if len(d.steps) > 1 else []),
         _Column("layer", "right", 0, lambda p: "-" if p.key.layer is None else str(p.key.layer)),
         _Column("stage", "left", 0, lambda p: p.key.stage),
         _Column("1-cos", "right", 1, lambda p: fmt_sci(cosine_gap(p))),
@@ -222,11 +224,15 @@ def render_dir_table(
         if p.lm_head is not None:
             h = p.lm_head
             console.print(
+                f"{'step ' + str(p.key.step) + ' ' if p.key.step else ''}"
                 f"lm_head: top-1 {'agrees' if h.top1_agree else 'DIFFERS'} "
                 f"(A {h.top1_a}, B {h.top1_b}), top-5 overlap {h.top5_overlap}/5, "
                 f"KL(A||B) {fmt(h.kl_divergence, '.3g')}",
                 soft_wrap=True,
             )
+    token_line = token_disagreement_line(d)
+    if token_line is not None:
+        console.print(Text(token_line, style="bold"), soft_wrap=True)
     if localization is not None:
         for line in localization_lines(d, localization):
             console.print(Text(line), soft_wrap=True)
@@ -268,9 +274,11 @@ def _print_table(
     for i in keep:
         c = columns[i]
         table.add_column(c.header, justify=c.justify, no_wrap=c.header != "verdict")  # type: ignore[arg-type]
-    for p, row in zip(rows, cells, strict=True):
+    for k, (p, row) in enumerate(zip(rows, cells, strict=True)):
         style = "bold" if p is d.first_divergence else None
-        table.add_row(*(row[i] for i in keep), style=style)
+        # A rule between decode steps: the table groups by step.
+        last_of_step = k + 1 < len(rows) and rows[k + 1].key.step != p.key.step
+        table.add_row(*(row[i] for i in keep), style=style, end_section=last_of_step)
     console.print(table)  # the only hard-wrapped output
     notes = []
     if any(columns[i].header == "at" for i in keep) and not wide:

@@ -191,6 +191,21 @@ def localization_lines(d: DirDiff, localization: Localization) -> list[str]:
     return lines
 
 
+def token_disagreement_line(d: DirDiff) -> str | None:
+    """Where the two runs would have generated different tokens (None: they never would)."""
+    p = d.first_token_disagreement
+    if p is None or p.lm_head is None:
+        if len(d.steps) > 1 and any(q.lm_head is not None for q in d.pairs):
+            steps = f"steps {d.steps[0]}..{d.steps[-1]}"
+            return f"argmax: A and B pick the same token at every pass ({steps})"
+        return None
+    which = "the prompt pass" if p.key.step == 0 else f"step {p.key.step}"
+    return (
+        f"argmax: A and B first pick different tokens after {which} (A {p.lm_head.top1_a}, "
+        f"B {p.lm_head.top1_b}): greedy generation would part there, at step {p.key.step + 1}"
+    )
+
+
 def first_divergence_line(d: DirDiff) -> str | None:
     """'First divergence: layer 1 attn_softmax [layer-1/attn_softmax.bin]: <reason>; ...'."""
     first = d.first_divergence
