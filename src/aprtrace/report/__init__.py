@@ -51,4 +51,5 @@ from aprtrace.report.text import (  # noqa: F401
     ratio_text,
     short_reason,
     summary_line,
+    token_disagreement_line,
 )
