@@ -346,7 +346,8 @@ def options_from(params: dict) -> DiffOptions:
 @diff_options
 @click.option(
     "--arch",
-    help="Architecture of --model when the file does not name one (APR): llama, qwen2, qwen3.",
+    help="Architecture of --model when the file does not name one (APR): llama, qwen2, qwen3, "
+    "gemma2, gemma3.",
 )
 @click.pass_context
 def diff_command(ctx: click.Context, values_flag: bool, path_a: Path, path_b: Path, **params):
