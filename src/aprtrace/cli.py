@@ -1,8 +1,9 @@
 """The ``aprtrace`` command line: parse, call the library, render. No logic of its own.
 
-Exit codes (as ``apr``): 0 ok, 1 diff found a divergence, 2 usage error, 3 file not found,
-4 invalid format, 5 validation failed, 6 model load failed, 7 I/O error, 8 inference failed,
-70 internal error (a bug in aprtrace), 130 interrupted.
+Exit codes (as ``apr``): 0 ok, 1 diff found a divergence, 2 the command line does not parse
+(unknown option, missing argument), 3 file not found, 4 invalid format, 5 validation failed
+(including every invalid option value), 6 model load failed, 7 I/O error, 8 inference failed,
+9 diff INCOMPLETE, 70 internal error (a bug in aprtrace), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ class AprtraceGroup(click.Group):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             ctx.exit(EXIT_BROKEN_PIPE)
+        except click.BadParameter as exc:
+            # An invalid option value is exit 5 whoever checks it (click or aprtrace); 2 is
+            # kept for a command line that does not parse (unknown option, missing argument).
+            exc.exit_code = ValidationError.exit_code
+            raise
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:  # a bug in aprtrace, not in the input
@@ -126,10 +132,11 @@ def main(debug: bool) -> None:
       aprtrace inspect model-trace/layer-0/attn_norm.bin
 
     \b
-    Exit codes (as apr): 0 ok, 1 diff/compare diverged, 2 usage, 3 file not found,
-    4 invalid format, 5 validation failed, 6 model load failed, 7 I/O error,
-    8 inference failed (including a failed stage-file write), 70 internal error,
-    130 interrupted.
+    Exit codes (as apr): 0 ok, 1 diff/compare diverged, 2 the command line does not
+    parse (unknown option, missing argument), 3 file not found, 4 invalid format,
+    5 validation failed (every invalid option value), 6 model load failed, 7 I/O error,
+    8 inference failed (including a failed stage-file write), 9 diff INCOMPLETE (files
+    missing, unreadable or on one side only), 70 internal error, 130 interrupted.
     """
 
 
@@ -221,6 +228,11 @@ def _fmt(value) -> str:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no per-file listing.")
+@click.option(
+    "--allow-large",
+    is_flag=True,
+    help="Write the dump even when its estimated size is over 2 GB or the free disk space.",
+)
 def trace(
     model_path,
     save_tensor,
@@ -237,6 +249,7 @@ def trace(
     decode_tokens,
     as_json,
     quiet,
+    allow_large,
 ):
     """Run one forward pass of MODEL (GGUF, APR or safetensors dir) and capture its stages.
 
@@ -277,6 +290,13 @@ def trace(
     )
     if plan is None and layers is not None:
         parse_layers(layers)
+        click.echo("warning: --save-tensor-layers has no effect without --save-tensor", err=True)
+    if tokens is not None and _given(click.get_current_context(), "prompt"):
+        raise ValidationError(
+            "--prompt and --tokens both given; --tokens bypasses the tokenizer, so the prompt "
+            "would be ignored",
+            hint="give one of them",
+        )
     token_ids = parse_token_list(tokens) if tokens is not None else None
     forced = parse_token_list(decode_tokens, "--decode-tokens") if decode_tokens else None
     if decode_steps is None:
@@ -318,6 +338,10 @@ def trace(
         shown_prompt = prompt if tokenizer_info is not None else None
     cfg = model.config
     resolved = plan.layers.resolve(cfg.num_layers) if plan is not None else ()
+    if plan is not None:
+        from aprtrace.plan import check_dump_size
+
+        check_dump_size(plan, cfg, len(token_ids), allow_large)
 
     if not as_json:
         click.echo(
@@ -415,6 +439,12 @@ def trace(
         click.echo("Next token: none (the logits contain NaN)")
 
 
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether the user typed option ``name`` (not its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 def _decode_json(result) -> dict:
     """The ``decode`` object of ``trace --json``: steps plus each step's statistics."""
     from aprtrace.trace import decode_manifest
@@ -494,7 +524,8 @@ def _print_stats_table(stats) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def stages(as_json):
+@click.option("--markdown", is_flag=True, help="Print the table of docs/stages.md.")
+def stages(as_json, markdown):
     """List the capture stages in forward order, with what each buffer holds.
 
     \b
@@ -517,6 +548,11 @@ def stages(as_json):
     ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
+        return
+    if markdown:
+        from aprtrace.stages import stages_markdown
+
+        click.echo(stages_markdown(), nl=False)
         return
     for r in rows:
         only = "" if r["architectures"] == "all" else f"  [{', '.join(r['architectures'])}]"

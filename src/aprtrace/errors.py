@@ -54,6 +54,7 @@ class InferenceError(AprtraceError):
 
 
 EXIT_DIVERGED = 1
+EXIT_INCOMPLETE = 9  # diff: every compared pair passes, but files are missing or one-sided
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70  # EX_SOFTWARE: an unexpected exception, i.e. a bug in aprtrace
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -528,33 +529,31 @@ def check_prompt_text(prompt: str) -> None:
 MAX_TOKEN_ID = (1 << 31) - 1
 
 
+_TOKEN_ID = re.compile(r"^[0-9]+$")  # ASCII digits only: no '1_000', no full-width digits
+
+
 def parse_token_list(spec: str, flag: str = "--tokens") -> list[int]:
-    """``--tokens 1,2,3`` -> [1, 2, 3] (``flag`` names the option in errors)."""
-    items = [t for t in spec.replace(" ", "").split(",") if t != ""]
-    for t in items:
-        digits = t.lstrip("+-").lstrip("0")
-        if t.isascii() and len(digits) > len(str(MAX_TOKEN_ID)):
+    """``--tokens 1,2,3`` -> [1, 2, 3]; blanks around an id are allowed, nothing else
+    (``flag`` names the option in errors)."""
+    hint = f"give comma-separated ASCII integers, e.g. {flag} 3838,374"
+    items = [t.strip() for t in spec.split(",")]
+    if all(not t for t in items):
+        raise ValidationError(f"{flag} is empty", hint="give comma-separated integers")
+    ids = []
+    for item in items:
+        if not item:
+            raise ValidationError(f"invalid {flag} '{spec[:80]}': empty item", hint=hint)
+        if item.startswith("-") and _TOKEN_ID.match(item[1:]):
+            raise ValidationError(f"invalid {flag} '{spec[:80]}': token ids are >= 0")
+        if not _TOKEN_ID.match(item):
             raise ValidationError(
-                f"invalid {flag} '{spec[:80]}': token id {t[:24]}... is too large",
+                f"invalid {flag} '{spec[:80]}': '{item[:24]}' is not a token id", hint=hint
+            )
+        # Sized by digit count first, so a 5000-digit id is never converted.
+        if len(item.lstrip("0")) > len(str(MAX_TOKEN_ID)) or int(item) > MAX_TOKEN_ID:
+            raise ValidationError(
+                f"invalid {flag}: token id {item[:24]} is too large",
                 hint=f"token ids are 0..{MAX_TOKEN_ID} and must be inside the model's vocabulary",
             )
-    try:
-        ids = [int(t) for t in items if t.isascii()]
-        if len(ids) != len(items):
-            raise ValueError("non-ASCII digits")
-    except ValueError:
-        raise ValidationError(
-            f"invalid {flag} '{spec}'",
-            hint=f"give comma-separated integers, e.g. {flag} 3838,374",
-        ) from None
-    if not ids:
-        raise ValidationError(f"{flag} is empty", hint="give comma-separated integers")
-    if any(i < 0 for i in ids):
-        raise ValidationError(f"invalid {flag} '{spec}': token ids are >= 0")
-    too_big = [i for i in ids if i > MAX_TOKEN_ID]
-    if too_big:
-        raise ValidationError(
-            f"invalid {flag}: token id {too_big[0]} is too large",
-            hint=f"token ids are 0..{MAX_TOKEN_ID} and must be inside the model's vocabulary",
-        )
+        ids.append(int(item))
     return ids
