@@ -21,6 +21,7 @@ SUPPORTED_ARCHITECTURES = (
     "mixtral",
     "gemma2",
     "gemma3",
+    "gpt2",
 )
 # Architecture strings that mean one of the supported families.
 ARCH_ALIASES = {
@@ -39,6 +40,8 @@ ARCH_ALIASES = {
     "stablelm": "stablelm",
     "stablelm_epoch": "stablelm",
     "starcoder2": "starcoder2",
+    "gpt2": "gpt2",
+    "gpt2lmheadmodel": "gpt2",
     # MoE (llama.cpp, Hugging Face model_type and APR spellings)
     "qwen2moe": "qwen2moe",
     "qwen2_moe": "qwen2moe",
@@ -70,6 +73,7 @@ def normalize_architecture(name: str | None, where: str = "model") -> str:
         "graniteforcausallm",
         "stablelmforcausallm",
         "starcoder2forcausallm",
+        "gpt2lmheadmodel",
         "gemma2forcausallm",
         "gemma3forcausallm",
     ):

@@ -67,7 +67,7 @@ def run_layers(
     arch = architecture_of(cfg)
     ctx = PassContext(model, np.asarray(positions, dtype=np.int64), cache)
     with np.errstate(all="ignore"), one_blas_thread(len(ids) <= SHORT_PROMPT):
-        hidden = arch.embed(model, ids)
+        hidden = arch.embed(model, ids, ctx.positions)
         emit(Stage.EMBEDDING, 0, hidden)
 
         for layer in range(cfg.num_layers):

@@ -173,8 +173,8 @@ def _has_pre_norms(cfg: Any) -> bool:
     return cfg.architecture not in _POST_NORM_ONLY
 
 
-# Non-gated MLPs (StarCoder2: c_proj(gelu(c_fc(x)))): no ffn_gate, no ffn_swigl.
-_NON_GATED = ("starcoder2",)
+# Non-gated MLPs (StarCoder2, GPT-2: c_proj(gelu(c_fc(x)))): no ffn_gate, no ffn_swigl.
+_NON_GATED = ("starcoder2", "gpt2")
 
 
 def _gated_mlp(cfg: Any) -> bool:
@@ -196,7 +196,8 @@ GRAPH: dict[Stage, StageSpec] = dict(
             (),
             _SEQ_H,
             "token embedding rows (written as layer 0 only; Gemma: times sqrt(hidden);"
-            " Granite: times embedding_multiplier)",
+            " Granite: times embedding_multiplier; GPT-2: token + learned position rows,"
+            " Hugging Face's hidden_states[0])",
             weights="matrix",
         ),
         _row(
@@ -212,7 +213,7 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.QKV_MATMUL,
             (("attn_norm", LAYER_INPUT),),
             ("seq", "q_dim + 2*kv_dim"),
-            "fused [Q|K|V] projection, before bias (Phi-3: its qkv_proj)",
+            "fused [Q|K|V] projection, before bias (Phi-3: its qkv_proj; GPT-2: c_attn)",
             weights="matrix",
         ),
         _row(
@@ -227,13 +228,13 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.Q_POST_ROPE,
             (("qkv_bias", "qkv_matmul"),),
             ("seq", "n_heads*head_dim"),
-            "Q after QK-norm (if any) and RoPE",
+            "Q after QK-norm (if any) and RoPE (GPT-2, no RoPE: Q as projected, + bias)",
         ),
         _row(
             Stage.K_POST_ROPE,
             (("qkv_bias", "qkv_matmul"),),
             ("seq", "kv_dim"),
-            "K after QK-norm (if any) and RoPE",
+            "K after QK-norm (if any) and RoPE (GPT-2, no RoPE: K as projected, + bias)",
         ),
         _row(
             Stage.ATTN_SCORES,

@@ -19,6 +19,7 @@ _MODULES: tuple[str, ...] = (
     "aprtrace.arch.granite",
     "aprtrace.arch.stablelm",
     "aprtrace.arch.starcoder2",
+    "aprtrace.arch.gpt2",
 )
 _REGISTRY: dict[str, Architecture] = {}
 

@@ -124,8 +124,9 @@ class Architecture:
     ) -> np.ndarray:
         raise NotImplementedError
 
-    def embed(self, model: Any, ids: np.ndarray) -> np.ndarray:
-        """Embedding rows of ``ids`` ``[seq, hidden]``, decoding only those rows."""
+    def embed(self, model: Any, ids: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        """Embedding rows of ``ids`` ``[seq, hidden]``, decoding only those rows; ``positions``
+        (default 0..) matter only to learned position embeddings (GPT-2)."""
         return model.tensor("model.embed_tokens.weight").take(ids)
 
     def default_rope(self, ctx: PassContext) -> tuple[np.ndarray, np.ndarray]:

@@ -108,7 +108,7 @@ class Gemma(Llama):
             down_proj=w("mlp.down_proj.weight", (h, inter)),
         )
 
-    def embed(self, model, ids: np.ndarray) -> np.ndarray:
+    def embed(self, model, ids: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
         """Embedding rows times ``sqrt(hidden)``, the scale rounded to float32 first (as HF)."""
         scale = np.float32(model.config.hidden_size**0.5)
         return model.tensor("model.embed_tokens.weight").take(ids) * scale

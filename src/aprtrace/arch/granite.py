@@ -23,7 +23,7 @@ from aprtrace.stages import Stage
 class Granite(Llama):
     names = ("granite",)
 
-    def embed(self, model, ids: np.ndarray) -> np.ndarray:
+    def embed(self, model, ids: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
         return super().embed(model, ids) * np.float32(model.config.embedding_multiplier)
 
     def layer(

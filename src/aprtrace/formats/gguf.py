@@ -546,7 +546,8 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
         ),
         max_position_embeddings=_int_key(meta, p + "context_length", where, default=2048),
         tie_word_embeddings="output.weight" not in gf.tensors,
-        qkv_bias="blk.0.attn_q.bias" in gf.tensors,
+        # GPT-2 keeps its fused c_attn bias as attn_qkv.bias.
+        qkv_bias="blk.0.attn_q.bias" in gf.tensors or "blk.0.attn_qkv.bias" in gf.tensors,
         qk_norm="blk.0.attn_q_norm.weight" in gf.tensors,
         bos_token_id=_optional_id(meta.get(Keys.Tokenizer.BOS_ID)),
         eos_token_id=_optional_id(meta.get(Keys.Tokenizer.EOS_ID)),

@@ -60,7 +60,7 @@ def _sort_key(hf_name: str) -> tuple[int, int, str]:
     match = _LAYER_RE.fullmatch(hf_name)
     if match:
         return (1, int(match.group(1)), hf_name)
-    return (0 if "embed_tokens" in hf_name else 2, 0, hf_name)
+    return (0 if "embed_" in hf_name else 2, 0, hf_name)  # token (and GPT-2 position) rows
 
 
 def _encode(name: str, values: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
@@ -157,6 +157,7 @@ def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None
     olmo2 = config.architecture == "olmo2"  # Q/K norms over the whole projection
     expected = {
         "model.embed_tokens.weight": (config.vocab_size, h),
+        "model.embed_positions.weight": (config.max_position_embeddings, h),  # GPT-2
         "lm_head.weight": (config.vocab_size, h),
         "model.norm.weight": (h,),
     }.get(name)
@@ -254,7 +255,8 @@ def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
     writer.add_head_count_kv(config.num_kv_heads)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.rotary_dim)
+    if config.architecture != "gpt2":  # learned positions, no RoPE
+        writer.add_rope_dimension_count(config.rotary_dim)
     if config.sliding_window is not None and config.architecture not in ("gemma2", "gemma3"):
         writer.add_sliding_window(config.sliding_window)  # Gemma's are in _gemma_metadata
     elif config.architecture == "phi3":  # as llama.cpp's converter: 0 means no window
@@ -265,12 +267,15 @@ def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
         writer.add_logit_scale(float(config.logits_scaling))
         if config.attention_multiplier is not None:
             writer.add_attention_scale(float(config.attention_multiplier))
-    if config.architecture in ("stablelm", "starcoder2"):  # LayerNorm models
+    if config.architecture in ("stablelm", "starcoder2", "gpt2"):  # LayerNorm models
         writer.add_layer_norm_eps(float(config.rms_norm_eps))
     else:
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     if config.architecture == "stablelm":
         writer.add_parallel_residual(False)
+    if config.architecture == "gpt2":  # learned positions: no RoPE keys
+        writer.add_vocab_size(config.vocab_size)
+        return
     writer.add_rope_freq_base(float(config.rope_theta))
     if config.rope_linear_factor != 1.0:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -340,6 +345,7 @@ _EXTRA_METADATA = {
     "granite": _no_metadata,
     "stablelm": _no_metadata,
     "starcoder2": _no_metadata,
+    "gpt2": _no_metadata,
 }
 
 

@@ -24,6 +24,7 @@ from aprtrace.config import (
 )
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.formats.gguf import check_tensors
+from aprtrace.mapping import gpt2 as gpt2_mapping
 from aprtrace.mapping import hf_config_fields, hf_global_rope, split_fused
 from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import LazyTensor, Model
@@ -252,7 +253,8 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         rms_norm_eps=number("rms_norm_eps", number("layer_norm_eps", number("norm_epsilon", 1e-6))),
         max_position_embeddings=integer("max_position_embeddings", 2048),
         tie_word_embeddings=tied,
-        qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
+        qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensors
+        or "model.layers.0.self_attn.qkv_proj.bias" in tensors,  # GPT-2's fused c_attn bias
         qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
         bos_token_id=_token_id(raw.get("bos_token_id")),
         eos_token_id=_token_id(raw.get("eos_token_id")),
@@ -280,7 +282,10 @@ _ROPE_FEATURES = {
 
 
 # The MLP activation each module computes (transformers' ACT2FN names of the same function).
-_ACTIVATIONS = {"starcoder2": ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")}
+_ACTIVATIONS = {
+    "starcoder2": ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"),
+    "gpt2": ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),
+}
 _OWN_ACTIVATION_CHECK = ("gemma2", "gemma3")  # mapping.gemma checks hidden_activation
 
 
@@ -410,6 +415,9 @@ def load_safetensors(path: Path) -> Model:
             if name in tensors:
                 raise InvalidFormatError(f"{file}: tensor '{name}' also appears in another shard")
             tensors[name] = tensor
+    if raw_config.get("model_type") == "gpt2":  # Conv1D layout, GPT2Config's keys
+        raw_config = gpt2_mapping.hf_config(raw_config, str(path))
+        tensors = gpt2_mapping.hf_tensor_names(tensors, str(path))
     config = hf_config(raw_config, tensors, str(path))
     tensors = moe_mapping.hf_tensor_names(tensors, config, str(path))
     _add_llama3_rope_factors(raw_config, config, tensors, str(path))

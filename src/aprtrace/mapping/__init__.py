@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from aprtrace.errors import ModelLoadError
-from aprtrace.mapping import gemma, llama, moe, olmo2, phi3, starcoder2
+from aprtrace.mapping import gemma, gpt2, llama, moe, olmo2, phi3, starcoder2
 
 # architecture -> (global names, per-layer names); GGUF short name -> HF module path.
 _TABLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
@@ -35,6 +35,7 @@ _TABLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "granite": (llama.GLOBAL, llama.LAYER),
     "stablelm": (llama.GLOBAL, llama.LAYER),
     "starcoder2": (llama.GLOBAL, starcoder2.LAYER),
+    "gpt2": (gpt2.GLOBAL, gpt2.LAYER),
 }
 # architecture -> what a GGUF adds to its RMSNorm weights (Gemma's stored ``w + 1``).
 _GGUF_NORM_OFFSETS = {"gemma2": gemma.NORM_OFFSET, "gemma3": gemma.NORM_OFFSET}
@@ -137,7 +138,10 @@ FUSED: dict[str, tuple[str, ...]] = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
-_STORED_FUSED: dict[str, tuple[str, ...]] = {"phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj")}
+_STORED_FUSED: dict[str, tuple[str, ...]] = {
+    "phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj"),
+    "gpt2": ("self_attn.qkv_proj",),
+}
 _HF_FUSED = re.compile(
     r"^(model\.layers\.\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.(weight|bias)$"
 )
