@@ -15,8 +15,13 @@ from __future__ import annotations
 import numpy as np
 
 from aprtrace.arch.base import Emit, PassContext
-from aprtrace.arch.llama import AttentionWeights, add_qkv_bias, attend_and_project
-from aprtrace.arch.llama import qkv_projection, split_qkv
+from aprtrace.arch.llama import (
+    AttentionWeights,
+    add_qkv_bias,
+    attend_and_project,
+    qkv_projection,
+    split_qkv,
+)
 from aprtrace.arch.starcoder2 import Starcoder2
 from aprtrace.config import ModelConfig
 from aprtrace.mapping.gpt2 import POSITIONS

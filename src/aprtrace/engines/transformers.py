@@ -62,6 +62,7 @@ _CAUSAL_LM_CLASSES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
 }
 _ATTENTION_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
 _MLP_BIASES = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
@@ -144,6 +145,8 @@ def hf_config(model: Model):
     _, transformers = import_ref()
     cfg: ModelConfig = model.config
     family = _hf_family(cfg)
+    if family == "gpt2":
+        return _gpt2_config(model, transformers)
     config_name, _ = _CAUSAL_LM_CLASSES[family]
     extra: dict[str, Any] = {}
     if family in ("llama", "qwen3", "olmo2", "granite"):
@@ -205,6 +208,47 @@ def hf_config(model: Model):
     config = getattr(transformers, config_name)(**(settings | extra))
     config._attn_implementation = "eager"
     return config
+
+
+def _gpt2_config(model: Model, transformers):
+    """GPT2Config of ``model``: learned positions, LayerNorm epsilon, gelu_new, tied head."""
+    cfg = model.config
+    config = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_position_embeddings,
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        n_inner=cfg.intermediate_size,
+        activation_function="gelu_new",
+        layer_norm_epsilon=cfg.rms_norm_eps,
+        tie_word_embeddings=model.lm_head_name == "model.embed_tokens.weight",
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+    )
+    config._attn_implementation = "eager"
+    return config
+
+
+def _gpt2_parameter(model: Model, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A GPT2LMHeadModel parameter from aprtrace's names: ``c_attn`` fused again from
+    q/k/v, Conv1D weights transposed back to ``[in, out]``; None for lm_head."""
+    from aprtrace.mapping import gpt2
+
+    found = gpt2.transformers_name(name)
+    if found is None:
+        return None
+    source, conv1d = found
+    fused = ".self_attn.qkv_proj."
+    if fused in source:  # c_attn: [Q|K|V] rows again
+        parts = FUSED[fused.strip(".")]
+        values = np.concatenate([model.weight(source.replace(fused, f".{p}.")) for p in parts])
+    else:
+        values = model.weight(source)
+    values = values.T if conv1d else values
+    if values.shape != shape:
+        raise InferenceError(f"{name}: {list(values.shape)} from {source}, expected {list(shape)}")
+    return values
 
 
 def _gemma_config_arguments(cfg: ModelConfig, rope_scaling: dict | None) -> dict[str, Any]:
@@ -306,8 +350,13 @@ def _state_dict(model: Model, expected: dict[str, tuple[int, ...]], torch) -> di
             continue
         if source not in loaded:
             moe_values = _moe_parameter(model, name, shape) if model.config.is_moe else None
+            gpt2_values = (
+                _gpt2_parameter(model, name, shape) if model.config.architecture == "gpt2" else None
+            )
             if moe_values is not None:
                 values = moe_values
+            elif gpt2_values is not None:
+                values = gpt2_values
             elif not model.has(source) and name.endswith(".bias"):
                 values = np.zeros(shape, dtype=np.float32)
             else:
@@ -354,11 +403,16 @@ def build_hf_model(model: Model):
     with torch.device("meta"):
         hf_model = getattr(transformers, class_name)(config)
     expected = {name: tuple(t.shape) for name, t in hf_model.state_dict().items()}
-    _check_all_used(model, expected, class_name)
+    gpt2 = model.config.architecture == "gpt2"  # mapping.gpt2 places every GPT-2 tensor
+    if not gpt2:
+        _check_all_used(model, expected, class_name)
     hf_model.load_state_dict(_state_dict(model, expected, torch), strict=True, assign=True)
-    _set_rope_frequencies(hf_model, config, model, torch)
-    embed = hf_model.model.embed_tokens
-    if hasattr(embed, "embed_scale"):  # Gemma's sqrt(hidden): a buffer, not a weight
+    if not gpt2:  # GPT-2 has learned positions, no rotary embedding
+        _set_rope_frequencies(hf_model, config, model, torch)
+    embed = hf_model.model.embed_tokens if not gpt2 else None
+    if embed is not None and hasattr(
+        embed, "embed_scale"
+    ):  # Gemma's sqrt(hidden): a buffer, not a weight
         embed.embed_scale = torch.tensor(embed.scalar_embed_scale)
     empty = [n for n, t in (*hf_model.named_parameters(), *hf_model.named_buffers()) if t.is_meta]
     if empty:
@@ -442,11 +496,16 @@ def hooked_passes(
 
     if getattr(hf_model.config, "_attn_implementation", "eager") != "eager":
         hf_model.config._attn_implementation = "eager"
-    base = hf_model.model
-    n_layers = len(base.layers)
+    # GPT-2 keeps its decoder in `transformer`, its blocks in `h` and the final norm in `ln_f`.
+    gpt2 = hasattr(hf_model, "transformer")
+    base = hf_model.transformer if gpt2 else hf_model.model
+    layers = base.h if gpt2 else base.layers
+    n_layers = len(layers)
     n_heads = hf_model.config.num_attention_heads
-    if has_qkv_bias is None:
-        q_proj = getattr(base.layers[0].self_attn, "q_proj", None) if n_layers else None
+    if has_qkv_bias is None and gpt2:
+        has_qkv_bias = n_layers > 0 and layers[0].attn.c_attn.bias is not None
+    elif has_qkv_bias is None:
+        q_proj = getattr(layers[0].self_attn, "q_proj", None) if n_layers else None
         has_qkv_bias = q_proj is not None and q_proj.bias is not None
     pending: dict[int, dict[Stage, np.ndarray]] = {}
     projected: dict[int, list] = {}
@@ -536,7 +595,28 @@ def hooked_passes(
         emit(Stage.EMBEDDING, 0, _np(hidden[0]))
 
     if n_layers:
-        handles.append(base.layers[0].register_forward_pre_hook(on_layer_input, with_kwargs=True))
+        handles.append(layers[0].register_forward_pre_hook(on_layer_input, with_kwargs=True))
+
+    def on_conv1d_qkv(c_attn, layer: int) -> None:
+        def hook(_m, inputs, output) -> None:  # GPT-2's Conv1D: x @ W [in, out] + b
+            put(Stage.QKV_MATMUL, layer, inputs[0][0] @ c_attn.weight)
+            if has_qkv_bias:
+                put(Stage.QKV_BIAS, layer, output[0])
+
+        handles.append(c_attn.register_forward_hook(hook))
+
+    def gpt2_block(block, i: int) -> None:
+        """GPT-2: ln_1, c_attn, (attention), attn.c_proj, ln_2, c_fc, act, mlp.c_proj."""
+        on_output(block.ln_1, Stage.ATTN_NORM, i)
+        on_conv1d_qkv(block.attn.c_attn, i)
+        on_input(block.attn.c_proj, Stage.ATTENTION, i)
+        on_output(block.attn.c_proj, Stage.ATTN_OUT, i)
+        on_input(block.ln_2, Stage.POST_ATTN_RESIDUAL, i)
+        on_output(block.ln_2, Stage.FFN_NORM, i)
+        on_output(block.mlp.c_fc, Stage.FFN_UP, i)
+        on_output(block.mlp.act, Stage.FFN_SILU, i)
+        on_output(block.mlp.c_proj, Stage.FFN_OUT, i)
+        on_layer_done(block, i)
 
     def on_gate_up(proj, layer: int) -> None:
         def hook(_m, _i, output) -> None:  # Phi-3's fused [gate|up] rows, split in halves
@@ -546,7 +626,10 @@ def hooked_passes(
 
         handles.append(proj.register_forward_hook(hook))
 
-    for i, layer in enumerate(base.layers):
+    for i, layer in enumerate(layers):
+        if gpt2:
+            gpt2_block(layer, i)
+            continue
         attn, mlp = layer.self_attn, layer.mlp
         # OLMo 2's post_attention_layernorm normalizes the attention output (no pre-norms).
         post_norms_only = not hasattr(layer, "input_layernorm")
@@ -588,7 +671,8 @@ def hooked_passes(
             on_input(mlp.down_proj, Stage.FFN_SWIGL, i)
             on_output(mlp.down_proj, Stage.FFN_OUT, i)
         on_layer_done(layer, i)
-    handles.append(base.norm.register_forward_hook(emit_output(Stage.FINAL_NORM, None)))
+    final_norm = base.ln_f if gpt2 else base.norm
+    handles.append(final_norm.register_forward_hook(emit_output(Stage.FINAL_NORM, None)))
 
     # The cache keyword: `cache` in recent transformers (`past_key_values` is deprecated there).
     forward_params = inspect.signature(hf_model.forward).parameters
