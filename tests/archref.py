@@ -19,7 +19,7 @@ from aprtrace.formats import load_model
 from aprtrace.formats.gguf_writer import tokenizer_dict_from_hf, write_gguf
 from aprtrace.forward import forward
 
-TINY_ARCHS = ("phi3", "olmo2", "granite", "stablelm", "starcoder2", "mistral")
+TINY_ARCHS = ("phi3", "olmo2", "granite", "stablelm", "starcoder2", "mistral", "gpt2")
 CONTAINERS = ("safetensors", "gguf-F32", "gguf-Q8_0", "apr-Q8_0")
 PROMPT = "What is 2+2? The quick brown fox, 1234 times.\n"
 RELATIVE_BOUND = 1e-4
@@ -87,6 +87,33 @@ _GLOBALS = {
 }
 
 
+# llama.cpp's GPT-2 tensors -> GPT2LMHeadModel's, and whether llama.cpp's converter
+# transposed the Conv1D weight to [out, in] (convert_hf_to_gguf.py GPT2Model.modify_tensors).
+_GPT2_GLOBALS = {
+    "token_embd.weight": ("transformer.wte.weight", False),
+    "position_embd.weight": ("transformer.wpe.weight", False),
+    "output_norm.weight": ("transformer.ln_f.weight", False),
+    "output_norm.bias": ("transformer.ln_f.bias", False),
+    "output.weight": ("lm_head.weight", False),
+}
+_GPT2_LAYER = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+
+
+def _gpt2_name(gguf_name: str) -> tuple[str, bool]:
+    if gguf_name in _GPT2_GLOBALS:
+        return _GPT2_GLOBALS[gguf_name]
+    _, layer, part, kind = gguf_name.split(".")
+    conv1d = kind == "weight" and part not in ("attn_norm", "ffn_norm")
+    return f"transformer.h.{layer}.{_GPT2_LAYER[part]}.{kind}", conv1d
+
+
 def tiny_model(arch: str, seed: int = 7, windowed: bool = True):
     """A tiny seeded transformers model of ``arch`` (GQA 4/2 heads, untied head except
     StarCoder2, which ties it as its checkpoints do). ``windowed=False`` drops the sliding
@@ -136,6 +163,20 @@ def tiny_model(arch: str, seed: int = 7, windowed: bool = True):
             **common,
         )
         cls = transformers.Starcoder2ForCausalLM
+    elif arch == "gpt2":  # 4 heads of 16, no GQA (GPT-2 has none), tied head
+        config = transformers.GPT2Config(
+            vocab_size=common["vocab_size"],
+            n_positions=common["max_position_embeddings"],
+            n_embd=hfref.TINY_SIZES["hidden_size"],
+            n_layer=hfref.TINY_SIZES["num_hidden_layers"],
+            n_head=hfref.TINY_SIZES["num_attention_heads"],
+            n_inner=hfref.TINY_SIZES["intermediate_size"],
+            activation_function="gelu_new",
+            layer_norm_epsilon=LAYER_NORM_EPS,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        cls = transformers.GPT2LMHeadModel
     elif arch == "mistral":
         config = transformers.MistralConfig(rope_theta=10000.0, sliding_window=window, **common)
         cls = transformers.MistralForCausalLM
@@ -162,6 +203,10 @@ def gguf_weights(path) -> dict[str, np.ndarray]:
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         values = np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type))
         values = values.astype(np.float32).reshape(shape)
+        if arch == "gpt2":
+            name, conv1d = _gpt2_name(t.name)
+            out[name] = values.T.copy() if conv1d else values
+            continue
         if t.name in _GLOBALS:
             name = _GLOBALS[t.name]
         else:
