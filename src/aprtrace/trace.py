@@ -244,8 +244,12 @@ def run_trace(
         elif not first_bad and not np.isfinite(values).all():
             first_bad.append((stage.value, layer))
 
+    def wants(stage: Stage, layer: int | None) -> bool:
+        # The statistics table covers every stage; otherwise only what the plan writes.
+        return collect_stats or (plan is not None and plan.wants(stage, layer))
+
     start = time.perf_counter()
-    logits = run_forward(model, token_ids, emit, progress)
+    logits = run_forward(model, token_ids, emit, progress, wants)
     seconds = time.perf_counter() - start
 
     written = {f.path.resolve() for f in log.files}

@@ -202,13 +202,7 @@ class Llama(Architecture):
         k = norm_and_rope(k, w.k_norm, cfg.rms_norm_eps, cos, sin)
         emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim))
 
-        keys, values, key_pos = ctx.keys_values(layer, k, v)
-        mask = ops.attention_mask(ctx.positions, key_pos, cfg.sliding_window)
-        scores = ops.attention_scores(q, keys, cfg.attention_scale, mask)
-        emit(Stage.ATTN_SCORES, layer, scores)
-        probs = ops.masked_softmax(scores, mask)
-        emit(Stage.ATTN_SOFTMAX, layer, probs)
-        context = ops.attend(probs, values)
+        context = self.attend(cfg, q, k, v, layer, ctx, emit)  # emits attn_scores, attn_softmax
         emit(Stage.ATTENTION, layer, context)
 
         attn_out = ops.linear(context, w.o_proj, w.o_bias)
