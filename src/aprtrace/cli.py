@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 from aprtrace import __version__
 from aprtrace.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, AprtraceError
@@ -25,11 +24,28 @@ DEFAULT_PROMPT = "What is 2+2?"
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by SIGPIPE
 
 # Commands in their own modules, imported only when used (keeps `trace` start-up short).
+# name -> (module, attribute, first sentence of its help: `--help` lists it without the import).
 LAZY_COMMANDS = {
-    "compare": ("aprtrace.compare", "compare_command"),
-    "convert": ("aprtrace.convert", "convert_command"),
-    "demo": ("aprtrace.demo", "demo_command"),
-    "diff": ("aprtrace.cli_diff", "diff_command"),
+    "compare": (
+        "aprtrace.compare",
+        "compare_command",
+        "Trace MODEL_A and MODEL_B on the same token ids and diff every stage (A = reference).",
+    ),
+    "convert": (
+        "aprtrace.convert",
+        "convert_command",
+        "Convert a GGUF file or Hugging Face safetensors directory to an APR v2 model.",
+    ),
+    "demo": (
+        "aprtrace.demo",
+        "demo_command",
+        "Build a tiny seeded Qwen2 model as F32 and quantized GGUF, trace both, diff them.",
+    ),
+    "diff": (
+        "aprtrace.cli_diff",
+        "diff_command",
+        "Compare stage tensors value by value: two APRT files, or two dump directories.",
+    ),
 }
 
 
@@ -41,9 +57,20 @@ class AprtraceGroup(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in LAZY_COMMANDS:
-            module, attr = LAZY_COMMANDS[name]
+            module, attr, _ = LAZY_COMMANDS[name]
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``--help``, without importing the lazy commands' modules."""
+        commands = []
+        for name in self.list_commands(ctx):
+            cmd = _help_stub(name) or super().get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                commands.append((name, cmd))
+        limit = formatter.width - 6 - max(len(name) for name, _ in commands)
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, cmd.get_short_help_str(limit)) for name, cmd in commands])
 
     def invoke(self, ctx: click.Context):
         debug = "--debug" in sys.argv[1:] or bool(ctx.params.get("debug"))
@@ -107,6 +134,11 @@ def main(debug: bool) -> None:
     8 inference failed (including a failed stage-file write), 70 internal error,
     130 interrupted.
     """
+
+
+def _help_stub(name: str) -> click.Command | None:
+    """A stand-in carrying the first sentence of a lazy command's help, for listings."""
+    return click.Command(name, help=LAZY_COMMANDS[name][2]) if name in LAZY_COMMANDS else None
 
 
 def _progress_callback(quiet: bool):
@@ -265,6 +297,8 @@ def trace(
     with bar if bar is not None else contextlib.nullcontext():
         result = run_trace(model, token_ids, plan, **options)
 
+    import numpy as np
+
     # No next token when a logit is NaN: argmax would pick the first NaN.
     finite = result.logits.size and not np.isnan(result.logits).any()
     top = int(np.argmax(result.logits)) if finite else None
@@ -309,7 +343,8 @@ def trace(
         stage, layer = result.first_nonfinite
         where = f"layer {layer} {stage}" if layer is not None else stage
         click.echo(f"warning: first NaN/Inf appears at {where}", err=True)
-    if top is not None and model.tokenizer is not None:
+    # With --tokens the tokenizer is never built (a vocabulary costs ~60-140 ms to parse).
+    if top is not None and shown_prompt is not None and model.tokenizer is not None:
         text = model.tokenizer.decode([top], skip_special_tokens=False)
         click.echo(f"Next token (argmax): {top} {text!r}")
     elif top is not None:
@@ -319,6 +354,8 @@ def trace(
 
 
 def _json_default(value):
+    import numpy as np
+
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):

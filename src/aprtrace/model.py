@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import mmap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +147,36 @@ def layer_name(layer: int, suffix: str) -> str:
     return f"model.layers.{layer}.{suffix}"
 
 
+class Deferred:
+    """A value built on first use: ``Model(tokenizer=Deferred(build))``."""
+
+    def __init__(self, build: Callable[[], Any]):
+        self.build = build
+
+
+class _BuiltOnFirstUse:
+    """A dataclass field whose value may be ``Deferred``: built (once) when first read.
+
+    Building a tokenizer from a 49k-entry vocabulary costs ~60 ms, wasted when the token
+    ids are given; an error in it surfaces where the tokenizer is first used.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return None  # the field's default
+        value = obj.__dict__.get(self.slot)
+        if isinstance(value, Deferred):
+            value = value.build()
+            obj.__dict__[self.slot] = value
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class Model:
     """A loaded model. Weights are decoded per request, in Hugging Face layout."""
@@ -155,7 +185,7 @@ class Model:
     format: str  # gguf | apr | safetensors
     config: ModelConfig
     tensors: Mapping[str, LazyTensor]
-    tokenizer: Any = None  # tokenizers.Tokenizer or None
+    tokenizer: Any = _BuiltOnFirstUse()  # tokenizers.Tokenizer or None (or Deferred)
     qk_permuted: bool = False  # Q/K rows stored in llama.cpp's adjacent-pair order
     metadata: dict = field(default_factory=dict)
 

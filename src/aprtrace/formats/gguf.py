@@ -26,7 +26,7 @@ from gguf import quants as gguf_quants
 from aprtrace.config import ModelConfig, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.mapping import gguf_qk_permuted, gguf_to_hf
-from aprtrace.model import LazyTensor, Model, layer_name
+from aprtrace.model import Deferred, LazyTensor, Model, layer_name
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -614,7 +614,8 @@ def model_from_gguf(gf: GGUFFile, with_tokenizer: bool = True) -> Model:
     if with_tokenizer:
         from aprtrace.tokenizer import tokenizer_from_gguf_metadata
 
-        tokenizer = tokenizer_from_gguf_metadata(gf.metadata, where=str(path))
+        # Built on first use: a trace given token ids never needs it.
+        tokenizer = Deferred(lambda: tokenizer_from_gguf_metadata(gf.metadata, where=str(path)))
     metadata = gf.scalar_metadata()
     metadata["gguf.version"] = gf.version
     return Model(
