@@ -3,7 +3,9 @@
 The file (about 8 GB) is synthesized once into ``~/.cache/aprtrace/bench`` (never committed):
 seeded random Q8_0 blocks (random f16 scales in a realistic range, random int8 values) are
 generated and written a few MB at a time after the header, so the generator stays small in
-memory. It has no tokenizer; the trace uses ``--tokens``.
+memory. Its tokenizer is a placeholder byte-level BPE (the 256 byte symbols, one merge, filler
+tokens up to the vocabulary size) so that llama.cpp loads the file (it refuses a GGUF without
+``tokenizer.ggml.model``) and can requantize it (Q4_K_M); the traces use ``--tokens``.
 
 Then ``aprtrace trace --save-tensor all`` runs on it as a subprocess, with layers ``0..1,27``
 and with 1, 8 and 28 layers saved: the peak RSS must stay under 3 GB and must not grow with the
@@ -47,7 +49,18 @@ WRITE_CHUNK_BLOCKS = 1 << 17  # 4.5 MB of Q8_0 per write
 
 
 def synthetic_path() -> Path:
-    return BENCH_CACHE / f"qwen2.5-7b-shapes-q8_0-seed{SEED}.gguf"
+    return BENCH_CACHE / f"qwen2.5-7b-shapes-q8_0-seed{SEED}-vocab.gguf"
+
+
+def placeholder_vocabulary(size: int) -> tuple[list[str], list[str]]:
+    """Tokens and merges of a byte-level BPE llama.cpp accepts: the 256 byte symbols, the
+    merge ``Ġ t``, then unique fillers up to ``size``."""
+    from aprtrace.tokenizer import byte_alphabet
+
+    symbols = list(byte_alphabet().values())
+    tokens = [*symbols, "Ġt"]
+    tokens += [f"<|filler{i}|>" for i in range(size - len(tokens))]
+    return tokens[:size], ["Ġ t"]
 
 
 def _tensor_plan(s: dict) -> list[tuple[str, tuple[int, ...], str]]:
@@ -115,6 +128,12 @@ def synthesize(path: Path, shapes: dict = QWEN25_7B, seed: int = SEED) -> Path:
     writer.add_head_count_kv(shapes["kv_heads"])
     writer.add_rope_freq_base(shapes["rope_theta"])
     writer.add_layer_norm_rms_eps(shapes["rms_eps"])
+    tokens, merges = placeholder_vocabulary(shapes["vocab"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(gguf.TokenType.NORMAL)] * len(tokens))
+    writer.add_token_merges(merges)
     for name, shape, qtype in plan:
         if qtype == "F32":
             writer.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype))
