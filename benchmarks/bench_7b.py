@@ -204,8 +204,8 @@ def trace_once(model: Path, layers: str, out_dir: Path) -> Run7B:
     )
 
 
-def run(quick: bool = False, specs: list[str] | None = None) -> list[Run7B]:
-    """Synthesize the model if needed, then trace it once per layer spec."""
+def ensure_synthetic() -> Path:
+    """The synthetic Q8_0 file, written first if missing (about a minute, 8.1 GB)."""
     model = synthetic_path()
     if not model.exists():
         free = shutil.disk_usage(model.parent if model.parent.exists() else Path.home()).free
@@ -215,6 +215,44 @@ def run(quick: bool = False, specs: list[str] | None = None) -> list[Run7B]:
         start = time.perf_counter()
         synthesize(model)
         print(f"synthesized {model} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return model
+
+
+LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h
+
+
+def q4_k_m_path() -> Path:
+    return synthetic_path().with_name(synthetic_path().stem + "-requant-q4_k_m.gguf")
+
+
+def ensure_q4_k_m() -> Path | None:
+    """The same model requantized to Q4_K_M by llama.cpp (cyllama's ``model_quantize``), so
+    the file holds real K-quant blocks (Q4_K, Q6_K) as llama.cpp writes them. None when
+    cyllama is not installed."""
+    target = q4_k_m_path()
+    if target.exists():
+        return target
+    try:
+        from cyllama.llama import llama_cpp as cy
+    except ImportError:
+        return None
+    source = ensure_synthetic()
+    cy.llama_backend_init()
+    params = cy.LlamaModelQuantizeParams()
+    params.ftype = LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.allow_requantize = True
+    params.nthread = 2
+    partial = target.with_suffix(".partial")
+    start = time.perf_counter()
+    cy.model_quantize(str(source), str(partial), params)
+    partial.replace(target)
+    print(f"requantized {target} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return target
+
+
+def run(quick: bool = False, specs: list[str] | None = None) -> list[Run7B]:
+    """Synthesize the model if needed, then trace it once per layer spec."""
+    model = ensure_synthetic()
     specs = specs or (["0..1,27"] if quick else list(LAYER_SPECS))
     results = []
     with tempfile.TemporaryDirectory(prefix="aprtrace-7b-") as tmp:
