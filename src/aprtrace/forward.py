@@ -8,8 +8,9 @@ routes it to ``maybe_save_stage`` and the statistics table. Buffers are already 
 APRT layout: token-major ``[seq, dim]``, attention maps ``[heads, seq, seq]``, logits
 ``[vocab]``.
 
-Weights are decoded one layer at a time and dropped when the layer is done, so peak
-memory is about one layer of float32 weights plus activations.
+Weights are decoded one layer at a time, into buffers the next layer reuses, and dropped
+when the layer is done, so peak memory is about one layer of float32 weights plus
+activations.
 """
 
 from __future__ import annotations
@@ -71,7 +72,11 @@ def run_layers(
     cfg = model.config
     arch = architecture_of(cfg)
     ctx = PassContext(model, np.asarray(positions, dtype=np.int64), cache, wants)
-    with np.errstate(all="ignore"), one_blas_thread(len(ids) <= SHORT_PROMPT):
+    with (
+        np.errstate(all="ignore"),
+        one_blas_thread(len(ids) <= SHORT_PROMPT),
+        model.layer_buffers(),
+    ):
         hidden = arch.embed(model, ids)
         emit(Stage.EMBEDDING, 0, hidden)
 

@@ -185,7 +185,8 @@ class Architecture:
         weight = model.tensor(model.lm_head_name)
         vocab = weight.shape[0]
         out = np.empty(vocab, dtype=np.float32)
+        buffer = np.empty(min(chunk, vocab) * weight.shape[1], dtype=np.float32)  # reused
         for start in range(0, vocab, chunk):
-            rows = weight.rows(start, start + chunk)
+            rows = weight.rows(start, start + chunk, buffer)
             out[start : start + rows.shape[0]] = rows @ h_last
         return out
