@@ -53,8 +53,12 @@ def _finite_or_none(value: float) -> float | None:
 def stage_stats(stage: Stage, layer: int | None, values: np.ndarray) -> StageStats:
     """Mean/std/min/max over finite values (f64 accumulation), NaN/Inf counts, anomaly flags."""
     flat = np.asarray(values, dtype=np.float32).reshape(-1)
-    nan = int(np.count_nonzero(np.isnan(flat)))
-    inf = int(np.count_nonzero(np.isinf(flat)))
+    # min and max first: when both are finite there is no NaN or Inf to count (the usual case
+    # saves two passes and their boolean temporaries).
+    extremes = (flat.min(), flat.max()) if flat.size else None
+    all_finite = extremes is None or bool(np.isfinite(extremes).all())
+    nan = 0 if all_finite else int(np.count_nonzero(np.isnan(flat)))
+    inf = 0 if all_finite else int(np.count_nonzero(np.isinf(flat)))
     finite = flat if nan == 0 and inf == 0 else flat[np.isfinite(flat)]
     anomalies = []
     if nan:
@@ -64,8 +68,8 @@ def stage_stats(stage: Stage, layer: int | None, values: np.ndarray) -> StageSta
     if finite.size:
         # f64 accumulation without an f64 copy of the buffer
         mean, std = finite.mean(dtype=np.float64), finite.std(dtype=np.float64)
-        lo, hi = float(finite.min()), float(finite.max())
-        if not np.any(finite):
+        lo, hi = map(float, extremes if all_finite else (finite.min(), finite.max()))
+        if lo == 0.0 and hi == 0.0:
             anomalies.append("all zero")
         elif max(abs(lo), abs(hi)) > LARGE_VALUE:
             anomalies.append(f"|x| > {LARGE_VALUE:g}")
