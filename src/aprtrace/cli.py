@@ -209,6 +209,12 @@ def _fmt(value) -> str:
     is_flag=True,
     help="Delete the stage files an earlier aprtrace run listed in DIR's manifest first.",
 )
+@click.option(
+    "--no-stats",
+    is_flag=True,
+    help="Without --save-tensor: no statistics table, nothing captured; time the forward pass "
+    "alone (only NaN/Inf in the logits is reported).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no per-file listing.")
 def trace(
@@ -223,6 +229,7 @@ def trace(
     arch,
     no_verify,
     clean,
+    no_stats,
     as_json,
     quiet,
 ):
@@ -257,6 +264,8 @@ def trace(
     )
     if plan is None and layers is not None:
         parse_layers(layers)
+    if no_stats and plan is not None:
+        raise click.UsageError("--no-stats times a run without captures: drop --save-tensor")
     token_ids = parse_token_list(tokens) if tokens is not None else None
     if engine == "transformers":
         from aprtrace.engines.transformers import import_ref
@@ -291,8 +300,9 @@ def trace(
         prompt=shown_prompt,
         progress=update,
         clean=clean,
-        collect_stats=plan is None or as_json,
+        collect_stats=(plan is None or as_json) and not no_stats,
         engine=engine,
+        timing_only=no_stats,
     )
     with bar if bar is not None else contextlib.nullcontext():
         result = run_trace(model, token_ids, plan, **options)
@@ -321,7 +331,9 @@ def trace(
         click.echo(json.dumps(payload, indent=2, allow_nan=False, default=_json_default))
         return
 
-    if plan is None:
+    if no_stats:
+        click.echo(f"Forward pass in {result.seconds:.2f} s (nothing captured)")
+    elif plan is None:
         _print_stats_table(result.stats)
     else:
         if not quiet:

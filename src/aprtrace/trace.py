@@ -221,12 +221,17 @@ def run_trace(
     progress: Progress | None = None,
     clean: bool = False,
     engine: str = "numpy",
+    timing_only: bool = False,
 ) -> TraceResult:
     """Run the forward pass, write the planned stage files, then the manifest (last).
 
     ``engine`` is ``numpy`` (aprtrace's own forward pass) or ``transformers`` (Hugging Face
     transformers on the same decoded weights, as a reference dump in the same layout).
+    ``timing_only`` (without a plan): capture nothing, not even the NaN/Inf check of each
+    stage, so ``seconds`` is the forward pass alone; only non-finite logits are reported.
     """
+    if timing_only and plan is not None:
+        raise ValidationError("a timing-only run writes no stage files: give no --save-tensor")
     run_forward = engine_forward(engine)
     if plan is not None:
         layers = plan.layers.resolve(model.config.num_layers)
@@ -253,7 +258,12 @@ def run_trace(
         return collect_stats or (plan is not None and plan.wants(stage, layer))
 
     start = time.perf_counter()
-    logits = run_forward(model, token_ids, emit, progress, wants)
+    if timing_only:
+        logits = run_forward(model, token_ids, None, progress, None)
+        if not np.isfinite(logits).all():
+            first_bad.append((Stage.LM_HEAD.value, None))
+    else:
+        logits = run_forward(model, token_ids, emit, progress, wants)
     seconds = time.perf_counter() - start
 
     written = {f.path.resolve() for f in log.files}
