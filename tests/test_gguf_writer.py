@@ -121,7 +121,7 @@ def test_metadata_and_tokenizer_read_back_with_gguf_py(tmp_path):
     assert {k: field_value(reader, k) for k in expected} == expected
     assert field_value(reader, "qwen2.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
     assert field_value(reader, "tokenizer.ggml.model") == "gpt2"
-    assert field_value(reader, "tokenizer.ggml.pre") == "gpt2"
+    assert field_value(reader, "tokenizer.ggml.pre") == "gpt-2"
     tokens = field_value(reader, "tokenizer.ggml.tokens")
     types = field_value(reader, "tokenizer.ggml.token_type")
     n = len(tok["tokens"])
@@ -279,7 +279,7 @@ def test_tokenizer_dict_from_json_file_and_pre_types(tmp_path):
     assert meta["tokens"] == sorted(vocab, key=vocab.get)
     assert meta["bos_token_id"] == 0 and meta["add_bos_token"] is False
     assert all(len(m.split(" ")) == 2 for m in meta["merges"])
-    assert meta["pre"] == "gpt2"
+    assert meta["pre"] == "gpt-2"
 
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [

@@ -193,12 +193,14 @@ def _fmt(value) -> str:
 @click.option("--bos", is_flag=True, help="Prepend the model's BOS token.")
 @click.option(
     "--engine",
-    type=click.Choice(["numpy", "transformers"]),
+    type=click.Choice(["numpy", "transformers", "llama.cpp"]),
     default="numpy",
     show_default=True,
     help="numpy: aprtrace's forward pass. transformers: Hugging Face transformers on the same "
     "decoded weights, a reference dump in the same layout (needs the `ref` extra; default "
-    "DIR <parent>/<model-stem>-trace-transformers).",
+    "DIR <parent>/<model-stem>-trace-transformers). llama.cpp: llama.cpp's own graph nodes "
+    "of a GGUF file, tokens from llama.cpp's tokenizer (needs the `llamacpp` extra; default "
+    "DIR <parent>/<model-stem>-trace-llamacpp).",
 )
 @click.option(
     "--arch", help="Architecture for files that do not name one (APR): llama, qwen2, qwen3."
@@ -250,6 +252,7 @@ def trace(
           --save-tensor-dir /tmp/q4 model.gguf
       aprtrace trace --tokens 3838,374,220,17 --json model.gguf
       aprtrace trace --engine transformers --save-tensor all --save-tensor-layers all model.gguf
+      aprtrace trace --engine llama.cpp --save-tensor all --save-tensor-layers all model.gguf
     """
     from aprtrace.formats import load_model
     from aprtrace.plan import make_plan, parse_layers
@@ -271,13 +274,28 @@ def trace(
         from aprtrace.engines.transformers import import_ref
 
         import_ref()  # a missing `ref` extra is reported before the model is loaded
+    if engine == "llama.cpp":
+        from aprtrace.engines.llamacpp import check_installed
+
+        check_installed()
 
     model = load_model(model_path, verify=not no_verify, arch=arch)
+    tokenizer_info = None
+    if token_ids is None and engine == "llama.cpp":
+        from aprtrace.engines.llamacpp import prompt_token_ids
+
+        token_ids, tokenizer_info = prompt_token_ids(model, prompt, bos)
+        if not tokenizer_info.get("aprtrace_agrees", True):
+            click.echo(
+                f"warning: llama.cpp's tokenizer gives {token_ids}, aprtrace's gives "
+                f"{tokenizer_info['aprtrace_token_ids']}; tracing llama.cpp's ids",
+                err=True,
+            )
     if token_ids is None:
         token_ids = encode_prompt(model, prompt, bos)
         shown_prompt = prompt
     else:
-        shown_prompt = None
+        shown_prompt = prompt if tokenizer_info is not None else None
     cfg = model.config
     resolved = plan.layers.resolve(cfg.num_layers) if plan is not None else ()
 
@@ -303,6 +321,7 @@ def trace(
         collect_stats=(plan is None or as_json) and not no_stats,
         engine=engine,
         timing_only=no_stats,
+        tokenizer=tokenizer_info,
     )
     with bar if bar is not None else contextlib.nullcontext():
         result = run_trace(model, token_ids, plan, **options)

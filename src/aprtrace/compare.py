@@ -43,7 +43,15 @@ def trace_to_dir(
 
     plan = make_plan(stages, layers, out_dir, model_path)
     model = load_model(model_path, arch=arch)
-    ids = list(token_ids) if token_ids is not None else encode_prompt(model, prompt, False)
+    tokenizer = None
+    if token_ids is not None:
+        ids = list(token_ids)
+    elif engine == "llama.cpp":
+        from aprtrace.engines.llamacpp import prompt_token_ids
+
+        ids, tokenizer = prompt_token_ids(model, prompt, False)
+    else:
+        ids = encode_prompt(model, prompt, False)
     result = run_trace(
         model,
         ids,
@@ -52,6 +60,7 @@ def trace_to_dir(
         collect_stats=False,
         clean=True,
         engine=engine,
+        tokenizer=tokenizer,
     )
     return TracedDump(
         Path(model_path), engine, plan.out_dir, ids, len(result.log.files), result.seconds
@@ -60,20 +69,38 @@ def trace_to_dir(
 
 def _dump_name(side: str, path: Path, engine: str) -> str:
     stem = path.name if path.is_dir() else path.stem
-    return f"{side}-{stem}-{engine}"
+    return f"{side}-{stem}-{engine.replace('.', '')}"
+
+
+ENGINE_CHOICE = click.Choice(["numpy", "transformers", "llama.cpp"])
+
+
+def parse_engines(spec: str) -> tuple[str, str]:
+    """``--engines numpy,llama.cpp`` -> ("numpy", "llama.cpp")."""
+    names = [n.strip() for n in spec.split(",")]
+    if len(names) != 2 or any(n not in ENGINE_CHOICE.choices for n in names):
+        raise ValidationError(
+            f"invalid --engines '{spec}'",
+            hint=f"give two of {', '.join(ENGINE_CHOICE.choices)}, e.g. --engines numpy,llama.cpp",
+        )
+    return names[0], names[1]
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("model_a", metavar="MODEL_A", type=click.Path(path_type=Path))
 @click.argument("model_b", metavar="[MODEL_B]", type=click.Path(path_type=Path), required=False)
-@click.option(
-    "--engine-a", default="numpy", show_default=True, type=click.Choice(["numpy", "transformers"])
-)
+@click.option("--engine-a", default="numpy", show_default=True, type=ENGINE_CHOICE)
 @click.option(
     "--engine-b",
     default=None,
-    type=click.Choice(["numpy", "transformers"]),
+    type=ENGINE_CHOICE,
     help="[default: numpy with MODEL_B, transformers without it]",
+)
+@click.option(
+    "--engines",
+    metavar="A,B",
+    default=None,
+    help="Both engines at once, e.g. numpy,llama.cpp (same as --engine-a A --engine-b B).",
 )
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True)
 @click.option("--tokens", metavar="IDS", help="Comma-separated token ids for both sides.")
@@ -89,7 +116,18 @@ def _dump_name(side: str, path: Path, engine: str) -> str:
 @click.option("--arch", help="Architecture for APR files that do not name one.")
 @click.pass_context
 def compare_command(
-    ctx, model_a, model_b, engine_a, engine_b, prompt, tokens, stages, layers, work_dir, arch
+    ctx,
+    model_a,
+    model_b,
+    engine_a,
+    engine_b,
+    engines,
+    prompt,
+    tokens,
+    stages,
+    layers,
+    work_dir,
+    arch,
 ):
     """Trace MODEL_A and MODEL_B on the same token ids and diff every stage (A = reference).
 
@@ -102,6 +140,7 @@ def compare_command(
     Examples:
       aprtrace compare model-f16.gguf model-q4_k_m.gguf --html report.html
       aprtrace compare model.gguf                  # numpy vs transformers, same weights
+      aprtrace compare model.gguf --engines numpy,llama.cpp
       aprtrace compare hf-dir/ model.apr --save-tensor-layers 0..4 --cos-min 0.99
     """
     from aprtrace.cli_diff import diff_command
@@ -111,6 +150,8 @@ def compare_command(
         # With one model, click takes the first pass-through diff option for MODEL_B.
         ctx.args.insert(0, str(model_b))
         model_b = None
+    if engines is not None:
+        engine_a, engine_b = parse_engines(engines)
     if model_b is None:
         model_b = model_a
         engine_b = engine_b or "transformers"
@@ -124,6 +165,10 @@ def compare_command(
         from aprtrace.engines.transformers import import_ref
 
         import_ref()  # before tracing A, not after
+    if "llama.cpp" in (engine_a, engine_b):
+        from aprtrace.engines.llamacpp import check_installed
+
+        check_installed()
     work_dir = work_dir or Path(model_a).parent / "aprtrace-compare"
     ids = parse_token_list(tokens) if tokens is not None else None
     dumps = []

@@ -876,6 +876,14 @@ def dump_warnings(a: DumpInfo, b: DumpInfo) -> list[str]:
                 f"{side} ({dump.path}): {len(missing)} file(s) listed in manifest.json are "
                 f"missing, e.g. {missing[0]}"
             )
+        # An engine that does not compute some stages says so (llama.cpp: ffn_silu).
+        skipped = dump.manifest.raw.get("not_captured")
+        if isinstance(skipped, list) and skipped:
+            engine = dump.manifest.raw.get("engine", "this engine")
+            out.append(
+                f"{side} ({dump.path}): {engine} does not compute "
+                f"{', '.join(map(str, skipped))}: not in {side}, not compared"
+            )
     ma, mb = a.manifest, b.manifest
     if ma is not None and mb is not None and ma.token_ids != mb.token_ids:
         out.append(

@@ -11,6 +11,13 @@ apr-compatible files. Schema ``aprtrace-manifest-v1``::
      "stages": ["embedding", ...], "layers": [0, 1, ...],
      "files": [{"path": "layer-0/attn_norm.bin", "stage": "attn_norm", "layer": 0 | null,
                 "shape": [7, 576], "bytes": 16140}, ...]}
+
+``"engine"`` names who computed the pass (numpy | transformers | llama.cpp). A llama.cpp dump
+adds ``"llama_cpp"`` (build, ggml, cyllama, context settings), ``"not_captured"`` (stages the
+model has that llama.cpp does not compute, e.g. ``["ffn_silu"]``: not written, not faked),
+``"stage_sources"`` (the graph node each stage came from, and how it was converted) and
+``"tokenizer"`` (``{"source": "llama.cpp", "aprtrace_agrees": true}`` when the ids came from
+llama.cpp's tokenizer).
 """
 
 from __future__ import annotations

@@ -195,9 +195,9 @@ def prepare_out_dir(plan: SavePlan, clean: bool) -> list[Path]:
     return sorted(out.rglob("*.bin"))
 
 
-ENGINES = ("numpy", "transformers")
+ENGINES = ("numpy", "transformers", "llama.cpp")
 # Suffix of the default output directory per engine (numpy keeps apr's `<stem>-trace`).
-ENGINE_DIR_SUFFIX = {"numpy": "", "transformers": "-transformers"}
+ENGINE_DIR_SUFFIX = {"numpy": "", "transformers": "-transformers", "llama.cpp": "-llamacpp"}
 
 
 def engine_forward(engine: str):
@@ -208,6 +208,10 @@ def engine_forward(engine: str):
         from aprtrace.engines.transformers import hf_forward
 
         return hf_forward
+    if engine == "llama.cpp":
+        from aprtrace.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine()  # a fresh one per run: it keeps the run's manifest_info
     raise ValidationError(f"unknown engine '{engine}'", hint=f"choose one of {', '.join(ENGINES)}")
 
 
@@ -222,17 +226,22 @@ def run_trace(
     clean: bool = False,
     engine: str = "numpy",
     timing_only: bool = False,
+    tokenizer: dict | None = None,
 ) -> TraceResult:
     """Run the forward pass, write the planned stage files, then the manifest (last).
 
-    ``engine`` is ``numpy`` (aprtrace's own forward pass) or ``transformers`` (Hugging Face
-    transformers on the same decoded weights, as a reference dump in the same layout).
-    ``timing_only`` (without a plan): capture nothing, not even the NaN/Inf check of each
-    stage, so ``seconds`` is the forward pass alone; only non-finite logits are reported.
+    ``engine`` is ``numpy`` (aprtrace's own forward pass), ``transformers`` (Hugging Face
+    transformers on the same decoded weights) or ``llama.cpp`` (llama.cpp's own graph nodes,
+    GGUF only), each a dump in the same layout. ``tokenizer`` (which tokenizer made the ids)
+    goes into the manifest. ``timing_only`` (without a plan): capture nothing, not even the
+    NaN/Inf check of each stage, so ``seconds`` is the forward pass alone; only non-finite
+    logits are reported.
     """
     if timing_only and plan is not None:
         raise ValidationError("a timing-only run writes no stage files: give no --save-tensor")
     run_forward = engine_forward(engine)
+    if hasattr(run_forward, "check_model"):
+        run_forward.check_model(model)  # an engine's refusal comes before the output dir
     if plan is not None:
         layers = plan.layers.resolve(model.config.num_layers)
         existing = prepare_out_dir(plan, clean)
@@ -278,13 +287,16 @@ def run_trace(
         stale_files=stale,
     )
     if plan is not None:
+        extra = dict(getattr(run_forward, "manifest_info", None) or {})
+        if tokenizer is not None:
+            extra["tokenizer"] = tokenizer
         result.manifest_path = _write_manifest(
-            model, plan, layers, token_ids, prompt, log, hasher, engine
+            model, plan, layers, token_ids, prompt, log, hasher, engine, extra
         )
     return result
 
 
-def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine) -> Path:
+def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine, extra) -> Path:
     from aprtrace.manifest import build_manifest_data, write_manifest
 
     data = build_manifest_data(
@@ -301,6 +313,7 @@ def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine)
         digest=hasher.result() if hasher else None,
         engine=engine,
     )
+    data.update(extra)  # engine provenance (llama.cpp build, not_captured, ...)
     return write_manifest(plan.out_dir, data)
 
 

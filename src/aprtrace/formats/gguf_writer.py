@@ -260,7 +260,7 @@ def _pre_type(pre: Mapping[str, Any] | None) -> str | None:
     steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (llama-vocab.cpp); "gpt2" is refused there
     if (
         kinds == ["Digits", "ByteLevel"]
         and steps[0].get("individual_digits")

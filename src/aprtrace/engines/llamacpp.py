@@ -1,0 +1,572 @@
+"""llama.cpp as a third engine for ``aprtrace trace``: its own intermediate tensors, same layout.
+
+``LlamaCppEngine()(model, token_ids, emit, progress)`` has the contract of
+``aprtrace.forward.forward``. llama.cpp (the ``cyllama`` wheel, extra ``aprtrace[llamacpp]``)
+runs in a child process (``aprtrace.engines.llamacpp_child``) that streams the graph nodes
+llama.cpp computes; this module maps them to stages (``ARCHITECTURES``), converts them to the
+APRT layouts and emits them, so every file is written here through the capture gate: a
+crashed or killed child leaves complete files and no manifest, never a partial file.
+
+What the mapping does to llama.cpp's values (all recorded in the manifest):
+- llama Q/K columns are un-permuted from llama.cpp's adjacent-pair RoPE order back to the
+  Hugging Face layout (``qkv_matmul``, ``qkv_bias``, ``q_post_rope``, ``k_post_rope``);
+- ``kq-N`` holds unscaled q.k over the padded KV cache: the key axis is cut to the prompt,
+  multiplied by the attention scale (1/sqrt(head_dim); llama.cpp applies it inside the
+  softmax) and the masked entries set to 0, as FORMATS.md stores them;
+- ``result_output`` holds every position's logits; ``lm_head`` is the last row.
+Stages llama.cpp does not compute (``ffn_silu``: its SwiGLU is one fused op) are not written;
+the manifest lists them under ``not_captured``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+
+from aprtrace.config import ModelConfig
+from aprtrace.errors import InferenceError, ModelLoadError, ValidationError
+from aprtrace.forward import Emit, Progress, check_token_ids
+from aprtrace.model import Model, unpermute_llama_qk
+from aprtrace.stages import Stage, computes, stages_for
+
+CHILD_MODULE = "aprtrace.engines.llamacpp_child"
+CYLLAMA_PIN = "cyllama==0.2.18"
+MISSING_EXTRA_HINT = f"pip install -e '.[llamacpp]'  (installs {CYLLAMA_PIN})"
+# llama.cpp threads in the child (results do not depend on it: ggml splits rows, not sums).
+DEFAULT_THREADS = 2
+STDERR_TAIL = 2000
+
+
+# --------------------------------------------------------------------------------------------
+# Node name -> stage, per architecture
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a stage's values are in llama.cpp's graph.
+
+    ``nodes``: base node names (``Qcur`` for ``Qcur-3``), concatenated along the last axis;
+    ``pick``: which occurrence of a repeated name: ``first`` / ``second`` of the token-major
+    ``[seq, dim]`` ones (``Qcur`` is set after the matmul, the bias add, the reshape and the
+    RoPE), ``last`` of all; ``follows``: the value is the unnamed node computed right after
+    the named one (the output projection, where an architecture's builder names none).
+    """
+
+    nodes: tuple[str, ...]
+    pick: str = "only"
+    follows: bool = False
+
+
+@dataclass(frozen=True)
+class ArchNodes:
+    """One architecture's stage sources; adding an architecture is a few rows here."""
+
+    stages: dict[Stage, Source]
+
+    def sources(self, cfg: ModelConfig) -> dict[Stage, Source]:
+        """The rows for the stages this model computes (the stage graph's ``computes``)."""
+        return {s: src for s, src in self.stages.items() if computes(s, cfg)}
+
+
+_QKV = ("Qcur", "Kcur", "Vcur")
+# The nodes llama.cpp's llama builder names (llama-graph.cpp, models/llama.cpp), graph order.
+LLAMA_NODES: dict[Stage, Source] = {
+    Stage.EMBEDDING: Source(("embd",)),
+    Stage.ATTN_NORM: Source(("attn_norm",)),
+    Stage.QKV_MATMUL: Source(_QKV, "first"),
+    Stage.QKV_BIAS: Source(_QKV, "second"),
+    Stage.Q_POST_ROPE: Source(("Qcur",), "last"),
+    Stage.K_POST_ROPE: Source(("Kcur",), "last"),
+    Stage.ATTN_SCORES: Source(("kq",)),
+    Stage.ATTN_SOFTMAX: Source(("kq_soft_max",)),
+    Stage.ATTENTION: Source(("kqv_out",)),
+    Stage.ATTN_OUT: Source(("attn_out",)),
+    Stage.POST_ATTN_RESIDUAL: Source(("ffn_inp",)),
+    Stage.FFN_NORM: Source(("ffn_norm",)),
+    Stage.FFN_GATE: Source(("ffn_gate",)),
+    Stage.FFN_UP: Source(("ffn_up",)),
+    Stage.FFN_SWIGL: Source(("ffn_swiglu",)),
+    Stage.FFN_OUT: Source(("ffn_out",)),
+    Stage.POST_FFN_RESIDUAL: Source(("l_out",)),
+    Stage.FINAL_NORM: Source(("result_norm",)),
+    Stage.LM_HEAD: Source(("result_output",)),
+}
+# Qwen2/Qwen3 builders do not name the output projection: it is the node after kqv_out.
+# (Qwen3's q/k norm outputs are `Qcur_normed`/`Kcur_normed`; RoPE's output is still `Qcur`.)
+QWEN_NODES = {**LLAMA_NODES, Stage.ATTN_OUT: Source(("kqv_out",), follows=True)}
+
+ARCHITECTURES: dict[str, ArchNodes] = {
+    "llama": ArchNodes(LLAMA_NODES),
+    "qwen2": ArchNodes(QWEN_NODES),
+    "qwen3": ArchNodes(QWEN_NODES),
+}
+
+
+def arch_nodes(architecture: str) -> ArchNodes:
+    """The node table of ``architecture``, or a ValidationError naming it."""
+    if architecture not in ARCHITECTURES:
+        raise ValidationError(
+            f"--engine llama.cpp has no node mapping for architecture '{architecture}' yet",
+            hint=f"mapped: {', '.join(ARCHITECTURES)}; use --engine numpy or transformers",
+        )
+    return ARCHITECTURES[architecture]
+
+
+def not_captured(cfg: ModelConfig) -> list[str]:
+    """Stages the NumPy engine writes for this model that llama.cpp does not compute."""
+    mapped = arch_nodes(cfg.architecture).sources(cfg)
+    return [s.value for s in stages_for(cfg) if s not in mapped]
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp node values -> APRT layout
+
+
+@dataclass
+class Node:
+    name: str
+    ne: tuple[int, ...]
+    values: np.ndarray  # shape reversed(ne), float32
+    follows: str | None = None
+
+
+def _token_major(node: Node, seq: int) -> bool:
+    return node.ne[1] == seq and node.ne[2] == 1 and node.ne[3] == 1
+
+
+def select(source: Source, nodes: list[Node], seq: int) -> Node | None:
+    """The occurrence of a node ``source.pick`` asks for (None when absent)."""
+    if source.pick == "only" or source.pick == "last":
+        return nodes[-1] if nodes else None
+    flat = [n for n in nodes if _token_major(n, seq)]
+    index = {"first": 0, "second": 1}[source.pick]
+    return flat[index] if len(flat) > index else None
+
+
+def _unpermute_columns(x: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation on an activation ``[seq, heads*head_dim]``."""
+    return np.ascontiguousarray(unpermute_llama_qk(x.T, n_heads).T)
+
+
+def _causal_zeroed(x: np.ndarray) -> np.ndarray:
+    seq = x.shape[-1]
+    return np.where(np.tril(np.ones((seq, seq), dtype=bool)), x, np.float32(0.0))
+
+
+def to_stage_layout(
+    stage: Stage, parts: list[np.ndarray], cfg: ModelConfig, seq: int, qk_permuted: bool
+) -> np.ndarray:
+    """llama.cpp node values (numpy order: ggml's ne reversed) in the stage's APRT layout."""
+    if stage in (Stage.QKV_MATMUL, Stage.QKV_BIAS):
+        q, k, v = (p.reshape(seq, -1) for p in parts)
+        if qk_permuted:
+            q, k = _unpermute_columns(q, cfg.num_heads), _unpermute_columns(k, cfg.num_kv_heads)
+        return np.concatenate([q, k, v], axis=-1)
+    (x,) = parts
+    if stage in (Stage.Q_POST_ROPE, Stage.K_POST_ROPE):
+        x = x.reshape(seq, -1)  # [seq, heads, head_dim] -> token-major
+        heads = cfg.num_heads if stage is Stage.Q_POST_ROPE else cfg.num_kv_heads
+        return _unpermute_columns(x, heads) if qk_permuted else x
+    if stage in (Stage.ATTN_SCORES, Stage.ATTN_SOFTMAX):
+        x = x.reshape(cfg.num_heads, seq, -1)[:, :, :seq]  # the KV cache is padded
+        if stage is Stage.ATTN_SCORES:
+            x = x * np.float32(cfg.attention_scale)
+        return _causal_zeroed(x).astype(np.float32)
+    if stage is Stage.LM_HEAD:
+        return np.ascontiguousarray(x.reshape(seq, -1)[-1])
+    return x.reshape(seq, -1)
+
+
+# Notes for the manifest: how each stage was made from llama.cpp's tensors.
+TRANSFORM_NOTES = {
+    Stage.QKV_MATMUL: "concat of the Q/K/V matmul outputs",
+    Stage.QKV_BIAS: "concat of Q/K/V after the bias add",
+    Stage.ATTN_SCORES: "kq * attention scale, key axis cut to the prompt, masked entries 0",
+    Stage.ATTN_SOFTMAX: "key axis cut to the prompt",
+    Stage.LM_HEAD: "last row",
+}
+
+
+def source_notes(arch: ArchNodes, cfg: ModelConfig, qk_permuted: bool) -> dict[str, str]:
+    """``{stage: "node-N [pick] (transform)"}`` for the manifest."""
+    out = {}
+    for stage, src in arch.sources(cfg).items():
+        layered = stage.per_layer and stage is not Stage.EMBEDDING
+        names = "+".join(f"{n}-N" if layered else n for n in src.nodes)
+        text = f"node after {names}" if src.follows else names
+        if src.pick != "only":
+            text += f" ({src.pick} occurrence)"
+        notes = [TRANSFORM_NOTES[stage]] if stage in TRANSFORM_NOTES else []
+        if qk_permuted and stage in (
+            Stage.QKV_MATMUL,
+            Stage.QKV_BIAS,
+            Stage.Q_POST_ROPE,
+            Stage.K_POST_ROPE,
+        ):
+            notes.append("Q/K columns un-permuted to the Hugging Face order")
+        out[stage.value] = text + (f": {'; '.join(notes)}" if notes else "")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The child process
+
+
+def check_installed() -> None:
+    """ValidationError naming the extra when cyllama is not importable."""
+    if importlib.util.find_spec("cyllama") is None:
+        raise ValidationError(
+            "--engine llama.cpp needs the `llamacpp` extra (cyllama is not installed)",
+            hint=MISSING_EXTRA_HINT,
+        )
+
+
+def child_command() -> list[str]:
+    return [sys.executable, "-m", CHILD_MODULE]
+
+
+def _read_exact(stream: IO[bytes], n: int) -> bytes | None:
+    chunks, need = [], n
+    while need:
+        chunk = stream.read(need)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        need -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_messages(stream: IO[bytes]) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """The child's framed messages until EOF (a truncated frame ends the stream)."""
+    while True:
+        frame = _read_exact(stream, 8)
+        if frame is None:
+            return
+        head_len, payload_len = struct.unpack("<II", frame)
+        head = _read_exact(stream, head_len)
+        payload = _read_exact(stream, payload_len) if payload_len else b""
+        if head is None or payload is None:
+            return
+        yield json.loads(head), payload
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} (exit code {code})"
+    return f"exited with code {code}"
+
+
+class ChildRun:
+    """One child process: send a request, iterate its messages, then check how it ended."""
+
+    def __init__(self, request: dict[str, Any]):
+        self.request = request
+        self.hello: dict[str, Any] = {}
+        self.done: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None
+        # Verbose: llama.cpp's log goes straight to our stderr; otherwise it is kept for the
+        # error message of a crash.
+        self._stderr = None if request.get("verbose") else tempfile.TemporaryFile()
+        # ggml's abort handler would attach gdb for a backtrace: seconds, and pages of noise.
+        env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
+        self.proc = subprocess.Popen(
+            child_command(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
+        )
+
+    def messages(self) -> Iterator[tuple[dict[str, Any], bytes]]:
+        try:
+            self.proc.stdin.write(json.dumps(self.request).encode())
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        for header, payload in read_messages(self.proc.stdout):
+            kind = header.get("kind")
+            if kind == "hello":
+                self.hello = header
+            elif kind == "error":
+                self.error = header
+            elif kind == "done":
+                self.done = header
+            else:
+                yield header, payload
+
+    def close(self) -> None:
+        """Stop the child if it still runs (an error on our side) and reap it."""
+        if self.proc.poll() is None and self.done is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        if self._stderr is not None and self.done is not None:
+            self._stderr.close()
+
+    def stderr_tail(self) -> str:
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0)
+        text = self._stderr.read().decode("utf-8", "replace").strip()
+        return text[-STDERR_TAIL:]
+
+    def check(self) -> None:
+        """Raise the right AprtraceError unless the child reported ``done`` and exited 0."""
+        code = self.proc.returncode
+        if self.error is not None:
+            message = self.error.get("message", "")
+            category = self.error.get("category")
+            if category == "refused":
+                raise ValidationError(
+                    f"--engine llama.cpp refused: {message}",
+                    hint=f"install the pinned version: {MISSING_EXTRA_HINT}",
+                )
+            if category == "load":
+                raise ModelLoadError(f"llama.cpp cannot load the model: {message}")
+            raise InferenceError(f"llama.cpp failed: {message}")
+        if self.done is None or code != 0:
+            tail = self.stderr_tail()
+            raise InferenceError(
+                f"the llama.cpp child process {_describe_exit(code)} before finishing; "
+                "stage files already written are complete, the dump has no manifest.json"
+                + (f"\n  child stderr: {tail}" if tail else ""),
+                hint="rerun with APRTRACE_LLAMACPP_VERBOSE=1 to see llama.cpp's log",
+            )
+
+
+def _request(op: str, model_path: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "op": op,
+        "model": model_path,
+        "verbose": bool(os.environ.get("APRTRACE_LLAMACPP_VERBOSE")),
+        **fields,
+    }
+
+
+def run_child(request: dict[str, Any]) -> tuple[ChildRun, list[tuple[dict[str, Any], bytes]]]:
+    """Run a short request (tokenize, probe) to the end; return the run and its messages."""
+    check_installed()
+    run = ChildRun(request)
+    try:
+        out = list(run.messages())
+    finally:
+        run.close()
+    run.check()
+    return run, out
+
+
+def tokenize(model: Model, text: str, add_bos: bool = False) -> list[int]:
+    """``text`` as token ids by llama.cpp's own tokenizer (no BOS unless asked, as apr)."""
+    _, messages = run_child(_request("tokenize", str(model.path), text=text, add_bos=add_bos))
+    return [int(i) for h, _ in messages if h.get("kind") == "tokens" for i in h["ids"]]
+
+
+def probe() -> dict[str, Any]:
+    """Check in a child that cyllama's struct layout is the one aprtrace knows; its versions."""
+    run, _ = run_child({"op": "probe", "model": "", "verbose": False})
+    return run.hello
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+
+
+@dataclass
+class LlamaCppEngine:
+    """``forward``'s contract computed by llama.cpp; ``manifest_info`` is set by a run."""
+
+    n_threads: int = DEFAULT_THREADS
+    manifest_info: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(
+        self,
+        model: Model,
+        token_ids: list[int],
+        emit: Emit | None = None,
+        progress: Progress | None = None,
+        wants=None,  # accepted for forward()'s signature; llama.cpp computes every stage
+    ) -> np.ndarray:
+        cfg = model.config
+        emit = emit or (lambda stage, layer, values: None)
+        arch = self.check_model(model)
+        ids = check_token_ids(cfg, token_ids).tolist()
+        sources = arch.sources(cfg)
+        # llama GGUFs store Q/K rows in llama.cpp's adjacent-pair RoPE order (mapping/).
+        permuted = bool(model.qk_permuted)
+        names = sorted({n for s in sources.values() for n in s.nodes if not s.follows})
+        follow = sorted({n for s in sources.values() if s.follows for n in s.nodes})
+        request = _request(
+            "trace",
+            str(model.path),
+            tokens=ids,
+            names=names,
+            follow=follow,
+            n_threads=self.n_threads,
+        )
+        run = ChildRun(request)
+        try:
+            logits = self._stream(run, cfg, sources, len(ids), permuted, emit, progress)
+        finally:
+            run.close()
+        run.check()
+        self.manifest_info = {
+            "llama_cpp": {
+                "build": run.hello.get("llama_cpp"),
+                "ggml": run.hello.get("ggml"),
+                "ggml_commit": run.hello.get("ggml_commit"),
+                "cyllama": run.hello.get("cyllama"),
+                "context": (run.done or {}).get("settings", {}),
+            },
+            "not_captured": not_captured(cfg),
+            "stage_sources": source_notes(arch, cfg, permuted),
+        }
+        return logits
+
+    @staticmethod
+    def check_model(model: Model) -> ArchNodes:
+        """Refuse what this engine cannot run (before any output directory is touched)."""
+        if model.format != "gguf":
+            raise ValidationError(
+                f"--engine llama.cpp reads GGUF files; {model.path} is {model.format}",
+                hint="convert it with `aprtrace convert`, or use --engine numpy",
+            )
+        check_installed()
+        return arch_nodes(model.config.architecture)
+
+    def _stream(self, run, cfg, sources, seq, permuted, emit, progress) -> np.ndarray:
+        """Group the streamed nodes by layer; emit a layer when its ``l_out`` arrives."""
+        per_layer = [s for s in sources if s.per_layer and s is not Stage.EMBEDDING]
+        whole_model = [s for s in sources if not s.per_layer]
+        pending: dict[int | None, dict[str, list[Node]]] = {}
+        logits = None
+        done_layers = 0
+
+        def flush(stages: list[Stage], layer: int | None) -> None:
+            nodes = pending.pop(layer, {})
+            for stage in sorted(stages, key=lambda s: s.order):
+                src = sources[stage]
+                values = self._stage_values(stage, src, nodes, layer, cfg, seq, permuted)
+                emit(stage, 0 if stage is Stage.EMBEDDING else layer, values)
+
+        for header, payload in run.messages():
+            if header["kind"] == "logits":
+                logits = np.frombuffer(payload, dtype="<f4").astype(np.float32)
+                continue
+            if "skipped" in header:
+                continue
+            ne = tuple(int(x) for x in header["ne"])
+            values = np.frombuffer(payload, dtype="<f4").reshape(tuple(reversed(ne)))
+            follows = header.get("follows")
+            name, layer = _split_name(follows or header["name"])
+            key = f"after:{name}" if follows else name
+            node = Node(header["name"], ne, values, follows)
+            pending.setdefault(layer, {}).setdefault(key, []).append(node)
+            if name == "embd":
+                flush([Stage.EMBEDDING], None)
+            elif name == "l_out" and layer is not None:
+                flush(per_layer, layer)
+                done_layers += 1
+                if progress is not None:
+                    progress(done_layers, cfg.num_layers)
+        if run.done is None or run.error is not None:
+            return np.zeros(0, np.float32)  # run.check() raises the reason
+        if done_layers != cfg.num_layers:
+            raise InferenceError(
+                f"llama.cpp computed l_out of {done_layers} layers; the model has {cfg.num_layers}"
+            )
+        flush(whole_model, None)
+        if logits is None:
+            raise InferenceError("llama.cpp returned no logits")
+        return logits
+
+    @staticmethod
+    def _stage_values(stage, src, nodes, layer, cfg, seq, permuted) -> np.ndarray:
+        parts = []
+        for name in src.nodes:
+            node = select(src, nodes.get(f"after:{name}" if src.follows else name, []), seq)
+            if node is None:
+                where = f"{name}-{layer}" if layer is not None else name
+                what = f"the node after '{where}'" if src.follows else f"node '{where}'"
+                raise InferenceError(
+                    f"llama.cpp's {cfg.architecture} graph has no {what} "
+                    f"({src.pick} occurrence) for stage {stage.value}",
+                    hint="the llama.cpp build differs from the one the node table in "
+                    "aprtrace/engines/llamacpp.py was written for",
+                )
+            parts.append(node.values)
+        return to_stage_layout(stage, parts, cfg, seq, permuted)
+
+
+def _split_name(name: str) -> tuple[str, int | None]:
+    """``"Qcur-3"`` -> ``("Qcur", 3)``; ``"result_norm"`` -> ``("result_norm", None)``."""
+    base, sep, tail = name.rpartition("-")
+    if sep and tail.isdigit():
+        return base, int(tail)
+    return name, None
+
+
+def prompt_token_ids(model: Model, prompt: str, add_bos: bool) -> tuple[list[int], dict[str, Any]]:
+    """Token ids of ``prompt`` by llama.cpp's tokenizer, and a manifest record comparing them
+    with aprtrace's own tokenizer (``{"source": "llama.cpp", "aprtrace_agrees": bool, ...}``).
+    """
+    ids = tokenize(model, prompt, add_bos)
+    info: dict[str, Any] = {"source": "llama.cpp"}
+    if model.tokenizer is not None:
+        from aprtrace.trace import encode_prompt
+
+        own = encode_prompt(model, prompt, add_bos)
+        info["aprtrace_agrees"] = own == ids
+        if own != ids:
+            info["aprtrace_token_ids"] = own
+    return ids, info
+
+
+def list_nodes(model_path: str, token_ids: list[int]) -> list[dict[str, Any]]:
+    """Every node llama.cpp computes for ``token_ids``, in graph order: ``{"name", "ne",
+    "type"}`` (ggml type id). What a new row of ``ARCHITECTURES`` is written from."""
+    _, messages = run_child(
+        _request("trace", model_path, tokens=list(token_ids), names=[], list_only=True)
+    )
+    return [
+        {"name": h["name"], "ne": h["ne"], "type": h["type"]}
+        for h, _ in messages
+        if h.get("kind") == "node"
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aprtrace.engines.llamacpp MODEL.gguf [TOKEN_IDS]``: print llama.cpp's graph
+    nodes (name, ggml ne, type) for a prompt, default token ids 1,2,3,4."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    ids = [int(t) for t in args[1].split(",")] if len(args) > 1 else [1, 2, 3, 4]
+    for node in list_nodes(args[0], ids):
+        print(f"{node['name']:40s} ne={node['ne']} type={node['type']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
