@@ -90,3 +90,26 @@ def test_trace_with_tokens_never_builds_the_tokenizer(smollm2_path, monkeypatch)
     result = CliRunner().invoke(main, ["trace", "--tokens", "1,2,3", str(smollm2_path)])
     assert result.exit_code == 0, result.output
     assert "Next token (argmax):" in result.output
+
+
+def test_cli_sets_a_short_openblas_spin_before_numpy_loads_and_keeps_the_users():
+    code = (
+        "import sys, os\n"
+        "import aprtrace.cli\n"
+        "assert 'numpy' not in sys.modules\n"
+        "print(os.environ['OPENBLAS_THREAD_TIMEOUT'])\n"
+    )
+
+    def timeout_seen(env: dict) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin", **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert timeout_seen({}) == "4"
+    assert timeout_seen({"OPENBLAS_THREAD_TIMEOUT": "12"}) == "12"

@@ -20,6 +20,13 @@ from aprtrace import __version__
 from aprtrace.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, AprtraceError
 from aprtrace.stages import Stage, stages_for
 
+# OpenBLAS threads spin ~2^28 cycles after each call before they sleep: on a shared machine
+# that burns the cores the dequantization pool and other jobs need (a 256-token SmolLM2 pass
+# measured 6-12 s instead of 2.5-3.6 s at load 4-10 on 2 CPUs). Read when NumPy loads OpenBLAS,
+# which the CLI does only after this line; how a call splits its work, and so every result bit,
+# does not depend on it. A value the user set is kept.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 DEFAULT_PROMPT = "What is 2+2?"
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by SIGPIPE
 
