@@ -81,7 +81,8 @@ TINY_SIZES = {
 def tiny_hf_model(
     arch: str, seed: int = 0, vocab_size: int | None = None, rope_scaling: dict | None = None
 ):
-    """A tiny seeded float32 transformers causal LM of ``arch`` (llama, qwen2, qwen3).
+    """A tiny seeded float32 transformers causal LM of ``arch`` (llama, qwen2, qwen3; the MoE
+    architectures through ``tiny_moe_model``, 3 layers).
 
     GQA (4 heads, 2 kv heads), untied lm_head, non-trivial random norm weights and biases so that
     a wrong norm, bias or layout shows up. ``vocab_size`` defaults to the tiny tokenizer's size.
@@ -115,11 +116,61 @@ def tiny_hf_model(
             rope_theta=1000000.0, attention_bias=False, use_sliding_window=False, **common
         )
         cls = transformers.Qwen3ForCausalLM
+    elif arch in ("qwen2moe", "qwen3moe", "mixtral"):
+        return tiny_moe_model(arch, seed, vocab_size=vocab_size, num_hidden_layers=3)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     if rope_scaling is not None and arch != "llama":
         raise ValueError("rope_scaling is only wired for the tiny llama")
     _set_rope_theta(config, config_rope_theta(config))
+    return seeded_model(cls, config, seed)
+
+
+MOE_SIZES = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "num_experts_per_tok": 2,
+}
+
+
+def tiny_moe_model(arch: str, seed: int = 5, **overrides):
+    """A tiny seeded float32 transformers MoE model (qwen2moe, qwen3moe, mixtral): 8 experts
+    of width 32, 2 per token; Qwen2-MoE with a shared expert of width 64 and no top-k renorm,
+    Qwen3-MoE with it (as the released models). ``overrides`` go to the config."""
+    import transformers
+
+    sizes = MOE_SIZES | {"vocab_size": tiny_tokenizer().get_vocab_size()}
+    sizes |= {k: v for k, v in overrides.items() if v is not None}
+    if arch == "qwen2moe":
+        config = transformers.Qwen2MoeConfig(
+            intermediate_size=128,
+            num_experts=8,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            norm_topk_prob=False,
+            use_sliding_window=False,
+            **sizes,
+        )
+        cls = transformers.Qwen2MoeForCausalLM
+    elif arch == "qwen3moe":
+        config = transformers.Qwen3MoeConfig(
+            intermediate_size=128,
+            num_experts=8,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            use_sliding_window=False,
+            **sizes,
+        )
+        cls = transformers.Qwen3MoeForCausalLM
+    else:
+        config = transformers.MixtralConfig(intermediate_size=32, num_local_experts=8, **sizes)
+        cls = transformers.MixtralForCausalLM
     return seeded_model(cls, config, seed)
 
 

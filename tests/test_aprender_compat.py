@@ -234,7 +234,7 @@ def test_cli_json_output_is_the_serde_text(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def test_stage_order_is_apr_all_without_moe() -> None:
+def test_stage_order_is_apr_all() -> None:
     apr_all = (
         "embedding attn_norm qkv_matmul qkv_bias q_post_rope k_post_rope attn_scores "
         "attn_softmax attention attn_out post_attn_residual ffn_norm ffn_gate ffn_up ffn_silu "
@@ -242,13 +242,18 @@ def test_stage_order_is_apr_all_without_moe() -> None:
         "final_norm lm_head"
     ).split()
     dense = [s for s in apr_all if not s.startswith("moe_")]
-    # apr's stages keep apr's relative order; the stages aprtrace adds (Gemma's post-norms)
-    # belong to named architectures only, so a dense Llama/Qwen dump has exactly apr's list.
-    assert [s.value for s in ALL_STAGES if s.value in apr_all] == dense
+    # apr's stages keep apr's relative order; the stages aprtrace adds (Gemma's post-norms,
+    # Qwen2-MoE's shared expert) belong to named architectures only, so a dense Llama/Qwen
+    # dump has exactly apr's list without the MoE stages, and a Qwen3-MoE dump apr's list
+    # without the dense MLP's five stages.
+    assert [s.value for s in ALL_STAGES if s.value in apr_all] == apr_all
     extra = [s for s in ALL_STAGES if s.value not in apr_all]
     assert all(s.spec.archs for s in extra)
     llama = ModelConfig("llama", 8, 1, 2, 2, 16, 32, 4)
     assert [s.value for s in stages_for(llama)] == [d for d in dense if d != "qkv_bias"]
+    moe = ModelConfig("qwen3moe", 8, 1, 2, 2, 16, 32, 4, num_experts=4, num_experts_per_tok=2)
+    mlp = ("ffn_gate", "ffn_up", "ffn_silu", "ffn_swigl", "ffn_out", "qkv_bias")
+    assert [s.value for s in stages_for(moe)] == [s for s in apr_all if s not in mlp]
     assert [s.value for s in ALL_STAGES if not s.per_layer] == ["final_norm", "lm_head"]
 
 

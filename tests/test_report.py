@@ -47,7 +47,9 @@ PAIR_KEYS = {
     "attribution_source",
     "predecessor",
     "lm_head",
+    "index_agreement",
     "top_diffs",
+    "step",
 }
 TOP_KEYS = {
     "schema",
@@ -64,6 +66,7 @@ TOP_KEYS = {
     "only_in_b",
     "summary",
     "first_divergence",
+    "first_token_disagreement",
     "amplifiers",
     "pairs",
 }

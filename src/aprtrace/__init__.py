@@ -7,6 +7,7 @@ Byte-compatible with aprender's ``apr trace --save-tensor`` (APRT files) and
 
     model = aprtrace.load_model("model.gguf")          # GGUF, APR v2 or a safetensors dir
     stages = aprtrace.capture_stages(model, "What is 2+2?")  # {(stage, layer): ndarray}
+    gen = aprtrace.capture_decode(model, "What is 2+2?", 8)  # gen.stages[k]: step k
     plan = aprtrace.make_plan("all", "all", "dump/", "model.gguf")
     aprtrace.run_trace(model, [1780, 314], plan)       # APRT files + manifest.json
     result = aprtrace.diff_dirs("ref-dump/", "dump/")  # first divergence, per-pair metrics
@@ -26,6 +27,8 @@ _LAZY = {
     "forward": "aprtrace.forward",
     "capture_stages": "aprtrace.trace",
     "run_trace": "aprtrace.trace",
+    "capture_decode": "aprtrace.trace",
+    "DecodeCapture": "aprtrace.trace",
     "make_plan": "aprtrace.plan",
     "Stage": "aprtrace.stages",
     "read_aprt": "aprtrace.aprt",

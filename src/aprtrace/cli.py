@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from aprtrace import __version__
-from aprtrace.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, AprtraceError
+from aprtrace.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, AprtraceError, ValidationError
 from aprtrace.stages import Stage, stages_for
 
 # OpenBLAS threads spin ~2^28 cycles after each call before they sleep: on a shared machine
@@ -219,6 +219,21 @@ def _fmt(value) -> str:
     help="Delete the stage files an earlier aprtrace run listed in DIR's manifest first.",
 )
 @click.option(
+    "--decode",
+    "decode_steps",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="After the prompt pass, N decode steps through a KV cache, each stage of each step "
+    "captured under DIR/decode-k/ [default: 0].",
+)
+@click.option(
+    "--decode-tokens",
+    metavar="IDS",
+    help="Comma-separated tokens fed at decode steps 1..N (teacher forcing) instead of each "
+    "step's greedy argmax; implies --decode with their count.",
+)
+@click.option(
     "--no-stats",
     is_flag=True,
     help="Without --save-tensor: no statistics table, nothing captured; time the forward pass "
@@ -239,6 +254,8 @@ def trace(
     no_verify,
     clean,
     no_stats,
+    decode_steps,
+    decode_tokens,
     as_json,
     quiet,
 ):
@@ -260,6 +277,13 @@ def trace(
       aprtrace trace --tokens 3838,374,220,17 --json model.gguf
       aprtrace trace --engine transformers --save-tensor all --save-tensor-layers all model.gguf
       aprtrace trace --engine llama.cpp --save-tensor all --save-tensor-layers all model.gguf
+      aprtrace trace --decode 8 --save-tensor all --save-tensor-layers all model.gguf
+      aprtrace trace --decode-tokens 5,17,9 --save-tensor all model.gguf
+
+    With --decode N, N decode steps follow the prompt pass, each feeding one token at the next
+    position through a KV cache (greedy argmax, or --decode-tokens); step k is written under
+    DIR/decode-k/ in the same layout, its buffers holding the one new position ([1, dim],
+    attention maps [heads, 1, past + 1]); the manifest lists each step's token and position.
     """
     from aprtrace.formats import load_model
     from aprtrace.plan import make_plan, parse_layers
@@ -274,9 +298,21 @@ def trace(
     )
     if plan is None and layers is not None:
         parse_layers(layers)
-    if no_stats and plan is not None:
-        raise click.UsageError("--no-stats times a run without captures: drop --save-tensor")
+    if no_stats and (plan is not None or decode_steps or decode_tokens):
+        raise click.UsageError("--no-stats times the prompt pass alone: no --save-tensor/--decode")
     token_ids = parse_token_list(tokens) if tokens is not None else None
+    forced = parse_token_list(decode_tokens, "--decode-tokens") if decode_tokens else None
+    if decode_steps is None:
+        decode_steps = len(forced) if forced is not None else 0
+    elif decode_steps == 0 and forced is not None:
+        raise ValidationError(
+            "--decode 0 with --decode-tokens: no step to feed them to",
+            hint="leave --decode out (it defaults to the number of --decode-tokens)",
+        )
+    if decode_steps:
+        from aprtrace.trace import engine_decode
+
+        engine_decode(engine)  # an engine without decode is refused before the model loads
     if engine == "transformers":
         from aprtrace.engines.transformers import import_ref
 
@@ -329,6 +365,8 @@ def trace(
         engine=engine,
         timing_only=no_stats,
         tokenizer=tokenizer_info,
+        decode=decode_steps,
+        decode_tokens=forced,
     )
     with bar if bar is not None else contextlib.nullcontext():
         result = run_trace(model, token_ids, plan, **options)
@@ -354,6 +392,8 @@ def trace(
             "output_dir": str(plan.out_dir) if plan else None,
             "stale_files": [str(p) for p in result.stale_files],
         }
+        if result.decode is not None:
+            payload["decode"] = _decode_json(result)
         click.echo(json.dumps(payload, indent=2, allow_nan=False, default=_json_default))
         return
 
@@ -381,14 +421,49 @@ def trace(
         stage, layer = result.first_nonfinite
         where = f"layer {layer} {stage}" if layer is not None else stage
         click.echo(f"warning: first NaN/Inf appears at {where}", err=True)
+    label = "Next token (argmax)"
+    if result.decode is not None:
+        _print_decode_steps(result, model, plan is None)
+        if result.decode.steps:
+            top = result.decode.steps[-1].argmax
+            label = f"Next token after step {result.decode.steps[-1].step} (argmax)"
     # With --tokens the tokenizer is never built (a vocabulary costs ~60-140 ms to parse).
     if top is not None and shown_prompt is not None and model.tokenizer is not None:
         text = model.tokenizer.decode([top], skip_special_tokens=False)
-        click.echo(f"Next token (argmax): {top} {text!r}")
+        click.echo(f"{label}: {top} {text!r}")
     elif top is not None:
-        click.echo(f"Next token (argmax): {top}")
+        click.echo(f"{label}: {top}")
     else:
         click.echo("Next token: none (the logits contain NaN)")
+
+
+def _decode_json(result) -> dict:
+    """The ``decode`` object of ``trace --json``: steps plus each step's statistics."""
+    from aprtrace.trace import decode_manifest
+
+    doc = decode_manifest(result.decode)
+    for step in doc["steps"]:
+        step["stats"] = [s.to_dict() for s in result.step_stats.get(step["step"], [])]
+    return doc
+
+
+def _print_decode_steps(result, model, with_stats: bool) -> None:
+    """One line per decode step (token fed, position, argmax), flagging NaN/Inf per step."""
+    run = result.decode
+    mode = "teacher-forced" if run.forced else "greedy"
+    click.echo(f"Decode:  {len(run.steps)} steps ({mode})")
+    for s in run.steps:
+        text = ""
+        if model.tokenizer is not None:
+            text = " " + repr(model.tokenizer.decode([s.token], skip_special_tokens=False))
+        line = f"  step {s.step}: fed {s.token}{text} at position {s.position} -> argmax {s.argmax}"
+        if s.step in result.step_nonfinite:
+            stage, layer = result.step_nonfinite[s.step]
+            where = f"layer {layer} {stage}" if layer is not None else stage
+            line += f"  (first NaN/Inf at {where})"
+        click.echo(line)
+    if with_stats and run.steps:
+        click.echo("(statistics above are the prompt pass; trace --json has every step's)")
 
 
 def _json_default(value):

@@ -38,7 +38,8 @@ A is the reference, B the candidate (relative error, SQNR and rtol are measured 
 File pair (compatible with `apr diff --values A.bin B.bin`):
   aprtrace diff --values ref/layer-0/ffn_out.bin q8/layer-0/ffn_out.bin
   aprtrace diff --values --json --limit 5 a/lm_head.bin b/lm_head.bin
-Directory mode (pairs files by relative path, forward order):
+Directory mode (pairs files by relative path, forward order; dumps traced with --decode N
+are walked prompt pass first, then decode-1/ .. decode-N/, and --steps filters them):
   aprtrace diff --values f32-trace/ q8-trace/
   aprtrace diff --values f32-trace/ q4-trace/ --cos-min 0.99 --tol 'attn_softmax:atol=1e-3'
   aprtrace diff --values a/ b/ --tol 'layer-3/ffn_*:cos-min=0.98,rtol=0.2' --fail-fast
@@ -85,18 +86,22 @@ def _write(path: Path, data: str | bytes) -> None:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-def _pair_filter(stages_spec: str | None, layers_spec: str | None):
-    """A PairKey predicate from --stages / --layers (None when neither is given)."""
-    if stages_spec is None and layers_spec is None:
+def _pair_filter(stages_spec: str | None, layers_spec: str | None, steps_spec: str | None = None):
+    """A PairKey predicate from --stages / --layers / --steps (None when none is given)."""
+    if stages_spec is None and layers_spec is None and steps_spec is None:
         return None
+    from aprtrace.decode import parse_steps
     from aprtrace.plan import parse_layers
     from aprtrace.stages import parse_stage_list
 
     names = {s.value for s in parse_stage_list(stages_spec)} if stages_spec else None
     layers = parse_layers(layers_spec) if layers_spec else None
+    steps = parse_steps(steps_spec) if steps_spec else None
 
     def keep(key) -> bool:
         if names is not None and key.stage not in names:
+            return False
+        if steps is not None and key.step not in steps:
             return False
         return layers is None or key.layer is None or key.layer in layers
 
@@ -248,6 +253,13 @@ def _localize(result, model_path: Path, arch: str | None):
     help="Directory mode: compare only these layers (as --save-tensor-layers; whole-model "
     "stages are kept).",
 )
+@click.option(
+    "--steps",
+    "steps_spec",
+    metavar="STEPS",
+    help="Directory mode, dumps traced with --decode: compare only these passes (0 = the "
+    "prompt, k = DIR/decode-k; as --save-tensor-layers: 0..3 is 0, 1, 2).",
+)
 @click.pass_context
 def diff_command(
     ctx: click.Context,
@@ -269,8 +281,9 @@ def diff_command(
     metric: str,
     stages_spec: str | None,
     layers_spec: str | None,
+    steps_spec: str | None,
 ) -> None:
-    select = _pair_filter(stages_spec, layers_spec)
+    select = _pair_filter(stages_spec, layers_spec, steps_spec)
     for name, value in (("atol", atol), ("rtol", rtol), ("cos_min", cos_min)):
         check_tolerance_value(name, value, f"--{name.replace('_', '-')}")
     base = Tolerance(atol=atol, rtol=rtol, cos_min=cos_min)
@@ -294,8 +307,8 @@ def diff_command(
     if path_a.is_file() and path_b.is_file():
         if html_path or plot_path or fail_fast or model_path or select:
             raise ValidationError(
-                "--html, --plot, --fail-fast, --model, --stages and --layers need two dump "
-                "directories, not two files"
+                "--html, --plot, --fail-fast, --model, --stages, --layers and --steps need two "
+                "dump directories, not two files"
             )
         _file_pair(ctx, path_a, path_b, limit, as_json, base, rules)
         return

@@ -23,6 +23,7 @@ class TracedDump:
     token_ids: list[int]
     files: int
     seconds: float
+    decode_tokens: list[int] | None = None  # the tokens fed at decode steps 1..N
 
 
 def trace_to_dir(
@@ -35,8 +36,12 @@ def trace_to_dir(
     stages: str = "all",
     layers: str = "all",
     arch: str | None = None,
+    decode: int = 0,
+    decode_tokens: list[int] | None = None,
 ) -> TracedDump:
-    """Trace ``model_path`` with ``engine`` into ``out_dir`` (cleaned of an earlier run's files)."""
+    """Trace ``model_path`` with ``engine`` into ``out_dir`` (cleaned of an earlier run's files).
+
+    ``decode`` steps follow the prompt pass, fed ``decode_tokens`` when given, else greedy."""
     from aprtrace.formats import load_model
     from aprtrace.plan import make_plan
     from aprtrace.trace import encode_prompt, run_trace
@@ -61,9 +66,12 @@ def trace_to_dir(
         clean=True,
         engine=engine,
         tokenizer=tokenizer,
+        decode=decode,
+        decode_tokens=decode_tokens,
     )
+    fed = result.decode.tokens if result.decode is not None else None
     return TracedDump(
-        Path(model_path), engine, plan.out_dir, ids, len(result.log.files), result.seconds
+        Path(model_path), engine, plan.out_dir, ids, len(result.log.files), result.seconds, fed
     )
 
 
@@ -114,6 +122,16 @@ def parse_engines(spec: str) -> tuple[str, str]:
     help="Where the two dumps go [default: <MODEL_A's parent>/aprtrace-compare].",
 )
 @click.option("--arch", help="Architecture for APR files that do not name one.")
+@click.option(
+    "--decode",
+    "decode_steps",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Also N decode steps: A generates greedily (or --decode-tokens), B is fed A's "
+    "tokens; the report says after which step the two would pick different tokens.",
+)
+@click.option("--decode-tokens", metavar="IDS", help="Tokens fed at decode steps on both sides.")
 @click.pass_context
 def compare_command(
     ctx,
@@ -128,6 +146,8 @@ def compare_command(
     layers,
     work_dir,
     arch,
+    decode_steps,
+    decode_tokens,
 ):
     """Trace MODEL_A and MODEL_B on the same token ids and diff every stage (A = reference).
 
@@ -142,6 +162,7 @@ def compare_command(
       aprtrace compare model.gguf                  # numpy vs transformers, same weights
       aprtrace compare model.gguf --engines numpy,llama.cpp
       aprtrace compare hf-dir/ model.apr --save-tensor-layers 0..4 --cos-min 0.99
+      aprtrace compare model-f16.gguf model-q4_0.gguf --decode 8
     """
     from aprtrace.cli_diff import diff_command
     from aprtrace.trace import parse_token_list
@@ -171,6 +192,19 @@ def compare_command(
         check_installed()
     work_dir = work_dir or Path(model_a).parent / "aprtrace-compare"
     ids = parse_token_list(tokens) if tokens is not None else None
+    fed = parse_token_list(decode_tokens, "--decode-tokens") if decode_tokens else None
+    if decode_steps is None:
+        decode_steps = len(fed) if fed is not None else 0
+    elif decode_steps == 0 and fed is not None:
+        raise ValidationError(
+            "--decode 0 with --decode-tokens: no step to feed them to",
+            hint="leave --decode out (it defaults to the number of --decode-tokens)",
+        )
+    if decode_steps:
+        from aprtrace.trace import engine_decode
+
+        for engine in (engine_a, engine_b):
+            engine_decode(engine)  # refused before A is traced
     dumps = []
     for side, path, engine in (("A", model_a, engine_a), ("B", model_b, engine_b)):
         dump = trace_to_dir(
@@ -182,11 +216,16 @@ def compare_command(
             stages=stages,
             layers=layers,
             arch=arch,
+            decode=decode_steps,
+            decode_tokens=fed,
         )
         ids = dump.token_ids  # B runs on exactly A's token ids
+        fed = dump.decode_tokens  # ... and is fed the tokens A generated (teacher forcing)
         click.echo(
             f"{side}: traced {path} ({engine}): {dump.files} stage files -> {dump.out_dir} "
-            f"({dump.seconds:.2f} s, tokens {dump.token_ids})"
+            f"({dump.seconds:.2f} s, tokens {dump.token_ids}"
+            + (f", decode tokens {dump.decode_tokens}" if dump.decode_tokens else "")
+            + ")"
         )
         dumps.append(dump)
     args = ["--values", str(dumps[0].out_dir), str(dumps[1].out_dir), *ctx.args]

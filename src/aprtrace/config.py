@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from aprtrace.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "mixtral")
 # Architecture strings that mean one of the supported families.
 ARCH_ALIASES = {
     "llama": "llama",
@@ -19,6 +19,19 @@ ARCH_ALIASES = {
     "qwen2.5": "qwen2",
     "qwen": "qwen2",
     "qwen3": "qwen3",
+    # MoE (llama.cpp, Hugging Face model_type and APR spellings)
+    "qwen2moe": "qwen2moe",
+    "qwen2_moe": "qwen2moe",
+    "qwen3moe": "qwen3moe",
+    "qwen3_moe": "qwen3moe",
+    "mixtral": "mixtral",
+}
+
+
+_MOE_CLASS_NAMES = {
+    "qwen2moeforcausallm": "qwen2moe",
+    "qwen3moeforcausallm": "qwen3moe",
+    "mixtralforcausallm": "mixtral",
 }
 
 
@@ -27,13 +40,19 @@ def normalize_architecture(name: str | None, where: str = "model") -> str:
     for prefix in ("llamaforcausallm", "qwen2forcausallm", "qwen3forcausallm"):
         if key == prefix:
             key = prefix.removesuffix("forcausallm")
+    key = _MOE_CLASS_NAMES.get(key, key)
     if key not in ARCH_ALIASES:
         raise ModelLoadError(
             f"{where}: unsupported architecture '{name}'",
             hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-            "(Llama 2/3, SmolLM2, TinyLlama, Mistral-style GQA, Qwen2/2.5, Qwen3)",
+            "(Llama 2/3, SmolLM2, TinyLlama, Mistral-style GQA, Qwen2/2.5, Qwen3, "
+            "Qwen2-MoE, Qwen3-MoE, Mixtral)",
         )
     return ARCH_ALIASES[key]
+
+
+# Mixture-of-experts architectures (aprtrace.arch.moe); the others have a dense MLP.
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe", "mixtral")
 
 
 # Name of the optional per-frequency RoPE divisor (GGUF `rope_freqs.weight`, Llama 3.1+
@@ -100,6 +119,18 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0
     # Query scale is query_pre_attn_scalar ** -0.5 when set (Gemma), else head_dim ** -0.5.
     query_pre_attn_scalar: float | None = None
+    # MoE: routed experts (0: a dense MLP), experts per token, each expert's SwiGLU width,
+    # the shared expert's width (0: none; Qwen2-MoE gates it with a sigmoid), and whether
+    # the top-k routing weights are renormalised to sum to 1 (Mixtral, Qwen3-MoE).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def q_dim(self) -> int:
@@ -152,4 +183,29 @@ class ModelConfig:
                 raise ModelLoadError(f"{where}: config {name} = {value!r} must be finite and > 0")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             normalize_architecture(self.architecture, where)
+        self._validate_moe(where)
         return self
+
+    def _validate_moe(self, where: str) -> None:
+        moe_arch = self.architecture in MOE_ARCHITECTURES
+        if moe_arch != self.is_moe:
+            raise ModelLoadError(
+                f"{where}: architecture '{self.architecture}' with num_experts = "
+                f"{self.num_experts}: "
+                + ("a MoE architecture needs experts" if moe_arch else "experts need a MoE arch")
+            )
+        if not self.is_moe:
+            return
+        for name in ("num_experts_per_tok", "moe_intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ModelLoadError(
+                    f"{where}: config {name} = {value!r} must be a positive integer"
+                )
+        if self.num_experts_per_tok > self.num_experts:
+            raise ModelLoadError(
+                f"{where}: num_experts_per_tok {self.num_experts_per_tok} exceeds "
+                f"num_experts {self.num_experts}"
+            )
+        if self.shared_expert_intermediate_size < 0:
+            raise ModelLoadError(f"{where}: shared_expert_intermediate_size must be >= 0")

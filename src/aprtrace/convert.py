@@ -26,6 +26,7 @@ from aprtrace.formats.apr import (
     is_qwen_family,
     write_apr,
 )
+from aprtrace.mapping.moe import apr_metadata as moe_apr_metadata
 from aprtrace.model import LazyTensor, Model, permute_llama_qk, unpermute_llama_qk
 
 DTYPE_CHOICES = ("keep", "f32", "f16")
@@ -200,6 +201,7 @@ def convert_model(src: Path, dst: Path, dtype: str = "keep") -> dict:
         "rms_norm_eps": cfg.rms_norm_eps,
         "head_dim": cfg.head_dim,
         "tied_embeddings": cfg.tie_word_embeddings,
+        **moe_apr_metadata(cfg),  # MoE: aprender's expert fields (+ shared expert, top-k norm)
         **tokenizer_meta,
     }
     for key, value in (

@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from aprtrace.aprt import AprtFile, read_aprt
+from aprtrace.decode import step_of_path
 from aprtrace.errors import InvalidFormatError, NotFoundError, ValidationError
+from aprtrace.index_metrics import IndexAgreement, index_agreement
 from aprtrace.manifest import Manifest, read_manifest
 from aprtrace.stages import (
     WHOLE_MODEL_LAYER,
@@ -545,24 +547,35 @@ class PairKey:
     rel: str  # posix relative path, e.g. "layer-0/attn_norm.bin"
     stage: str  # stage name (or the file stem when unknown)
     layer: int | None  # None for whole-model (top-level) files
+    step: int = 0  # decode step (files under decode-k/); 0 = the prompt pass
 
     @property
     def rel_stem(self) -> str:
         return self.rel[: -len(".bin")] if self.rel.endswith(".bin") else self.rel
 
+    @property
+    def step_stem(self) -> str:
+        """``rel_stem`` inside its step (``decode-2/layer-3/x`` -> ``layer-3/x``), for --tol."""
+        return step_of_path(self.rel_stem)[1]
+
     def sort_key(self) -> tuple:
         known = stage_from_file_stem(self.stage)
         order = known.order if known is not None else _STAGE_COUNT
         if self.layer is None:
-            return (1, 0, order, self.rel)
-        return (0, self.layer, order, self.rel)
+            return (self.step, 1, 0, order, self.rel)
+        return (self.step, 0, self.layer, order, self.rel)
 
     @property
     def label(self) -> str:
-        return self.stage if self.layer is None else f"layer {self.layer} {self.stage}"
+        where = self.stage if self.layer is None else f"layer {self.layer} {self.stage}"
+        return f"step {self.step} {where}" if self.step else where
 
 
 def key_for(rel: str) -> PairKey:
+    step, inner = step_of_path(rel)
+    if step:
+        key = key_for(inner)
+        return PairKey(rel, key.stage, key.layer, step)
     parts = rel.split("/")
     stem = parts[-1][: -len(".bin")]
     known = stage_from_file_stem(stem)
@@ -610,6 +623,7 @@ class PairResult:
     error: str | None = None  # incomparable: why
     attribution: float | None = None
     predecessor: str | None = None
+    index: IndexAgreement | None = None  # index payloads (moe_router_indices): per token
 
     @property
     def max_position(self) -> str | None:
@@ -638,6 +652,20 @@ class DirDiff:
     warnings: list[str] = field(default_factory=list)
     first_divergence: PairResult | None = None
     stopped_early: bool = False
+
+    @property
+    def steps(self) -> list[int]:
+        """The decode steps compared (0 = the prompt pass), in order."""
+        return sorted({p.key.step for p in self.pairs})
+
+    @property
+    def first_token_disagreement(self) -> PairResult | None:
+        """The first pass (prompt, then steps) whose lm_head argmax differs between A and B:
+        from there on, the two engines would have generated different tokens."""
+        for p in sorted(self.pairs, key=lambda p: p.key.step):
+            if p.lm_head is not None and not p.lm_head.top1_agree:
+                return p
+        return None
 
     @property
     def passed(self) -> int:
@@ -710,21 +738,27 @@ def infer_shape(key: PairKey, count: int, manifests: list[Manifest]) -> tuple[in
     if stage is not None and len(stage.spec.shape_dims) == 1:
         return (count,)
     for m in manifests:
-        seq = len(m.token_ids)
+        seq, keys = len(m.token_ids), None
+        if key.step:  # a decode step: one new row attending every position up to its own
+            at = [s.get("position") for s in m.decode_steps if s.get("step") == key.step]
+            if not at or not isinstance(at[0], int):
+                continue
+            seq, keys = 1, at[0] + 1
         if seq <= 0:
             continue
         cfg = _config_view(m.config)
         if stage is not None and cfg is not None:
             try:
-                shape = stage_shape(stage, cfg, seq)
+                shape = stage_shape(stage, cfg, seq, keys)
             except (AttributeError, TypeError):
                 shape = None
             if shape is not None and int(np.prod(shape)) == count:
                 return shape
         if stage is not None and stage.spec.attention_map:
-            heads = count // (seq * seq)
-            if heads * seq * seq == count:
-                return (heads, seq, seq)
+            width = seq if keys is None else keys
+            heads = count // (seq * width)
+            if heads * seq * width == count:
+                return (heads, seq, width)
         elif count % seq == 0:
             return (seq, count // seq)
     return None
@@ -891,6 +925,17 @@ def dump_warnings(a: DumpInfo, b: DumpInfo) -> list[str]:
             f"(A {list(ma.token_ids)[:16]}, B {list(mb.token_ids)[:16]}): "
             "activations are not comparable position by position"
         )
+    if ma is not None and mb is not None:
+        fed_a = [s.get("token") for s in ma.decode_steps]
+        fed_b = [s.get("token") for s in mb.decode_steps]
+        n = min(len(fed_a), len(fed_b))
+        k = next((i for i in range(n) if fed_a[i] != fed_b[i]), None)
+        if k is not None:
+            out.append(
+                f"A and B were fed DIFFERENT tokens from decode step {k + 1} on "
+                f"(A {fed_a[k]}, B {fed_b[k]}): later steps are not comparable; trace B with "
+                "--decode-tokens set to A's tokens (as `aprtrace compare --decode` does)"
+            )
     return out
 
 
@@ -918,6 +963,11 @@ def compare_pair(
     if key.stage == Stage.LM_HEAD.value:
         result.lm_head = lm_head_stats(fa.values, fb.values)
     result.passed, result.reason = verdict(result.stats, tol)
+    # Index payloads (expert ids as f32) are compared as integers, per token.
+    stage = stage_from_file_stem(key.stage)
+    if stage is not None and stage.index_payload:
+        result.index = index_agreement(fa.values, fb.values, result.shape)
+        result.passed, result.reason = result.index.passed, result.index.reason
     return result
 
 
@@ -951,7 +1001,7 @@ def diff_dirs(
             hint="pass two dump directories written by aprtrace trace or apr trace --save-tensor",
         )
     for key in common:
-        tol = tolerance_for(tolerance, overrides, key.stage, key.rel_stem)
+        tol = tolerance_for(tolerance, overrides, key.stage, key.step_stem)
         pair = compare_pair(key, a, b, tol, limit, chunk)
         result.pairs.append(pair)
         if on_pair is not None:
@@ -963,5 +1013,7 @@ def diff_dirs(
                 break
     config = next((m.config for m in (a.manifest, b.manifest) if m is not None and m.config), None)
     num_layers = config.get("num_layers") if config else None
-    attribute(result.pairs, num_layers if isinstance(num_layers, int) else None, config)
+    for step in result.steps:  # each pass reads its own inputs (decode steps too)
+        step_pairs = [p for p in result.pairs if p.key.step == step]
+        attribute(step_pairs, num_layers if isinstance(num_layers, int) else None, config)
     return result

@@ -379,6 +379,10 @@ def localize(diff: DirDiff, model: Model) -> Localization:
     ctx = _Context(model, diff.b.path, seq, _token_ids(diff))
     with np.errstate(all="ignore"), one_blas_thread(seq <= SHORT_PROMPT):
         for pair in diff.pairs:
+            if pair.key.step:  # a decode step's attention reads the cache, which is not dumped
+                note = "decode steps are not localized (the KV cache is not in the dump)"
+                result.stages[pair.key.rel] = StageLocalization(note=note)
+                continue
             result.stages[pair.key.rel] = _localize_pair(ctx, diff, pair)
     return result
 

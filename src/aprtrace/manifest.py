@@ -10,7 +10,10 @@ apr-compatible files. Schema ``aprtrace-manifest-v1``::
      "prompt": "What is 2+2?" | null, "token_ids": [int, ...],
      "stages": ["embedding", ...], "layers": [0, 1, ...],
      "files": [{"path": "layer-0/attn_norm.bin", "stage": "attn_norm", "layer": 0 | null,
-                "shape": [7, 576], "bytes": 16140}, ...]}
+                "shape": [7, 576], "bytes": 16140}, ...],
+     "decode": {"mode": "greedy" | "forced", "prompt_argmax": int | null,      (--decode N only)
+                "steps": [{"step": 1, "dir": "decode-1", "token": int, "position": int,
+                           "argmax": int | null}, ...]}}
 
 ``"engine"`` names who computed the pass (numpy | transformers | llama.cpp). A llama.cpp dump
 adds ``"llama_cpp"`` (build, ggml, cyllama, context settings), ``"not_captured"`` (stages the
@@ -74,6 +77,15 @@ class Manifest:
                 return entry
         return None
 
+    @property
+    def decode_steps(self) -> tuple[dict[str, Any], ...]:
+        """The ``decode.steps`` entries (``--decode N``): step, dir, token, position, argmax."""
+        decode = self.raw.get("decode")
+        steps = decode.get("steps") if isinstance(decode, dict) else None
+        if not isinstance(steps, list):
+            return ()
+        return tuple(s for s in steps if isinstance(s, dict))
+
     def shape_of(self, rel_path: str) -> tuple[int, ...] | None:
         """The logical shape of the file at ``rel_path``, or None when not listed."""
         entry = self.file(rel_path)
@@ -128,6 +140,7 @@ def build_manifest_data(
     files: Iterable[Any],
     digest: str | None = None,
     engine: str = "numpy",
+    decode: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the manifest dict. ``files`` are ``capture.WrittenFile`` records (or dicts).
 
@@ -146,7 +159,7 @@ def build_manifest_data(
         stage = getattr(f.stage, "value", f.stage)
         layer = f.layer if getattr(f.stage, "per_layer", f.layer is not None) else None
         entries.append(file_entry(out_dir, f.path, stage, layer, f.shape, f.size))
-    return {
+    data = {
         "schema": SCHEMA,
         "tool": "aprtrace",
         "version": __version__,
@@ -166,6 +179,9 @@ def build_manifest_data(
         "layers": [int(x) for x in layers],
         "files": entries,
     }
+    if decode is not None:  # --decode N: the steps (issue 12); absent otherwise
+        data["decode"] = decode
+    return data
 
 
 def write_manifest(out_dir: Path, data: dict[str, Any]) -> Path:

@@ -46,52 +46,61 @@ class LayerSelection:
         return tuple(sorted(self.layers))
 
 
-def _layer_error(spec: str, why: str) -> ValidationError:
+def _layer_error(spec: str, why: str, flag: str = "--save-tensor-layers") -> ValidationError:
     return ValidationError(
-        f"invalid --save-tensor-layers '{spec}': {why}",
+        f"invalid {flag} '{spec}': {why}",
         hint="expected START..END (end exclusive, e.g. 0..4), a layer (3), a list (0,3,5), "
         "a mix (0..4,10) or 'all'",
     )
 
 
-def _layer_number(spec: str, digits: str) -> int:
+def _layer_number(spec: str, digits: str, flag: str = "--save-tensor-layers") -> int:
     # Guard int(): Python refuses to convert strings of more than 4300 digits (ValueError).
     if len(digits.lstrip("0")) > len(str(_MAX_LAYER)) + 1:
-        raise _layer_error(spec, f"layer {digits[:12]}... is too large (at most {_MAX_LAYER})")
+        raise _layer_error(
+            spec, f"layer {digits[:12]}... is too large (at most {_MAX_LAYER})", flag
+        )
     return int(digits)
 
 
-def parse_layers(spec: str) -> LayerSelection:
-    """Parse ``--save-tensor-layers``: ``START..END`` (end exclusive), ``N``, lists, ``all``."""
+def parse_layers(spec: str, flag: str = "--save-tensor-layers") -> LayerSelection:
+    """Parse ``--save-tensor-layers``: ``START..END`` (end exclusive), ``N``, lists, ``all``.
+
+    ``flag`` names the option in error messages (``diff --steps`` shares the syntax)."""
     text = spec.strip()
     if text.lower() == "all":
         return LayerSelection(every=True, spec=text)
     if not text:
-        raise _layer_error(spec, "empty layer range")
+        raise _layer_error(spec, "empty layer range", flag)
     layers: set[int] = set()
     for item in text.split(","):
         item = item.strip()
         if not item:
-            raise _layer_error(spec, "empty item")
+            raise _layer_error(spec, "empty item", flag)
         match = _RANGE.match(item)
         if match:
-            start, end = _layer_number(spec, match.group(1)), _layer_number(spec, match.group(2))
+            start, end = (
+                _layer_number(spec, match.group(1), flag),
+                _layer_number(spec, match.group(2), flag),
+            )
             if end <= start:
                 raise _layer_error(
-                    spec, f"range {item} is empty (end is exclusive and must be > start)"
+                    spec, f"range {item} is empty (end is exclusive and must be > start)", flag
                 )
             if end - 1 > _MAX_LAYER:
-                raise _layer_error(spec, f"layer {end - 1} is too large (at most {_MAX_LAYER})")
+                raise _layer_error(
+                    spec, f"layer {end - 1} is too large (at most {_MAX_LAYER})", flag
+                )
             layers.update(range(start, end))
         elif _SINGLE.match(item):
-            value = _layer_number(spec, item.lstrip("+"))
+            value = _layer_number(spec, item.lstrip("+"), flag)
             if value > _MAX_LAYER:
-                raise _layer_error(spec, f"layer {value} is too large (at most {_MAX_LAYER})")
+                raise _layer_error(spec, f"layer {value} is too large (at most {_MAX_LAYER})", flag)
             layers.add(value)
         elif item.startswith("-"):
-            raise _layer_error(spec, f"'{item}' is negative; layers count from 0")
+            raise _layer_error(spec, f"'{item}' is negative; layers count from 0", flag)
         else:
-            raise _layer_error(spec, f"cannot read '{item}'")
+            raise _layer_error(spec, f"cannot read '{item}'", flag)
     return LayerSelection(layers=frozenset(layers), spec=text)
 
 

@@ -123,6 +123,7 @@ def pair_json(p: PairResult, localization: Localization | None = None) -> dict[s
     s = p.stats
     out: dict[str, Any] = {
         "path": p.key.rel,
+        "step": p.key.step,
         "stage": p.key.stage,
         "layer": p.key.layer if p.key.layer is not None else "whole-model",
         "verdict": _verdict_word(p),
@@ -164,6 +165,7 @@ def pair_json(p: PairResult, localization: Localization | None = None) -> dict[s
             "kl_divergence": finite_or_none(p.lm_head.kl_divergence),
         }
     )
+    out["index_agreement"] = p.index.to_json() if p.index is not None else None
     out["top_diffs"] = [
         {
             "index": t.index,
@@ -197,10 +199,43 @@ def _ref(p: PairResult | None) -> dict[str, Any] | None:
         return None
     return {
         "path": p.key.rel,
+        "step": p.key.step,
         "stage": p.key.stage,
         "layer": p.key.layer if p.key.layer is not None else "whole-model",
         "reason": p.reason,
     }
+
+
+# --- decode steps (issue 12) -----------------------------------------------------------------
+
+
+def _token_disagreement_json(d: DirDiff) -> dict[str, Any] | None:
+    p = d.first_token_disagreement
+    if p is None or p.lm_head is None:
+        return None
+    return {"step": p.key.step, "path": p.key.rel, "a": p.lm_head.top1_a, "b": p.lm_head.top1_b}
+
+
+def token_disagreement_line(d: DirDiff) -> str | None:
+    """Where the two runs would have generated different tokens (None: they never would)."""
+    p = d.first_token_disagreement
+    if p is None or p.lm_head is None:
+        if len(d.steps) > 1 and any(q.lm_head is not None for q in d.pairs):
+            steps = f"steps {d.steps[0]}..{d.steps[-1]}"
+            return f"argmax: A and B pick the same token at every pass ({steps})"
+        return None
+    which = "the prompt pass" if p.key.step == 0 else f"step {p.key.step}"
+    return (
+        f"argmax: A and B first pick different tokens after {which} (A {p.lm_head.top1_a}, "
+        f"B {p.lm_head.top1_b}): greedy generation would part there, at step {p.key.step + 1}"
+    )
+
+
+def _step_cell(p: PairResult) -> str:
+    return str(p.key.step)
+
+
+# --- end decode steps ---------------------------------------------------------------------------
 
 
 def dir_json(d: DirDiff, localization: Localization | None = None) -> dict[str, Any]:
@@ -232,6 +267,7 @@ def dir_json(d: DirDiff, localization: Localization | None = None) -> dict[str, 
             "stopped_early": d.stopped_early,
         },
         "first_divergence": _ref(d.first_divergence),
+        "first_token_disagreement": _token_disagreement_json(d),
         "amplifiers": [
             {
                 **_ref(p),  # type: ignore[dict-item]
@@ -537,6 +573,7 @@ def _table_columns(
         return "-" if s is None else f"{fmt(s.ulp_max, 'd')}/{fmt(s.ulp_median, '.10g')}"
 
     columns = [
+        *([_Column("step", "right", 0, _step_cell)] if len(d.steps) > 1 else []),
         _Column("layer", "right", 0, lambda p: "-" if p.key.layer is None else str(p.key.layer)),
         _Column("stage", "left", 0, lambda p: p.key.stage),
         _Column("cosine", "right", 1, _stat(".6f", "cosine_sim")),
@@ -601,9 +638,11 @@ def render_dir_table(
     for i in keep:
         c = columns[i]
         table.add_column(c.header, justify=c.justify, no_wrap=c.header != "verdict")  # type: ignore[arg-type]
-    for p, row in zip(d.pairs, cells, strict=True):
+    for i_pair, (p, row) in enumerate(zip(d.pairs, cells, strict=True)):
         style = "bold" if p is d.first_divergence else None
-        table.add_row(*(row[i] for i in keep), style=style)
+        # A rule between decode steps: the table groups by step.
+        last_of_step = i_pair + 1 < len(d.pairs) and d.pairs[i_pair + 1].key.step != p.key.step
+        table.add_row(*(row[i] for i in keep), style=style, end_section=last_of_step)
     console.print(table)  # the only hard-wrapped output
     if any(columns[i].header == "at" for i in keep) and not wide:
         console.print(Text(POSITION_LEGEND, style="dim"), soft_wrap=True)
@@ -620,11 +659,15 @@ def render_dir_table(
         if p.lm_head is not None:
             h = p.lm_head
             console.print(
+                f"{'step ' + str(p.key.step) + ' ' if p.key.step else ''}"
                 f"lm_head: top-1 {'agrees' if h.top1_agree else 'DIFFERS'} "
                 f"(A {h.top1_a}, B {h.top1_b}), top-5 overlap {h.top5_overlap}/5, "
                 f"KL(A||B) {fmt(h.kl_divergence, '.3g')}",
                 soft_wrap=True,
             )
+    token_line = token_disagreement_line(d)
+    if token_line is not None:
+        console.print(Text(token_line, style="bold"), soft_wrap=True)
     amps = d.amplifiers(AMPLIFY_THRESHOLD)
     if amps:
         console.print(
@@ -773,17 +816,24 @@ def _ink(rgb: tuple[int, int, int]) -> str:
 
 def _grid(d: DirDiff) -> tuple[list[str], list[str], dict[tuple[str, str], int]]:
     """Rows (layer labels, whole-model last), columns (stages in forward order), cell -> pair."""
-    layers = sorted({p.key.layer for p in d.pairs if p.key.layer is not None})
-    rows = [f"layer {x}" for x in layers]
-    if any(p.key.layer is None for p in d.pairs):
-        rows.append("whole-model")
+    rows = []
+    for step in d.steps:  # a block of rows per decode step (step 0, the prompt, unprefixed)
+        here = [p for p in d.pairs if p.key.step == step]
+        layers = sorted({p.key.layer for p in here if p.key.layer is not None})
+        rows += [_row_label(step, x) for x in layers]
+        if any(p.key.layer is None for p in here):
+            rows.append(_row_label(step, None))
     order = {s.value: s.order for s in Stage}
     stages = sorted({p.key.stage for p in d.pairs}, key=lambda s: (order.get(s, len(order)), s))
     cells = {}
     for i, p in enumerate(d.pairs):
-        row = "whole-model" if p.key.layer is None else f"layer {p.key.layer}"
-        cells[(row, p.key.stage)] = i
+        cells[(_row_label(p.key.step, p.key.layer), p.key.stage)] = i
     return rows, stages, cells
+
+
+def _row_label(step: int, layer: int | None) -> str:
+    row = "whole-model" if layer is None else f"layer {layer}"
+    return f"step {step} {row}" if step else row
 
 
 def _tooltip(p: PairResult, metric: str) -> str:
@@ -848,7 +898,7 @@ def heatmap_svg(d: DirDiff, metric: str = "rel-l2", interactive: bool = False) -
     first = d.first_divergence
     first_row = first_stage = None
     if first is not None:
-        first_row = "whole-model" if first.key.layer is None else f"layer {first.key.layer}"
+        first_row = _row_label(first.key.step, first.key.layer)
         first_stage = first.key.stage
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -1013,6 +1063,9 @@ def _manifest_rows(d: DirDiff) -> list[tuple[str, str]]:
         label = "prompt" if len(prompts) == 1 else "prompt (differs!)"
         text = f"tokens {list(ids)}" if prompt is None else f"{prompt!r}, tokens {list(ids)}"
         rows.append((label, text))
+    token_line = token_disagreement_line(d)  # decode steps (issue 12)
+    if token_line is not None:
+        rows.append(("generation", token_line))
     return rows
 
 
@@ -1076,7 +1129,8 @@ def html_report(
         if p is d.first_divergence:
             cls.append("first")
         row = [
-            "-" if p.key.layer is None else str(p.key.layer),
+            ("" if p.key.step == 0 else f"step {p.key.step} ")
+            + ("-" if p.key.layer is None else str(p.key.layer)),
             p.key.stage,
             fmt(s.max_abs_diff) if s else "-",
             (p.max_position or str(s.max_abs_diff_index)) if s else "-",

@@ -44,6 +44,10 @@ class Stage(enum.Enum):
     FFN_OUT = "ffn_out"
     POST_FFN_NORM = "post_ffn_norm"
     POST_FFN_RESIDUAL = "post_ffn_residual"
+    MOE_ROUTER = "moe_router"
+    MOE_SHARED_EXPERT = "moe_shared_expert"
+    MOE_FFN_OUT = "moe_ffn_out"
+    MOE_ROUTER_INDICES = "moe_router_indices"
     FINAL_NORM = "final_norm"
     LM_HEAD = "lm_head"
 
@@ -77,6 +81,7 @@ _DIMS: dict[str, Callable[[Any], int]] = {
     "heads": lambda c: c.num_heads,
     "intermediate": lambda c: c.intermediate_size,
     "vocab": lambda c: c.vocab_size,
+    "experts_used": lambda c: c.num_experts_per_tok,
 }
 
 # Input references that are not a stage of the same layer.
@@ -147,6 +152,18 @@ def _row(
 
 
 _GEMMA = ("gemma2", "gemma3")
+_MOE = ("qwen2moe", "qwen3moe", "mixtral")
+
+
+def _dense_mlp(c: Any) -> bool:
+    """The FFN is one SwiGLU MLP (not a mixture of experts)."""
+    return not getattr(c, "num_experts", 0)
+
+
+def _shared_expert(c: Any) -> bool:
+    return bool(getattr(c, "shared_expert_intermediate_size", 0))
+
+
 _SEQ_H = ("seq", "hidden")
 _SEQ_I = ("seq", "intermediate")
 _MAP = ("heads", "seq", "keys")
@@ -240,16 +257,47 @@ GRAPH: dict[Stage, StageSpec] = dict(
             "pre-FFN RMSNorm output (post_attention_layernorm; Gemma: pre_feedforward_layernorm)",
             weights="vector",
         ),
-        _row(Stage.FFN_GATE, ("ffn_norm",), _SEQ_I, "gate projection", weights="matrix"),
-        _row(Stage.FFN_UP, ("ffn_norm",), _SEQ_I, "up projection", weights="matrix"),
+        # The five dense-MLP stages are not computed by MoE models: each token runs its own
+        # experts, so no one [seq, intermediate] buffer exists (aprender leaves them empty
+        # too); the MoE block output is moe_ffn_out, a shared expert's is moe_shared_expert.
+        _row(
+            Stage.FFN_GATE,
+            ("ffn_norm",),
+            _SEQ_I,
+            "gate projection (dense MLP only)",
+            weights="matrix",
+            when=_dense_mlp,
+        ),
+        _row(
+            Stage.FFN_UP,
+            ("ffn_norm",),
+            _SEQ_I,
+            "up projection (dense MLP only)",
+            weights="matrix",
+            when=_dense_mlp,
+        ),
         _row(
             Stage.FFN_SILU,
             ("ffn_gate",),
             _SEQ_I,
-            "act(gate): silu for Llama/Qwen, gelu_tanh for Gemma",
+            "act(gate): silu for Llama/Qwen, gelu_tanh for Gemma (dense MLP only)",
+            when=_dense_mlp,
         ),
-        _row(Stage.FFN_SWIGL, ("ffn_silu", "ffn_up"), _SEQ_I, "act(gate) * up"),
-        _row(Stage.FFN_OUT, ("ffn_swigl",), _SEQ_H, "down projection (+ bias)", weights="matrix"),
+        _row(
+            Stage.FFN_SWIGL,
+            ("ffn_silu", "ffn_up"),
+            _SEQ_I,
+            "act(gate) * up (dense MLP only)",
+            when=_dense_mlp,
+        ),
+        _row(
+            Stage.FFN_OUT,
+            ("ffn_swigl",),
+            _SEQ_H,
+            "down projection (+ bias) (dense MLP only)",
+            weights="matrix",
+            when=_dense_mlp,
+        ),
         _row(
             Stage.POST_FFN_NORM,
             ("ffn_out",),
@@ -260,9 +308,51 @@ GRAPH: dict[Stage, StageSpec] = dict(
         ),
         _row(
             Stage.POST_FFN_RESIDUAL,
-            ("post_attn_residual", ("post_ffn_norm", "ffn_out")),
+            ("post_attn_residual", ("post_ffn_norm", "ffn_out", "moe_ffn_out")),
             _SEQ_H,
             "hidden after the FFN residual add (alias layer_output)",
+        ),
+        # MoE stages, in apr's order after post_ffn_residual although post_ffn_residual is
+        # computed from them (apr appended them to its enum; MOE_BLOCK below). As aprender's
+        # qwen3_moe forward writes them, moe_router / moe_ffn_out / moe_router_indices hold
+        # the LAST position only; experts are ranked by routing probability, highest first.
+        _row(
+            Stage.MOE_ROUTER,
+            ("ffn_norm",),
+            ("experts_used",),
+            "last position: top-k routing weights, softmax over all experts then top-k, "
+            "renormalised to sum 1 when the config says (Mixtral, Qwen3-MoE), highest first",
+            weights="matrix",
+            archs=_MOE,
+        ),
+        _row(
+            Stage.MOE_SHARED_EXPERT,
+            ("ffn_norm",),
+            _SEQ_H,
+            "Qwen2-MoE shared expert, every position: sigmoid(shared_expert_gate . x) * "
+            "SwiGLU_shared(x), before it joins the routed experts",
+            weights="matrix",
+            archs=("qwen2moe",),
+            when=_shared_expert,
+        ),
+        _row(
+            Stage.MOE_FFN_OUT,
+            ("ffn_norm", "moe_router", "moe_router_indices", ("moe_shared_expert", "ffn_norm")),
+            ("hidden",),
+            "last position: the MoE block output added to the residual, sum of weight * "
+            "expert SwiGLU over the top-k experts (+ the gated shared expert)",
+            weights="matrix",
+            archs=_MOE,
+        ),
+        _row(
+            Stage.MOE_ROUTER_INDICES,
+            ("ffn_norm",),
+            ("experts_used",),
+            "last position: the top-k expert ids as f32, in moe_router's order "
+            "(compared as integers)",
+            weights="matrix",
+            archs=_MOE,
+            index_payload=True,
         ),
         _row(
             Stage.FINAL_NORM,
@@ -283,6 +373,10 @@ GRAPH: dict[Stage, StageSpec] = dict(
     ]
 )
 assert list(GRAPH) == list(Stage), "every stage has exactly one row, in enum order"
+# The MoE stages: written after post_ffn_residual (apr's file order), computed before it.
+MOE_BLOCK = frozenset(
+    {Stage.MOE_ROUTER, Stage.MOE_SHARED_EXPERT, Stage.MOE_FFN_OUT, Stage.MOE_ROUTER_INDICES}
+)
 _ORDER = {stage: i for i, stage in enumerate(Stage)}
 
 ALIASES = {"layer_output": Stage.POST_FFN_RESIDUAL}

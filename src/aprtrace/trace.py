@@ -14,6 +14,7 @@ import numpy as np
 
 from aprtrace.atomic import write_bytes_atomic
 from aprtrace.capture import CaptureLog, maybe_save_stage
+from aprtrace.decode import DecodeRun
 from aprtrace.errors import OutputError, ValidationError
 from aprtrace.forward import Progress, forward
 from aprtrace.model import Model
@@ -113,6 +114,11 @@ class TraceResult:
     seconds: float
     stale_files: list[Path] = field(default_factory=list)
     manifest_path: Path | None = None
+    # With --decode: the steps, the statistics of each step's pass (step -> stats) and the
+    # first non-finite capture of each step that has one (step -> (stage, layer)).
+    decode: DecodeRun | None = None
+    step_stats: dict[int, list[StageStats]] = field(default_factory=dict)
+    step_nonfinite: dict[int, tuple[str, int | None]] = field(default_factory=dict)
 
 
 def cache_dir() -> Path:
@@ -227,19 +233,27 @@ def run_trace(
     engine: str = "numpy",
     timing_only: bool = False,
     tokenizer: dict | None = None,
+    decode: int = 0,
+    decode_tokens: list[int] | None = None,
 ) -> TraceResult:
     """Run the forward pass, write the planned stage files, then the manifest (last).
 
     ``engine`` is ``numpy`` (aprtrace's own forward pass), ``transformers`` (Hugging Face
     transformers on the same decoded weights) or ``llama.cpp`` (llama.cpp's own graph nodes,
     GGUF only), each a dump in the same layout. ``tokenizer`` (which tokenizer made the ids)
-    goes into the manifest. ``timing_only`` (without a plan): capture nothing, not even the
-    NaN/Inf check of each stage, so ``seconds`` is the forward pass alone; only non-finite
-    logits are reported.
+    goes into the manifest. ``decode`` steps follow the prompt pass through a KV cache
+    (``DIR/decode-k/``), feeding ``decode_tokens`` when given (teacher forcing), else each
+    step's greedy argmax. ``timing_only`` (without a plan or decode steps): capture nothing,
+    not even the NaN/Inf check of each stage, so ``seconds`` is the forward pass alone; only
+    non-finite logits are reported.
     """
-    if timing_only and plan is not None:
-        raise ValidationError("a timing-only run writes no stage files: give no --save-tensor")
+    if timing_only and (plan is not None or decode or decode_tokens is not None):
+        raise ValidationError(
+            "a timing-only run captures nothing: give neither --save-tensor nor --decode"
+        )
     run_forward = engine_forward(engine)
+    if decode or decode_tokens is not None:
+        engine_decode(engine)  # an engine without decode is refused before the output dir
     if hasattr(run_forward, "check_model"):
         run_forward.check_model(model)  # an engine's refusal comes before the output dir
     if plan is not None:
@@ -267,7 +281,22 @@ def run_trace(
         return collect_stats or (plan is not None and plan.wants(stage, layer))
 
     start = time.perf_counter()
-    if timing_only:
+    decoded, step_stats, step_bad = None, {}, {}
+    if decode or decode_tokens is not None:
+        decoded, step_stats, step_bad = _decode_passes(
+            engine,
+            model,
+            token_ids,
+            plan,
+            log,
+            emit,
+            progress,
+            decode,
+            decode_tokens,
+            collect_stats,
+        )
+        logits = decoded.logits[0]
+    elif timing_only:
         logits = run_forward(model, token_ids, None, progress, None)
         if not np.isfinite(logits).all():
             first_bad.append((Stage.LM_HEAD.value, None))
@@ -285,18 +314,23 @@ def run_trace(
         first_nonfinite=first_bad[0] if first_bad else None,
         seconds=seconds,
         stale_files=stale,
+        decode=decoded,
+        step_stats=step_stats,
+        step_nonfinite=step_bad,
     )
     if plan is not None:
         extra = dict(getattr(run_forward, "manifest_info", None) or {})
         if tokenizer is not None:
             extra["tokenizer"] = tokenizer
         result.manifest_path = _write_manifest(
-            model, plan, layers, token_ids, prompt, log, hasher, engine, extra
+            model, plan, layers, token_ids, prompt, log, hasher, engine, extra, decoded
         )
     return result
 
 
-def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine, extra) -> Path:
+def _write_manifest(
+    model, plan, layers, token_ids, prompt, log, hasher, engine, extra, decoded=None
+) -> Path:
     from aprtrace.manifest import build_manifest_data, write_manifest
 
     data = build_manifest_data(
@@ -312,9 +346,115 @@ def _write_manifest(model, plan, layers, token_ids, prompt, log, hasher, engine,
         files=log.files,
         digest=hasher.result() if hasher else None,
         engine=engine,
+        decode=decode_manifest(decoded) if decoded is not None else None,
     )
     data.update(extra)  # engine provenance (llama.cpp build, not_captured, ...)
     return write_manifest(plan.out_dir, data)
+
+
+# --- decode (issue 12): N steps through a KV cache after the prompt pass -------------------
+
+
+def engine_decode(engine: str):
+    """The decode function of an engine (``aprtrace.decode.numpy_decode``'s signature)."""
+    if engine == "numpy":
+        from aprtrace.decode import numpy_decode
+
+        return numpy_decode
+    if engine == "transformers":
+        from aprtrace.engines.transformers import hf_decode
+
+        return hf_decode
+    if engine in ENGINES:
+        raise ValidationError(
+            f"--decode is not implemented for the {engine} engine yet",
+            hint="trace the decode steps with --engine numpy or --engine transformers",
+        )
+    raise ValidationError(f"unknown engine '{engine}'", hint=f"choose one of {', '.join(ENGINES)}")
+
+
+def _decode_passes(
+    engine, model, token_ids, plan, log, emit, progress, steps, forced, collect_stats
+) -> tuple[DecodeRun, dict[int, list[StageStats]], dict[int, tuple[str, int | None]]]:
+    """The prompt pass through ``emit`` (the dump root), then each step k into ``decode-k/``."""
+    from dataclasses import replace
+
+    from aprtrace.decode import step_dir
+
+    if forced is not None and not steps:
+        steps = len(forced)
+    step_stats: dict[int, list[StageStats]] = {}
+    step_bad: dict[int, tuple[str, int | None]] = {}
+
+    def emit_for(step: int):
+        if step == 0:
+            return emit
+        step_plan = replace(plan, out_dir=plan.out_dir / step_dir(step)) if plan else None
+        stats = step_stats.setdefault(step, [])
+
+        def emit_step(stage: Stage, layer: int | None, values: np.ndarray) -> None:
+            maybe_save_stage(step_plan, stage, layer, values, log)
+            if collect_stats:
+                stats.append(stage_stats(stage, layer, values))
+            if step not in step_bad and not np.isfinite(values).all():
+                step_bad[step] = (stage.value, layer)
+
+        return emit_step
+
+    run = engine_decode(engine)(model, token_ids, steps, emit_for, progress, forced)
+    return run, step_stats, step_bad
+
+
+def decode_manifest(run: DecodeRun) -> dict:
+    """The manifest's ``decode`` object: how each step's token was chosen and where it ran."""
+    return {
+        "mode": "forced" if run.forced else "greedy",
+        "prompt_argmax": run.prompt_argmax,
+        "steps": [s.to_dict() for s in run.steps],
+    }
+
+
+@dataclass
+class DecodeCapture:
+    """``capture_decode``'s result: ``stages[0]`` is the prompt pass, ``stages[k]`` step k."""
+
+    token_ids: list[int]
+    steps: list  # aprtrace.decode.DecodeStep, one per step 1..N
+    stages: list[dict[tuple[str, int | None], np.ndarray]]
+    logits: list[np.ndarray]
+
+
+def capture_decode(
+    model: Model,
+    prompt: str | list[int],
+    steps: int,
+    *,
+    tokens: list[int] | None = None,
+    engine: str = "numpy",
+    add_bos: bool = False,
+) -> DecodeCapture:
+    """Every stage of the prompt pass and of ``steps`` decode steps, in memory.
+
+    Step k feeds ``tokens[k-1]`` when given (teacher forcing), else the argmax of step k-1.
+    Inside a step arrays hold the one new position (``[1, dim]``, maps ``[heads, 1, n+k]``).
+    """
+    ids = encode_prompt(model, prompt, add_bos) if isinstance(prompt, str) else list(prompt)
+    passes: list[dict[tuple[str, int | None], np.ndarray]] = []
+
+    def emit_for(step: int):
+        passes.append({})
+        out = passes[-1]
+
+        def keep(stage: Stage, layer: int | None, values: np.ndarray) -> None:
+            out[(stage.value, layer)] = np.array(values, dtype=np.float32, copy=True)
+
+        return keep
+
+    run = engine_decode(engine)(model, ids, steps, emit_for, None, tokens)
+    return DecodeCapture(ids, run.steps, passes, run.logits)
+
+
+# --- end decode -----------------------------------------------------------------------------
 
 
 def capture_stages(
@@ -354,17 +494,17 @@ def encode_prompt(model: Model, prompt: str, add_bos: bool) -> list[int]:
     return ids
 
 
-def parse_token_list(spec: str) -> list[int]:
-    """``--tokens 1,2,3`` -> [1, 2, 3]."""
+def parse_token_list(spec: str, flag: str = "--tokens") -> list[int]:
+    """``--tokens 1,2,3`` -> [1, 2, 3] (``flag`` names the option in errors)."""
     try:
         ids = [int(t) for t in spec.replace(" ", "").split(",") if t != ""]
     except ValueError:
         raise ValidationError(
-            f"invalid --tokens '{spec}'",
-            hint="give comma-separated integers, e.g. --tokens 3838,374",
+            f"invalid {flag} '{spec}'",
+            hint=f"give comma-separated integers, e.g. {flag} 3838,374",
         ) from None
     if not ids:
-        raise ValidationError("--tokens is empty", hint="give comma-separated integers")
+        raise ValidationError(f"{flag} is empty", hint="give comma-separated integers")
     if any(i < 0 for i in ids):
-        raise ValidationError(f"invalid --tokens '{spec}': token ids are >= 0")
+        raise ValidationError(f"invalid {flag} '{spec}': token ids are >= 0")
     return ids

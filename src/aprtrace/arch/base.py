@@ -39,27 +39,54 @@ def wants_nothing(stage: Stage, layer: int | None) -> bool:
 
 @dataclass
 class KVCache:
-    """Keys and values (after RoPE) of every position seen so far, per layer."""
+    """Keys and values (after RoPE) of every position seen so far, per layer, with positions.
 
-    k: dict[int, np.ndarray] = field(default_factory=dict)
-    v: dict[int, np.ndarray] = field(default_factory=dict)
-    pos: dict[int, np.ndarray] = field(default_factory=dict)
+    Rows live in per-layer buffers that grow by doubling (or to ``capacity`` rows, when the
+    caller knows the final length), so a decode step writes its one row in place instead of
+    copying the whole cache. ``extend`` returns views of the filled rows.
+    """
+
+    capacity: int = 0
+    _k: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _v: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _pos: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _len: dict[int, int] = field(default_factory=dict, repr=False)
 
     def extend(
         self, layer: int, k: np.ndarray, v: np.ndarray, positions: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Append this pass's rows; return every cached key, value and position."""
-        if layer in self.k:
-            self.k[layer] = np.concatenate([self.k[layer], k])
-            self.v[layer] = np.concatenate([self.v[layer], v])
-            self.pos[layer] = np.concatenate([self.pos[layer], positions])
-        else:
-            self.k[layer], self.v[layer], self.pos[layer] = k.copy(), v.copy(), positions.copy()
-        return self.k[layer], self.v[layer], self.pos[layer]
+        n = self._len.get(layer, 0)
+        end = n + len(k)
+        if layer not in self._k or end > self._k[layer].shape[0]:
+            rows = max(end, self.capacity, 2 * n)
+            for store, new in ((self._k, k), (self._v, v), (self._pos, positions)):
+                grown = np.empty((rows, *np.shape(new)[1:]), dtype=np.asarray(new).dtype)
+                if layer in store:
+                    grown[:n] = store[layer][:n]
+                store[layer] = grown
+        self._k[layer][n:end] = k
+        self._v[layer][n:end] = v
+        self._pos[layer][n:end] = positions
+        self._len[layer] = end
+        return self.entries(layer)
+
+    def entries(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Views of the cached keys ``[n, kv_heads, d]``, values and positions of ``layer``."""
+        n = self._len.get(layer, 0)
+        if layer not in self._k:
+            raise KeyError(f"layer {layer} has nothing cached")
+        return self._k[layer][:n], self._v[layer][:n], self._pos[layer][:n]
 
     @property
     def length(self) -> int:
-        return int(next(iter(self.pos.values())).size) if self.pos else 0
+        """Positions cached (in the first layer filled)."""
+        return next(iter(self._len.values())) if self._len else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache buffers hold (allocated rows, keys + values + positions)."""
+        return sum(b.nbytes for store in (self._k, self._v, self._pos) for b in store.values())
 
 
 @dataclass

@@ -19,8 +19,8 @@ from aprtrace.stages import Stage
 
 
 @dataclass
-class LayerWeights:
-    """One decoder layer's weights, float32, Hugging Face layout."""
+class AttentionWeights:
+    """One decoder layer's attention weights and its two norms, float32, HF layout."""
 
     input_layernorm: np.ndarray
     q_proj: np.ndarray
@@ -34,6 +34,16 @@ class LayerWeights:
     o_proj: np.ndarray
     o_bias: np.ndarray | None
     post_attention_layernorm: np.ndarray
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.q_bias is not None or self.k_bias is not None or self.v_bias is not None
+
+
+@dataclass
+class LayerWeights(AttentionWeights):
+    """One decoder layer's weights, float32, Hugging Face layout."""
+
     gate_proj: np.ndarray
     up_proj: np.ndarray
     down_proj: np.ndarray
@@ -41,9 +51,32 @@ class LayerWeights:
     up_bias: np.ndarray | None
     down_bias: np.ndarray | None
 
-    @property
-    def has_qkv_bias(self) -> bool:
-        return self.q_bias is not None or self.k_bias is not None or self.v_bias is not None
+
+def load_attention(model, layer: int) -> dict[str, np.ndarray | None]:
+    """The ``AttentionWeights`` fields of block ``layer``, decoded and shape-checked."""
+    cfg = model.config
+    h, q, kv, d = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.head_dim
+
+    def w(suffix: str, shape: tuple[int, ...]) -> np.ndarray:
+        return model.weight(layer_name(layer, suffix), shape)
+
+    def opt(suffix: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        return model.optional_weight(layer_name(layer, suffix), shape)
+
+    return dict(
+        input_layernorm=w("input_layernorm.weight", (h,)),
+        q_proj=w("self_attn.q_proj.weight", (q, h)),
+        k_proj=w("self_attn.k_proj.weight", (kv, h)),
+        v_proj=w("self_attn.v_proj.weight", (kv, h)),
+        q_bias=opt("self_attn.q_proj.bias", (q,)),
+        k_bias=opt("self_attn.k_proj.bias", (kv,)),
+        v_bias=opt("self_attn.v_proj.bias", (kv,)),
+        q_norm=opt("self_attn.q_norm.weight", (d,)) if cfg.qk_norm else None,
+        k_norm=opt("self_attn.k_norm.weight", (d,)) if cfg.qk_norm else None,
+        o_proj=w("self_attn.o_proj.weight", (h, q)),
+        o_bias=opt("self_attn.o_proj.bias", (h,)),
+        post_attention_layernorm=w("post_attention_layernorm.weight", (h,)),
+    )
 
 
 def attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -91,7 +124,7 @@ def model_shapes(
     return shapes
 
 
-def qkv_projection(w: LayerWeights, attn_norm: np.ndarray) -> np.ndarray:
+def qkv_projection(w: AttentionWeights, attn_norm: np.ndarray) -> np.ndarray:
     """The fused ``[Q|K|V]`` projection ``[seq, q_dim + 2*kv_dim]``, before any bias."""
     return np.concatenate(
         [
@@ -103,7 +136,7 @@ def qkv_projection(w: LayerWeights, attn_norm: np.ndarray) -> np.ndarray:
     )
 
 
-def add_qkv_bias(cfg: ModelConfig, w: LayerWeights, qkv: np.ndarray) -> np.ndarray:
+def add_qkv_bias(cfg: ModelConfig, w: AttentionWeights, qkv: np.ndarray) -> np.ndarray:
     """``qkv + [b_q|b_k|b_v]``; a missing part of the bias counts as zeros."""
     zeros = np.zeros
     return qkv + np.concatenate(
@@ -144,8 +177,7 @@ class Llama(Architecture):
     def load_layer(self, model, layer: int) -> LayerWeights:
         """Decode the weights of block ``layer``, checking every shape against the config."""
         cfg = model.config
-        h, q, kv, inter = cfg.hidden_size, cfg.q_dim, cfg.kv_dim, cfg.intermediate_size
-        d = cfg.head_dim
+        h, inter = cfg.hidden_size, cfg.intermediate_size
 
         def w(suffix: str, shape: tuple[int, ...]) -> np.ndarray:
             return model.weight(layer_name(layer, suffix), shape)
@@ -154,18 +186,7 @@ class Llama(Architecture):
             return model.optional_weight(layer_name(layer, suffix), shape)
 
         return LayerWeights(
-            input_layernorm=w("input_layernorm.weight", (h,)),
-            q_proj=w("self_attn.q_proj.weight", (q, h)),
-            k_proj=w("self_attn.k_proj.weight", (kv, h)),
-            v_proj=w("self_attn.v_proj.weight", (kv, h)),
-            q_bias=opt("self_attn.q_proj.bias", (q,)),
-            k_bias=opt("self_attn.k_proj.bias", (kv,)),
-            v_bias=opt("self_attn.v_proj.bias", (kv,)),
-            q_norm=opt("self_attn.q_norm.weight", (d,)) if cfg.qk_norm else None,
-            k_norm=opt("self_attn.k_norm.weight", (d,)) if cfg.qk_norm else None,
-            o_proj=w("self_attn.o_proj.weight", (h, q)),
-            o_bias=opt("self_attn.o_proj.bias", (h,)),
-            post_attention_layernorm=w("post_attention_layernorm.weight", (h,)),
+            **load_attention(model, layer),
             gate_proj=w("mlp.gate_proj.weight", (inter, h)),
             up_proj=w("mlp.up_proj.weight", (inter, h)),
             down_proj=w("mlp.down_proj.weight", (h, inter)),
@@ -177,7 +198,7 @@ class Llama(Architecture):
     def attention(
         self,
         cfg: ModelConfig,
-        w: LayerWeights,
+        w: AttentionWeights,
         x: np.ndarray,
         layer: int,
         ctx: PassContext,

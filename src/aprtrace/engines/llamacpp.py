@@ -106,10 +106,30 @@ LLAMA_NODES: dict[Stage, Source] = {
 # (Qwen3's q/k norm outputs are `Qcur_normed`/`Kcur_normed`; RoPE's output is still `Qcur`.)
 QWEN_NODES = {**LLAMA_NODES, Stage.ATTN_OUT: Source(("kqv_out",), follows=True)}
 
+# MoE (build_moe_ffn in llama-graph.cpp): top-k weights `ffn_moe_weights` (renormalised:
+# `ffn_moe_weights_norm`), routed output `ffn_moe_out`; Qwen2-MoE adds the gated shared expert
+# `ffn_shexp_out` and names the sum `ffn_out`. Mixtral is llama.cpp's llama builder. The
+# expert ids `ffn_moe_topk` (I32, highest probability first) are read as floats.
+_MOE_NODES = {
+    Stage.MOE_ROUTER: Source(("ffn_moe_weights_norm",)),
+    Stage.MOE_FFN_OUT: Source(("ffn_moe_out",)),
+    Stage.MOE_ROUTER_INDICES: Source(("ffn_moe_topk",)),
+}
+QWEN2MOE_NODES = {
+    **QWEN_NODES,
+    Stage.MOE_ROUTER_INDICES: Source(("ffn_moe_topk",)),
+    Stage.MOE_ROUTER: Source(("ffn_moe_weights",)),
+    Stage.MOE_SHARED_EXPERT: Source(("ffn_shexp_out",)),
+    Stage.MOE_FFN_OUT: Source(("ffn_out",)),
+}
+
 ARCHITECTURES: dict[str, ArchNodes] = {
     "llama": ArchNodes(LLAMA_NODES),
     "qwen2": ArchNodes(QWEN_NODES),
     "qwen3": ArchNodes(QWEN_NODES),
+    "qwen2moe": ArchNodes(QWEN2MOE_NODES),
+    "qwen3moe": ArchNodes({**QWEN_NODES, **_MOE_NODES}),
+    "mixtral": ArchNodes({**LLAMA_NODES, **_MOE_NODES}),
 }
 
 
@@ -183,7 +203,7 @@ def to_stage_layout(
         if stage is Stage.ATTN_SCORES:
             x = x * np.float32(cfg.attention_scale)
         return _causal_zeroed(x).astype(np.float32)
-    if stage is Stage.LM_HEAD:
+    if stage in (Stage.LM_HEAD, Stage.MOE_ROUTER, Stage.MOE_FFN_OUT, Stage.MOE_ROUTER_INDICES):
         return np.ascontiguousarray(x.reshape(seq, -1)[-1])
     return x.reshape(seq, -1)
 
@@ -195,6 +215,9 @@ TRANSFORM_NOTES = {
     Stage.ATTN_SCORES: "kq * attention scale, key axis cut to the prompt, masked entries 0",
     Stage.ATTN_SOFTMAX: "key axis cut to the prompt",
     Stage.LM_HEAD: "last row",
+    Stage.MOE_ROUTER: "last row",
+    Stage.MOE_FFN_OUT: "last row",
+    Stage.MOE_ROUTER_INDICES: "last row, I32 ids as f32",
 }
 
 

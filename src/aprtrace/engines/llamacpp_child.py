@@ -41,6 +41,7 @@ EXIT_FAILED = 4  # llama.cpp ran but failed (decode error, exception in the call
 
 GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
+GGML_TYPE_I32 = 26  # integer nodes such as MoE expert ids (ffn_moe_topk)
 GGML_MAX_DIMS = 4
 GGML_MAX_SRC = 10
 GGML_MAX_NAME = 64
@@ -205,12 +206,13 @@ class Channel:
 
 def tensor_values(t: GgmlTensor):
     """A float32 copy of a node's data (any strides), shape ``reversed(ne)``; None if the
-    node's type is not F32/F16 or it has no data."""
+    node's type is not F32/F16/I32 or it has no data."""
     import numpy as np
 
-    if not t.data or t.type not in (GGML_TYPE_F32, GGML_TYPE_F16):
+    dtypes = {GGML_TYPE_F32: np.float32, GGML_TYPE_F16: np.float16, GGML_TYPE_I32: np.int32}
+    if not t.data or t.type not in dtypes:
         return None
-    dtype = np.float32 if t.type == GGML_TYPE_F32 else np.float16
+    dtype = dtypes[t.type]
     ne = [int(x) for x in t.ne]
     nb = [int(x) for x in t.nb]
     if any(n <= 0 for n in ne):

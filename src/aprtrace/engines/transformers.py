@@ -19,6 +19,7 @@ torch and transformers are optional (the ``ref`` extra) and imported only when c
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +46,9 @@ _CAUSAL_LM_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
 }
 _ATTENTION_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
 _MLP_BIASES = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
@@ -125,8 +129,9 @@ def hf_config(model: Model):
         extra["attention_bias"] = _has_any(model, _ATTENTION_BIASES)
     if cfg.architecture == "llama":
         extra["mlp_bias"] = _has_any(model, _MLP_BIASES)
-    if cfg.architecture in ("qwen2", "qwen3"):
+    if cfg.architecture in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
         extra["use_sliding_window"] = False
+    extra |= _moe_config(model)
     rope_scaling = None
     if cfg.rope_linear_factor != 1.0:
         rope_scaling = {"rope_type": "linear", "factor": float(cfg.rope_linear_factor)}
@@ -153,6 +158,51 @@ def hf_config(model: Model):
     return config
 
 
+def _moe_config(model: Model) -> dict[str, Any]:
+    """transformers' MoE config arguments (every layer sparse, as aprtrace requires)."""
+    cfg = model.config
+    if not cfg.is_moe:
+        return {}
+    if cfg.architecture == "mixtral":
+        return {
+            "num_local_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.num_experts_per_tok,
+            "sliding_window": None,
+        }
+    extra = {
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    }
+    if cfg.architecture == "qwen2moe":
+        extra["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+        extra["qkv_bias"] = _has_any(model, _ATTENTION_BIASES[:3])
+    return extra
+
+
+def _moe_parameter(model: Model, name: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """transformers 5.x's stacked expert parameters (``mlp.experts.gate_up_proj``
+    ``[E, 2*I, H]``, ``mlp.experts.down_proj`` ``[E, H, I]``) and the ``[1, H]`` shared
+    expert gate, from aprtrace's per-expert tensors; None for any other name."""
+    from aprtrace.mapping.moe import expert_name
+
+    parts = name.split(".")
+    if name.endswith(".mlp.shared_expert_gate.weight"):
+        return model.weight(name).reshape(shape)
+    if len(parts) != 6 or parts[3:5] != ["mlp", "experts"]:
+        return None
+    layer, kind = int(parts[2]), parts[5]
+    projections = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+    stacked = [
+        np.concatenate([model.weight(expert_name(layer, e, p)) for p in projections])
+        for e in range(shape[0])
+    ]
+    return np.stack(stacked).reshape(shape)
+
+
 def _state_dict(model: Model, expected: dict[str, tuple[int, ...]], torch) -> dict:
     """transformers' parameter name -> float32 tensor from ``model`` (zeros for absent biases)."""
     loaded: dict[str, Any] = {}
@@ -164,7 +214,10 @@ def _state_dict(model: Model, expected: dict[str, tuple[int, ...]], torch) -> di
     for name, shape in expected.items():
         source = source_of(name)
         if source not in loaded:
-            if not model.has(source) and name.endswith(".bias"):
+            moe_values = _moe_parameter(model, name, shape) if model.config.is_moe else None
+            if moe_values is not None:
+                values = moe_values
+            elif not model.has(source) and name.endswith(".bias"):
                 values = np.zeros(shape, dtype=np.float32)
             else:
                 values = model.weight(source, shape)
@@ -245,7 +298,7 @@ def _wrapped_eager_attention(hf_model, record: Callable) -> Iterator[None]:
         out, weights = original(
             attn_module, query, key, value, attention_mask, scaling, *args, **kwargs
         )
-        record(attn_module, query, key, weights, scaling)
+        record(attn_module, query, key, weights, scaling, attention_mask)
         return out, weights
 
     module.eager_attention_forward = wrapper
@@ -278,6 +331,19 @@ def capture_stages(
     engine emits them); ``embedding`` as layer 0, ``final_norm``/``lm_head`` with layer None.
     ``qkv_bias`` is emitted when ``has_qkv_bias`` (default: the q projection has a bias).
     """
+    with hooked_passes(hf_model, progress, has_qkv_bias) as run_pass:
+        return run_pass(token_ids, emit, None)
+
+
+@contextlib.contextmanager
+def hooked_passes(
+    hf_model, progress: Progress | None = None, has_qkv_bias: bool | None = None
+) -> Iterator[Callable[[Sequence[int], Emit, Any], np.ndarray]]:
+    """Install the capture hooks once; yield ``run_pass(token_ids, emit, cache)``.
+
+    ``cache`` is None (one pass over ``token_ids``, no cache) or a transformers ``Cache``
+    that the pass reads and extends (a decode step: its rows come after the cached ones).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -288,9 +354,13 @@ def capture_stages(
     n_heads = hf_model.config.num_attention_heads
     if has_qkv_bias is None:
         has_qkv_bias = base.layers[0].self_attn.q_proj.bias is not None if n_layers else False
-    pending: dict[int, dict[Stage, np.ndarray]] = {i: {} for i in range(n_layers)}
-    projected: dict[int, list] = {i: [] for i in range(n_layers)}
+    pending: dict[int, dict[Stage, np.ndarray]] = {}
+    projected: dict[int, list] = {}
+    current: dict[str, Any] = {"emit": None, "progress": progress}
     handles = []
+
+    def emit(stage: Stage, layer: int | None, values: np.ndarray) -> None:
+        current["emit"](stage, layer, values)
 
     def put(stage: Stage, layer: int, value) -> None:
         pending[layer][stage] = _np(value)
@@ -315,7 +385,7 @@ def capture_stages(
         handles.append(proj.register_forward_hook(hook))
 
     # The stages this architecture computes, from the stage graph (as the NumPy engine).
-    graph_view = SimpleNamespace(architecture=hf_model.config.model_type, qkv_bias=has_qkv_bias)
+    graph_view = _graph_view(hf_model.config, has_qkv_bias)
     per_layer = {s for s in stages_for(graph_view) if s.per_layer and s is not Stage.EMBEDDING}
 
     def flush(layer: int) -> None:
@@ -326,8 +396,8 @@ def capture_stages(
             raise InferenceError(f"transformers layer {layer}: no capture of {names}")
         for stage in sorted(stages, key=lambda s: s.order):
             emit(stage, layer, stages[stage])
-        if progress is not None:
-            progress(layer + 1, n_layers)
+        if current["progress"] is not None:
+            current["progress"](layer + 1, n_layers)
 
     def on_layer_done(module, layer: int) -> None:
         def hook(_m, _i, output) -> None:
@@ -336,17 +406,23 @@ def capture_stages(
 
         handles.append(module.register_forward_hook(hook))
 
-    def record(attn_module, query, key, weights, scaling) -> None:
+    def record(attn_module, query, key, weights, scaling, attention_mask) -> None:
         layer = attn_module.layer_idx
-        q, k = query[0], key[0]  # [heads, seq, d], [kv_heads, seq, d]
-        seq = q.shape[1]
-        put(Stage.Q_POST_ROPE, layer, q.transpose(0, 1).reshape(seq, -1))
-        put(Stage.K_POST_ROPE, layer, k.transpose(0, 1).reshape(seq, -1))
+        q, k = query[0], key[0]  # [heads, queries, d], [kv_heads, keys (cached + new), d]
+        queries, keys = q.shape[1], k.shape[1]
+        put(Stage.Q_POST_ROPE, layer, q.transpose(0, 1).reshape(queries, -1))
+        # Only this pass's rows: the cached keys were emitted by the passes that made them.
+        new_k = k[:, keys - queries :]
+        put(Stage.K_POST_ROPE, layer, new_k.transpose(0, 1).reshape(queries, -1))
         k_rep = k.repeat_interleave(n_heads // k.shape[0], dim=0)
-        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+        # Query i sits at absolute position (keys - queries) + i; it sees keys up to there.
+        allowed = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
+        if attention_mask is not None:  # transformers' own mask (a sliding window, padding)
+            mask = attention_mask[0, 0, :, :keys]
+            allowed &= mask if mask.dtype == torch.bool else mask == 0  # additive: 0 = allowed
         scores = torch.matmul(q, k_rep.transpose(1, 2)) * scaling
-        put(Stage.ATTN_SCORES, layer, scores.masked_fill(~causal, 0.0))
-        put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~causal, 0.0))
+        put(Stage.ATTN_SCORES, layer, scores.masked_fill(~allowed, 0.0))
+        put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~allowed, 0.0))
 
     handles.append(
         base.embed_tokens.register_forward_hook(
@@ -362,28 +438,96 @@ def capture_stages(
         on_output(attn.o_proj, Stage.ATTN_OUT, i)
         on_input(layer.post_attention_layernorm, Stage.POST_ATTN_RESIDUAL, i)
         on_output(layer.post_attention_layernorm, Stage.FFN_NORM, i)
-        on_output(mlp.gate_proj, Stage.FFN_GATE, i)
-        on_output(mlp.up_proj, Stage.FFN_UP, i)
-        on_output(mlp.act_fn, Stage.FFN_SILU, i)
-        on_input(mlp.down_proj, Stage.FFN_SWIGL, i)
-        on_output(mlp.down_proj, Stage.FFN_OUT, i)
+        if hasattr(mlp, "experts"):
+            handles.extend(_moe_hooks(mlp, i, put))
+        else:
+            on_output(mlp.gate_proj, Stage.FFN_GATE, i)
+            on_output(mlp.up_proj, Stage.FFN_UP, i)
+            on_output(mlp.act_fn, Stage.FFN_SILU, i)
+            on_input(mlp.down_proj, Stage.FFN_SWIGL, i)
+            on_output(mlp.down_proj, Stage.FFN_OUT, i)
         on_layer_done(layer, i)
     handles.append(
         base.norm.register_forward_hook(lambda _m, _i, o: emit(Stage.FINAL_NORM, None, _np(o[0])))
     )
 
-    ids = torch.tensor([list(map(int, token_ids))], dtype=torch.long)
+    # The cache keyword: `cache` in recent transformers (`past_key_values` is deprecated there).
+    forward_params = inspect.signature(hf_model.forward).parameters
+    cache_name = "cache" if "cache" in forward_params else "past_key_values"
+
+    def run_pass(token_ids: Sequence[int], pass_emit: Emit, cache) -> np.ndarray:
+        current["emit"] = pass_emit
+        pending.clear()
+        pending.update({i: {} for i in range(n_layers)})
+        projected.clear()
+        projected.update({i: [] for i in range(n_layers)})
+        ids = torch.tensor([list(map(int, token_ids))], dtype=torch.long)
+        cache_kw = {cache_name: cache}
+        with torch.no_grad():
+            if cache is None:
+                result = hf_model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            else:
+                result = hf_model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kw)
+        if pending:
+            raise InferenceError(f"transformers ran without finishing layers {sorted(pending)}")
+        logits = _np(result.logits[0, -1])
+        pass_emit(Stage.LM_HEAD, None, logits)
+        return logits
+
     try:
-        with _wrapped_eager_attention(hf_model, record), torch.no_grad():
-            result = hf_model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        with _wrapped_eager_attention(hf_model, record):
+            yield run_pass
     finally:
         for handle in handles:
             handle.remove()
-    if pending:
-        raise InferenceError(f"transformers ran without finishing layers {sorted(pending)}")
-    logits = _np(result.logits[0, -1])
-    emit(Stage.LM_HEAD, None, logits)
-    return logits
+
+
+def _graph_view(hf_config, has_qkv_bias: bool) -> SimpleNamespace:
+    """The config attributes the stage graph's predicates read, from a transformers config."""
+    from aprtrace.config import normalize_architecture
+
+    experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", 0)
+    return SimpleNamespace(
+        architecture=normalize_architecture(hf_config.model_type),
+        qkv_bias=has_qkv_bias,
+        num_experts=experts or 0,
+        shared_expert_intermediate_size=(
+            getattr(hf_config, "shared_expert_intermediate_size", 0) or 0
+        )
+        if hf_config.model_type == "qwen2_moe"
+        else 0,
+    )
+
+
+def _moe_hooks(block, layer: int, put: Callable) -> list:
+    """Hooks on a sparse MoE block: the router's top-k weights and ids (last position), the
+    gated shared expert (every position) and the block output (last position)."""
+    shared: dict[str, Any] = {}
+
+    def on_router(_m, _i, output) -> None:
+        _, weights, ids = output  # (logits, top-k weights, top-k ids), highest first
+        put(Stage.MOE_ROUTER, layer, weights[-1])
+        put(Stage.MOE_ROUTER_INDICES, layer, ids[-1].float())
+
+    def on_shared_expert(_m, _i, output) -> None:
+        shared["out"] = output
+
+    def on_shared_gate(_m, _i, output) -> None:
+        import torch
+
+        put(Stage.MOE_SHARED_EXPERT, layer, torch.sigmoid(output) * shared.pop("out"))
+
+    def on_block(_m, _i, output) -> None:
+        put(Stage.MOE_FFN_OUT, layer, _first(output)[0][-1])
+
+    handles = [
+        block.gate.register_forward_hook(on_router),
+        block.register_forward_hook(on_block),
+    ]
+    if getattr(block, "shared_expert_gate", None) is not None:
+        handles.append(block.shared_expert.register_forward_hook(on_shared_expert))
+        handles.append(block.shared_expert_gate.register_forward_hook(on_shared_gate))
+    return handles
 
 
 def stage_activations(hf_model, token_ids: Sequence[int]) -> StageValues:
@@ -438,3 +582,42 @@ def hf_forward(
             progress,
             has_qkv_bias=_has_qkv_bias(model),
         )
+
+
+def hf_decode(
+    model: Model,
+    token_ids: list[int],
+    steps: int,
+    emit_for: Callable[[int], Emit],
+    progress: Progress | None = None,
+    forced: Sequence[int] | None = None,
+    *,
+    memory_budget: int | None = None,
+):
+    """``aprtrace.decode.numpy_decode`` computed by transformers: the prompt pass fills a
+    ``DynamicCache`` (``past_key_values``), then one token per step, every stage captured."""
+    from aprtrace.decode import check_decode, generate
+
+    cfg = model.config
+    ids = check_token_ids(cfg, token_ids)
+    if cfg.num_layers <= 0:
+        raise InferenceError("the model has zero layers; there is nothing to trace")
+    forced = check_decode(cfg, ids.size, steps, forced)
+    torch, transformers = import_ref()
+    check_memory(model, memory_budget)
+    threads = max(1, min(TORCH_THREADS, os.cpu_count() or 1))
+    with _torch_threads(torch, threads), torch.no_grad():
+        hf_model = build_hf_model(model)
+        cache = transformers.DynamicCache(config=hf_model.config)
+        with hooked_passes(hf_model, progress, _has_qkv_bias(model)) as run_pass:
+            logits = run_pass(ids.tolist(), emit_for(0), cache)
+
+            def run_step(token: int, position: int, emit: Emit) -> np.ndarray:
+                if cache.get_seq_length() != position:
+                    raise InferenceError(
+                        f"transformers' cache holds {cache.get_seq_length()} positions before "
+                        f"the step at position {position}"
+                    )
+                return run_pass([token], emit, cache)
+
+            return generate(logits, ids.size, steps, forced, run_step, emit_for)

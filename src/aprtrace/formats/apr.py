@@ -24,6 +24,7 @@ from aprtrace.config import ModelConfig, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.formats.gguf import check_tensors
 from aprtrace.formats.gguf import hf_tensor_name as gguf_hf_name
+from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import LazyTensor, Model
 
 MAGIC = b"APR\x00"
@@ -161,7 +162,7 @@ _WRITER_SPELLING_CONFLICTS = {
     "context_length": "max_position_embeddings",
 }
 
-QWEN_FAMILY = ("qwen2", "qwen3")
+QWEN_FAMILY = ("qwen2", "qwen3", "qwen2moe", "qwen3moe")
 ROPE_TYPE_ADJACENT = 0
 ROPE_TYPE_SPLIT_HALF = 2
 
@@ -558,6 +559,10 @@ def load_apr(path: Path, verify: bool = True, arch: str | None = None) -> Model:
     intermediate = _meta_int(path, metadata, "intermediate_size") or (gate[0] if gate else 0)
     vocab = _meta_int(path, metadata, "vocab_size") or embed[0]
     tied = _drop_tied_lm_head(tensors, metadata)
+    tensors = moe_mapping.hf_names_of_gguf_names(tensors, architecture)
+    moe = moe_mapping.apr_moe_fields(metadata, architecture, tensors, str(path))
+    if moe and not intermediate:
+        intermediate = moe["moe_intermediate_size"]
     config = ModelConfig(
         architecture=architecture,
         hidden_size=hidden,
@@ -575,7 +580,9 @@ def load_apr(path: Path, verify: bool = True, arch: str | None = None) -> Model:
         qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
         bos_token_id=_token_id(metadata.get("tokenizer.bos_token_id")),
         eos_token_id=_token_id(metadata.get("tokenizer.eos_token_id")),
+        **moe,
     ).validate(str(path))
+    tensors = moe_mapping.hf_tensor_names(tensors, config, str(path))
     check_tensors(tensors, config, str(path))
     return Model(
         path=path,

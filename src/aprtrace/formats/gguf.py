@@ -26,6 +26,7 @@ from gguf import quants as gguf_quants
 from aprtrace.config import ModelConfig, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.mapping import gguf_qk_permuted, gguf_to_hf
+from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import Deferred, LazyTensor, Model, layer_name
 
 GGUF_MAGIC = b"GGUF"
@@ -478,7 +479,9 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
     raw_arch = gf.architecture
     if raw_arch is None:
         raise ModelLoadError(f"{where}: metadata 'general.architecture' is missing")
-    arch = normalize_architecture(raw_arch, where)
+    arch = moe_mapping.gguf_architecture(raw_arch, gf.metadata) or normalize_architecture(
+        raw_arch, where
+    )
     meta = gf.metadata
     p = raw_arch + "."
     hidden = _int_key(meta, p + "embedding_length", where)
@@ -497,6 +500,10 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
     gate = gf.tensors.get("blk.0.ffn_gate.weight")
     if ffn is None and gate is not None:
         ffn = gate.shape[0]
+    shapes = {name: info.shape for name, info in gf.tensors.items()}
+    moe = moe_mapping.gguf_moe_fields(meta, raw_arch, arch, shapes, where)
+    if ffn is None and moe:
+        ffn = moe["moe_intermediate_size"]
     scaling = meta.get(p + "rope.scaling.type")
     linear_factor = 1.0
     if scaling == "linear":
@@ -525,6 +532,7 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
         qk_norm="blk.0.attn_q_norm.weight" in gf.tensors,
         bos_token_id=_optional_id(meta.get(Keys.Tokenizer.BOS_ID)),
         eos_token_id=_optional_id(meta.get(Keys.Tokenizer.EOS_ID)),
+        **moe,
     )
     config.validate(where)
     if config.num_layers * 9 > len(gf.tensors):  # also bounds the per-layer checks below
@@ -609,6 +617,10 @@ def model_from_gguf(gf: GGUFFile, with_tokenizer: bool = True) -> Model:
     path = gf.path
     config = gguf_config(gf)
     tensors = gguf_lazy_tensors(gf, config.architecture)
+    if config.is_moe:
+        tensors = moe_mapping.split_stacked_experts(
+            tensors, config.num_experts, config.moe_intermediate_size, str(path)
+        )
     check_tensors(tensors, config, str(path))
     tokenizer = None
     if with_tokenizer:

@@ -21,6 +21,7 @@ from aprtrace.atomic import atomic_path
 from aprtrace.config import ModelConfig
 from aprtrace.errors import ModelLoadError, ValidationError
 from aprtrace.mapping import gguf_qk_permuted, hf_to_gguf
+from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import permute_llama_qk
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -98,8 +99,10 @@ def write_gguf(
         )
     config.validate("write_gguf")
     arch = config.architecture
-    if arch not in ("llama", "qwen2", "qwen3"):
+    if arch not in ("llama", "qwen2", "qwen3", *moe_mapping.GGUF_ARCH):
         raise ModelLoadError(f"write_gguf: unsupported architecture '{arch}'")
+    if config.is_moe:  # llama.cpp stacks each layer's experts into one tensor
+        tensors = moe_mapping.stack_experts(tensors, config.num_layers, config.num_experts)
 
     names = sorted(tensors, key=_sort_key)
     if config.tie_word_embeddings:
@@ -114,7 +117,7 @@ def write_gguf(
         _check_shape(name, np.shape(tensors[name]), config)
 
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer = gguf.GGUFWriter(str(tmp), moe_mapping.GGUF_ARCH.get(arch, arch))
         try:
             _add_metadata(writer, config, qtype)
             if tokenizer is not None:
@@ -125,7 +128,9 @@ def write_gguf(
                     values = permute_llama_qk(values, config.num_heads)
                 elif gguf_qk_permuted(arch) and ".self_attn.k_proj." in hf_name:
                     values = permute_llama_qk(values, config.num_kv_heads)
-                data, raw_dtype = _encode(hf_name, values, qtype)
+                # As llama.cpp's converter: MoE routers and the shared-expert gate stay F32.
+                keep_f32 = hf_name.endswith((".mlp.gate.weight", ".shared_expert_gate.weight"))
+                data, raw_dtype = _encode(hf_name, values, "F32" if keep_f32 else qtype)
                 writer.add_tensor(gguf_names[hf_name], data, raw_dtype=raw_dtype)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -166,6 +171,7 @@ def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None
             "mlp.up_proj.weight": (inter, h),
             "mlp.down_proj.weight": (h, inter),
             "mlp.down_proj.bias": (h,),
+            **_moe_shapes(config),
         }.get(f"{match.group(2)}.{match.group(3)}")
     if expected is not None and tuple(shape) != expected:
         raise ValidationError(
@@ -173,6 +179,39 @@ def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None
             f"the config needs {list(expected)}",
             hint="make ModelConfig agree with the tensors (sizes, heads, head_dim)",
         )
+
+
+def _moe_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the stacked expert tensors, router and shared expert (MoE configs)."""
+    if not config.is_moe:
+        return {}
+    h, n, inter = config.hidden_size, config.num_experts, config.moe_intermediate_size
+    shared = config.shared_expert_intermediate_size
+    return {
+        "mlp.gate.weight": (n, h),
+        "mlp.experts.gate_proj.weight": (n, inter, h),
+        "mlp.experts.up_proj.weight": (n, inter, h),
+        "mlp.experts.down_proj.weight": (n, h, inter),
+        "mlp.shared_expert.gate_proj.weight": (shared, h),
+        "mlp.shared_expert.up_proj.weight": (shared, h),
+        "mlp.shared_expert.down_proj.weight": (h, shared),
+        "mlp.shared_expert_gate.weight": (1, h),
+    }
+
+
+def _add_moe_metadata(writer: Any, config: ModelConfig) -> None:
+    """llama.cpp's ``<arch>.expert_*`` keys (its Mixtral is ``llama`` with experts, its
+    experts' width ``feed_forward_length``)."""
+    if not config.is_moe:
+        return
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    if config.architecture != "mixtral":
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if config.shared_expert_intermediate_size:
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    if config.norm_topk_prob != moe_mapping.GGUF_NORM_TOPK[config.architecture]:
+        writer.add_expert_weights_norm(config.norm_topk_prob)
 
 
 def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
@@ -185,7 +224,12 @@ def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
     writer.add_block_count(config.num_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(
+        config.moe_intermediate_size
+        if config.architecture == "mixtral"
+        else config.intermediate_size
+    )
+    _add_moe_metadata(writer, config)
     writer.add_head_count(config.num_heads)
     writer.add_head_count_kv(config.num_kv_heads)
     writer.add_key_length(config.head_dim)

@@ -18,6 +18,7 @@ import numpy as np
 from aprtrace.config import ROPE_FREQS, ModelConfig, llama3_rope_factors, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.formats.gguf import check_tensors
+from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import LazyTensor, Model
 
 MAX_HEADER_SIZE = 100 * 1024 * 1024
@@ -182,13 +183,14 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         )
     linear_factor = _scaling_number(rope_args, "factor", where) if rope_kind == "linear" else 1.0
     tied = "lm_head.weight" not in tensors or bool(raw.get("tie_word_embeddings", False))
+    moe = moe_mapping.hf_moe_fields(raw, architecture, where)
     return ModelConfig(
         architecture=architecture,
         hidden_size=hidden,
         num_layers=integer("num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=integer("num_key_value_heads", heads),
-        intermediate_size=integer("intermediate_size"),
+        intermediate_size=integer("intermediate_size", moe.get("moe_intermediate_size")),
         vocab_size=integer("vocab_size"),
         head_dim=integer("head_dim", hidden // heads if heads else 0),
         rope_theta=float(rope_theta) if rope_theta is not None else 10000.0,
@@ -200,6 +202,7 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
         bos_token_id=_token_id(raw.get("bos_token_id")),
         eos_token_id=_token_id(raw.get("eos_token_id")),
+        **moe,
     ).validate(where)
 
 
@@ -258,6 +261,7 @@ def load_safetensors(path: Path) -> Model:
                 raise InvalidFormatError(f"{file}: tensor '{name}' also appears in another shard")
             tensors[name] = tensor
     config = hf_config(raw_config, tensors, str(path))
+    tensors = moe_mapping.hf_tensor_names(tensors, config, str(path))
     _add_llama3_rope_factors(raw_config, config, tensors, str(path))
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import re
 
-from aprtrace.mapping import llama
+from aprtrace.mapping import llama, moe
 
 # architecture -> (global names, per-layer names); GGUF short name -> HF module path.
 _TABLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "llama": (llama.GLOBAL, llama.LAYER),
     "qwen2": (llama.GLOBAL, llama.LAYER),
     "qwen3": (llama.GLOBAL, llama.LAYER),
+    "qwen2moe": (moe.GLOBAL, moe.LAYER),
+    "qwen3moe": (moe.GLOBAL, moe.LAYER),
+    "mixtral": (moe.GLOBAL, moe.LAYER),
 }
-_QK_PERMUTED = llama.QK_PERMUTED
+_QK_PERMUTED = llama.QK_PERMUTED | moe.QK_PERMUTED
 
 _GGUF_LAYER = re.compile(r"^blk\.(\d+)\.([a-z_0-9.]+)\.(weight|bias)$")
 _GGUF_GLOBAL = re.compile(r"^([a-z_0-9]+)\.(weight|bias)$")
