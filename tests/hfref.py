@@ -82,7 +82,8 @@ def tiny_hf_model(
     arch: str, seed: int = 0, vocab_size: int | None = None, rope_scaling: dict | None = None
 ):
     """A tiny seeded float32 transformers causal LM of ``arch`` (llama, qwen2, qwen3; the MoE
-    architectures through ``tiny_moe_model``, 3 layers).
+    architectures through ``tiny_moe_model``, 3 layers; gemma2 and gemma3 through
+    ``tiny_gemma``).
 
     GQA (4 heads, 2 kv heads), untied lm_head, non-trivial random norm weights and biases so that
     a wrong norm, bias or layout shows up. ``vocab_size`` defaults to the tiny tokenizer's size.
@@ -118,11 +119,63 @@ def tiny_hf_model(
         cls = transformers.Qwen3ForCausalLM
     elif arch in ("qwen2moe", "qwen3moe", "mixtral"):
         return tiny_moe_model(arch, seed, vocab_size=vocab_size, num_hidden_layers=3)
+    elif arch in GEMMA_LAYERS:
+        if rope_scaling is not None:
+            raise ValueError("rope_scaling is only wired for the tiny llama")
+        return tiny_gemma(arch, seed, vocab_size=vocab_size)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     if rope_scaling is not None and arch != "llama":
         raise ValueError("rope_scaling is only wired for the tiny llama")
     _set_rope_theta(config, config_rope_theta(config))
+    return seeded_model(cls, config, seed)
+
+
+# Tiny Gemma: a sliding window shorter than the test prompts; Gemma 3's default pattern
+# (every 6th layer global) needs 6 layers to show a global one.
+GEMMA_WINDOW = 5
+GEMMA_LAYERS = {"gemma2": 3, "gemma3": 6}
+
+
+def tiny_gemma(
+    arch: str, seed: int = 5, global_rope: dict | None = None, vocab_size: int | None = None
+):
+    """A tiny seeded float32 transformers Gemma causal LM (``global_rope``: Gemma 3's RoPE
+    parameters of the global layers)."""
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size or tiny_tokenizer().get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=GEMMA_LAYERS[arch],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        query_pre_attn_scalar=32,  # llama.cpp derives head_dim for these shapes
+        sliding_window=GEMMA_WINDOW,
+        tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh",
+    )
+    if arch == "gemma2":
+        config = transformers.Gemma2Config(
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=2.0,
+            **common,
+        )
+        cls = transformers.Gemma2ForCausalLM
+    else:
+        config = transformers.Gemma3TextConfig(
+            rope_parameters={
+                "full_attention": global_rope or {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            **common,
+        )
+        cls = transformers.Gemma3ForCausalLM
     return seeded_model(cls, config, seed)
 
 

@@ -193,3 +193,21 @@ def test_trace_builds_maps_only_when_the_plan_or_the_statistics_need_them(
     assert maps_built("", None, collect_stats=False) == 0
     assert maps_built("attn_softmax", "0", collect_stats=False) == 1
     assert maps_built("lm_head", "all", collect_stats=True) == n_layers  # the table has them
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_without_maps_matches_transformers(arch, tmp_path, monkeypatch):
+    """Sliding-window layers and Gemma 2's soft-capped scores through the blocked kernel."""
+    monkeypatch.setattr(ops, "ATTENTION_BLOCK_BYTES", 2048)  # several blocks per layer
+    hf_model = hfref.tiny_gemma(arch)
+    path = tmp_path / "safetensors"  # the very weights transformers computes on
+    hf_model.save_pretrained(path)
+    ids = hfref.tiny_tokenizer().encode(PROMPT).ids
+    assert len(ids) > 2 * hfref.GEMMA_WINDOW  # the window really cuts
+    ref = hfref.hf_stage_activations(hf_model, ids)
+    got, logits = capture(path, ids, wants=lambda stage, layer: stage.value not in MAPS)
+    assert set(got) == {key for key in ref if key[0] not in MAPS}
+    bad = stage_errors(got, {key: r for key, r in ref.items() if key[0] not in MAPS})
+    assert not bad, bad[:4]
+    assert int(np.argmax(logits)) == int(np.argmax(ref[("lm_head", None)]))

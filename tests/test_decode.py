@@ -131,7 +131,7 @@ def original_model_decode(arch: str, ids: list[int], fed: list[int]) -> list[dic
     from aprtrace.engines.transformers import hooked_passes
 
     hf_model = hfref.tiny_hf_model(arch, seed=11)
-    cache = transformers.DynamicCache(config=hf_model.config)
+    cache = transformers.DynamicCache()  # full layers: Gemma's sliding ones keep every key too
     passes: list[dict] = []
 
     def keeper():

@@ -210,7 +210,8 @@ def _fmt(value) -> str:
     "DIR <parent>/<model-stem>-trace-llamacpp).",
 )
 @click.option(
-    "--arch", help="Architecture for files that do not name one (APR): llama, qwen2, qwen3."
+    "--arch",
+    help="Architecture for files that do not name one (APR): llama, qwen2, qwen3, gemma2, gemma3.",
 )
 @click.option("--no-verify", is_flag=True, help="Skip CRC checks of APR files (damaged files).")
 @click.option(

@@ -231,7 +231,8 @@ def _localize(result, model_path: Path, arch: str | None):
 )
 @click.option(
     "--arch",
-    help="Architecture of --model when the file does not name one (APR): llama, qwen2, qwen3.",
+    help="Architecture of --model when the file does not name one (APR): llama, qwen2, qwen3, "
+    "gemma2, gemma3.",
 )
 @click.option(
     "--metric",

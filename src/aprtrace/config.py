@@ -7,7 +7,16 @@ from dataclasses import asdict, dataclass
 
 from aprtrace.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "mixtral")
+SUPPORTED_ARCHITECTURES = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen2moe",
+    "qwen3moe",
+    "mixtral",
+    "gemma2",
+    "gemma3",
+)
 # Architecture strings that mean one of the supported families.
 ARCH_ALIASES = {
     "llama": "llama",
@@ -25,6 +34,9 @@ ARCH_ALIASES = {
     "qwen3moe": "qwen3moe",
     "qwen3_moe": "qwen3moe",
     "mixtral": "mixtral",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",  # transformers' model_type of Gemma3ForCausalLM
 }
 
 
@@ -37,7 +49,13 @@ _MOE_CLASS_NAMES = {
 
 def normalize_architecture(name: str | None, where: str = "model") -> str:
     key = name.strip().lower() if isinstance(name, str) else ""
-    for prefix in ("llamaforcausallm", "qwen2forcausallm", "qwen3forcausallm"):
+    for prefix in (
+        "llamaforcausallm",
+        "qwen2forcausallm",
+        "qwen3forcausallm",
+        "gemma2forcausallm",
+        "gemma3forcausallm",
+    ):
         if key == prefix:
             key = prefix.removesuffix("forcausallm")
     key = _MOE_CLASS_NAMES.get(key, key)
@@ -46,7 +64,7 @@ def normalize_architecture(name: str | None, where: str = "model") -> str:
             f"{where}: unsupported architecture '{name}'",
             hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
             "(Llama 2/3, SmolLM2, TinyLlama, Mistral-style GQA, Qwen2/2.5, Qwen3, "
-            "Qwen2-MoE, Qwen3-MoE, Mixtral)",
+            "Qwen2-MoE, Qwen3-MoE, Mixtral, Gemma 2, Gemma 3)",
         )
     return ARCH_ALIASES[key]
 
@@ -128,6 +146,15 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     norm_topk_prob: bool = True
 
+    # Gemma
+    # Per-layer attention kind, "sliding_attention" or "full_attention" (transformers'
+    # layer_types); None: sliding_window, if any, applies to every layer.
+    layer_types: tuple[str, ...] | None = None
+    # RoPE base of the sliding-window layers (Gemma 3's rope_local_base_freq); None: rope_theta.
+    rope_local_theta: float | None = None
+    attn_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(logits / cap)
+
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
@@ -149,6 +176,16 @@ class ModelConfig:
     def attention_scale(self) -> float:
         base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
         return 1.0 / math.sqrt(base)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether ``layer`` attends only the last ``sliding_window`` positions."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of ``layer`` (None: all earlier positions)."""
+        return self.sliding_window if self.is_sliding(layer) else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,6 +218,14 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ModelLoadError(f"{where}: config {name} = {value!r} must be finite and > 0")
+        if self.layer_types is not None and (
+            len(self.layer_types) != self.num_layers
+            or set(self.layer_types) - {"sliding_attention", "full_attention"}
+        ):
+            raise ModelLoadError(
+                f"{where}: layer_types must name 'sliding_attention' or 'full_attention' for "
+                f"each of the {self.num_layers} layers, got {list(self.layer_types)[:8]}"
+            )
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             normalize_architecture(self.architecture, where)
         self._validate_moe(where)

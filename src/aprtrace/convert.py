@@ -26,6 +26,7 @@ from aprtrace.formats.apr import (
     is_qwen_family,
     write_apr,
 )
+from aprtrace.mapping import apr_metadata_fields, is_norm_weight
 from aprtrace.mapping.moe import apr_metadata as moe_apr_metadata
 from aprtrace.model import LazyTensor, Model, permute_llama_qk, unpermute_llama_qk
 
@@ -80,6 +81,11 @@ def _encode(tensor: LazyTensor, qtype: str, perm: np.ndarray | None) -> np.ndarr
     raise ValueError(f"cannot encode {qtype}")  # unreachable: targets are F32/F16 or the source
 
 
+def _decoded_f32(model: Model, name: str) -> np.ndarray:
+    """The bytes of ``name`` decoded to Hugging Face values, as F32."""
+    return model.weight(name).astype("<f4").reshape(-1).view(np.uint8)
+
+
 def _tokenizer_metadata(model: Model) -> tuple[dict[str, Any], str | None]:
     """The ``tokenizer.*`` keys to embed, and a note when none could be extracted."""
     meta: dict[str, Any] = {}
@@ -97,6 +103,7 @@ def _tokenizer_metadata(model: Model) -> tuple[dict[str, Any], str | None]:
             "pre": raw.get("tokenizer.ggml.pre"),
             "scores": raw.get("tokenizer.ggml.scores"),
             "token_type": raw.get("tokenizer.ggml.token_type"),
+            "add_space_prefix": raw.get("tokenizer.ggml.add_space_prefix"),
         }
     elif model.format == "safetensors":
         directory = model.path if model.path.is_dir() else model.path.parent
@@ -123,6 +130,8 @@ def _tokenizer_metadata(model: Model) -> tuple[dict[str, Any], str | None]:
         meta["tokenizer.scores"] = [float(s) for s in tok["scores"]]
     if tok.get("token_type") is not None:
         meta["tokenizer.token_type"] = [int(t) for t in tok["token_type"]]
+    if isinstance(tok.get("add_space_prefix"), bool):  # SentencePiece's dummy prefix (Gemma: off)
+        meta["tokenizer.add_space_prefix"] = tok["add_space_prefix"]
     return meta, None
 
 
@@ -163,6 +172,10 @@ def convert_model(src: Path, dst: Path, dtype: str = "keep") -> dict:
                 qtype = "F32"
             perm = _row_permutation(tensor.shape[0], heads, llama_layout)
         encode = partial(_encode, tensor, qtype, perm)  # run by write_apr, one at a time
+        if model.norm_offset and is_norm_weight(name):
+            # APR holds Hugging Face's norm weights: a Gemma GGUF's stored ``w + 1`` is undone.
+            qtype = "F32"
+            encode = partial(_decoded_f32, model, name)
         entries.append((name, WRITER_DTYPE_CODES[qtype], tensor.shape, encode))
         total_size += expected_size(qtype, tensor.n_values)
         out_qtypes[name] = qtype
@@ -201,6 +214,7 @@ def convert_model(src: Path, dst: Path, dtype: str = "keep") -> dict:
         "rms_norm_eps": cfg.rms_norm_eps,
         "head_dim": cfg.head_dim,
         "tied_embeddings": cfg.tie_word_embeddings,
+        **apr_metadata_fields(cfg),
         **moe_apr_metadata(cfg),  # MoE: aprender's expert fields (+ shared expert, top-k norm)
         **tokenizer_meta,
     }

@@ -145,7 +145,8 @@ class _Context:
         self.token_ids = token_ids
         self.arch = architecture_of(self.cfg)
         positions = np.arange(seq)
-        self.cos, self.sin = self.arch.default_rope(PassContext(model, positions))
+        self.pass_context = PassContext(model, positions)
+        self.cos, self.sin = self.arch.default_rope(self.pass_context)
         self.mask = attention_mask(positions, positions, self.cfg.sliding_window)
         self._layer: int | None = None
         self._weights: LayerWeights | None = None
@@ -288,7 +289,67 @@ def _stage_functions() -> dict[Stage, Callable[[_Context, int], np.ndarray]]:
     }
 
 
+def _gemma_stage_functions() -> dict[Stage, Callable[[_Context, int], np.ndarray]]:
+    """f_k of Gemma 2/3 (``aprtrace.arch.gemma``): (1 + w) norms, post-norms before each
+    residual add, per-layer RoPE base and window, soft-capped scores, GELU."""
+    from aprtrace.arch.gemma import gemma_rms_norm
+    from aprtrace.arch.ops import apply_rope, gelu_tanh
+
+    def b(stage: Stage) -> Callable[[_Context, int], np.ndarray]:
+        return lambda ctx, layer: ctx.read(_layer_rel(layer, stage.value), stage)
+
+    w = _Context.weights
+
+    def mask(ctx: _Context, layer: int) -> np.ndarray:
+        positions = np.arange(ctx.seq)
+        return attention_mask(positions, positions, ctx.cfg.layer_window(layer))
+
+    def rope(ctx: _Context, layer: int, part: int) -> np.ndarray:
+        x = _split(ctx, layer)[part]
+        norm = w(ctx, layer).q_norm if part == 0 else w(ctx, layer).k_norm
+        if norm is not None:
+            x = gemma_rms_norm(x, norm, ctx.eps)
+        cos, sin = ctx.arch.layer_rope(ctx.pass_context, layer)
+        return apply_rope(x, cos, sin).reshape(ctx.seq, -1)
+
+    def scores(ctx: _Context, layer: int) -> np.ndarray:
+        cfg = ctx.cfg
+        q = b(Stage.Q_POST_ROPE)(ctx, layer).reshape(ctx.seq, cfg.num_heads, cfg.head_dim)
+        k = b(Stage.K_POST_ROPE)(ctx, layer).reshape(ctx.seq, cfg.num_kv_heads, cfg.head_dim)
+        return attention_scores(
+            q, k, cfg.attention_scale, mask(ctx, layer), cfg.attn_logit_softcapping
+        )
+
+    def norm(source: Stage, weight: str) -> Callable[[_Context, int], np.ndarray]:
+        return lambda c, i: gemma_rms_norm(b(source)(c, i), getattr(w(c, i), weight), c.eps)
+
+    return _FUNCTIONS | {
+        Stage.ATTN_NORM: lambda c, i: gemma_rms_norm(
+            c.layer_input(i), w(c, i).input_layernorm, c.eps
+        ),
+        Stage.Q_POST_ROPE: lambda c, i: rope(c, i, 0),
+        Stage.K_POST_ROPE: lambda c, i: rope(c, i, 1),
+        Stage.ATTN_SCORES: scores,
+        Stage.ATTN_SOFTMAX: lambda c, i: masked_softmax(b(Stage.ATTN_SCORES)(c, i), mask(c, i)),
+        Stage.ATTN_OUT: lambda c, i: linear(b(Stage.ATTENTION)(c, i), w(c, i).o_proj),
+        Stage.POST_ATTN_NORM: norm(Stage.ATTN_OUT, "post_attention_layernorm"),
+        Stage.POST_ATTN_RESIDUAL: lambda c, i: c.layer_input(i) + b(Stage.POST_ATTN_NORM)(c, i),
+        Stage.FFN_NORM: norm(Stage.POST_ATTN_RESIDUAL, "pre_feedforward_layernorm"),
+        Stage.FFN_GATE: lambda c, i: linear(b(Stage.FFN_NORM)(c, i), w(c, i).gate_proj),
+        Stage.FFN_UP: lambda c, i: linear(b(Stage.FFN_NORM)(c, i), w(c, i).up_proj),
+        Stage.FFN_SILU: lambda c, i: gelu_tanh(b(Stage.FFN_GATE)(c, i)),
+        Stage.FFN_OUT: lambda c, i: linear(b(Stage.FFN_SWIGL)(c, i), w(c, i).down_proj),
+        Stage.POST_FFN_NORM: norm(Stage.FFN_OUT, "post_feedforward_layernorm"),
+        Stage.POST_FFN_RESIDUAL: lambda c, i: (
+            b(Stage.POST_ATTN_RESIDUAL)(c, i) + b(Stage.POST_FFN_NORM)(c, i)
+        ),
+    }
+
+
 _FUNCTIONS = _stage_functions()
+_GEMMA_FUNCTIONS = _gemma_stage_functions()
+# architecture -> its stage functions (the Llama family's by default).
+_FUNCTIONS_OF = {"gemma2": _GEMMA_FUNCTIONS, "gemma3": _GEMMA_FUNCTIONS}
 
 
 def _ratio(num: float, den: float) -> float:
@@ -371,7 +432,7 @@ def localize(diff: DirDiff, model: Model) -> Localization:
         for p in diff.pairs:
             result.stages[p.key.rel] = StageLocalization(note="sequence length unknown")
         return result
-    if cfg.architecture not in Llama.names:
+    if cfg.architecture not in (*Llama.names, *_FUNCTIONS_OF):
         note = f"teacher forcing is not implemented for {cfg.architecture} yet"
         for p in diff.pairs:
             result.stages[p.key.rel] = StageLocalization(note=note)
@@ -404,7 +465,8 @@ def _localize_pair(ctx: _Context, diff: DirDiff, pair: PairResult) -> StageLocal
     candidate = ctx.read(pair.key.rel, stage)
     ctx.used = []
     try:
-        expected = _FUNCTIONS[stage](ctx, layer if layer is not None else -1)
+        functions = _FUNCTIONS_OF.get(ctx.cfg.architecture, _FUNCTIONS)
+        expected = functions[stage](ctx, layer if layer is not None else -1)
     except _MissingInput as missing:
         return StageLocalization(note=f"inputs not dumped: {missing.rel}")
     reference = read_aprt(diff.a.path / pair.key.rel).values

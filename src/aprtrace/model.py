@@ -15,6 +15,7 @@ import numpy as np
 from aprtrace import quant
 from aprtrace.config import ModelConfig
 from aprtrace.errors import ModelLoadError
+from aprtrace.mapping import is_norm_weight
 
 
 @dataclass
@@ -196,6 +197,8 @@ class Model:
     tokenizer: Any = _BuiltOnFirstUse()  # tokenizers.Tokenizer or None (or Deferred)
     qk_permuted: bool = False  # Q/K rows stored in llama.cpp's adjacent-pair order
     metadata: dict = field(default_factory=dict)
+    # Added to every RMSNorm weight in the file (Gemma GGUF: 1); removed on decode.
+    norm_offset: float = 0.0
     _layer_buffers: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def has(self, name: str) -> bool:
@@ -234,7 +237,8 @@ class Model:
         return buffers[key]
 
     def weight(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """Decode ``name`` to float32 in Hugging Face layout (Q/K rows un-permuted)."""
+        """Decode ``name`` to float32 in Hugging Face layout (Q/K rows un-permuted, stored
+        norm offsets removed)."""
         tensor = self.tensor(name)
         values = tensor.load(self._buffer_for(name, tensor))
         if shape is not None and tuple(values.shape) != tuple(shape):
@@ -250,6 +254,8 @@ class Model:
                 values = unpermute_llama_qk(values, self.config.num_heads)
             elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
                 values = unpermute_llama_qk(values, self.config.num_kv_heads)
+        if self.norm_offset and is_norm_weight(name):
+            values = values - np.float32(self.norm_offset)
         return values
 
     def optional_weight(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray | None:

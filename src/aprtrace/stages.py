@@ -215,7 +215,8 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.ATTN_SCORES,
             ("q_post_rope", "k_post_rope"),
             _MAP,
-            "q.k * scale, masked entries (key after query, outside a window) stored as 0",
+            "q.k * scale (Gemma 2: soft-capped), masked entries (key after query, outside a "
+            "window) stored as 0",
         ),
         _row(
             Stage.ATTN_SOFTMAX,
@@ -366,7 +367,7 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.LM_HEAD,
             ("final_norm",),
             ("vocab",),
-            "logits of the last position only",
+            "logits of the last position only (Gemma 2: soft-capped)",
             weights="matrix",
             per_layer=False,
         ),

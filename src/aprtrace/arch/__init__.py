@@ -10,7 +10,7 @@ from __future__ import annotations
 from aprtrace.arch.base import Architecture, KVCache, PassContext
 from aprtrace.errors import ModelLoadError
 
-_MODULES: tuple[str, ...] = ("aprtrace.arch.llama", "aprtrace.arch.moe")
+_MODULES: tuple[str, ...] = ("aprtrace.arch.llama", "aprtrace.arch.moe", "aprtrace.arch.gemma")
 _REGISTRY: dict[str, Architecture] = {}
 
 

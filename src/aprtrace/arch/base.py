@@ -144,18 +144,19 @@ class Architecture:
         layer: int,
         ctx: PassContext,
         emit: Emit,
-        cap: float | None = None,
     ) -> np.ndarray:
-        """Causal (windowed) softmax attention of ``q`` over this pass's keys and values:
-        the context ``[seq, heads*d]``. ``q`` is ``[seq, heads, d]``, ``k``/``v``
-        ``[seq, kv_heads, d]`` after RoPE; ``cap`` soft-caps the scores (Gemma 2).
+        """Causal softmax attention of ``q`` over this pass's keys and values, within the
+        layer's window (``cfg.layer_window``), scores soft-capped by
+        ``cfg.attn_logit_softcapping`` (Gemma 2): the context ``[seq, heads*d]``. ``q`` is
+        ``[seq, heads, d]``, ``k``/``v`` ``[seq, kv_heads, d]`` after RoPE.
 
         The ``[heads, seq, seq]`` maps are built (and emitted) only where
         ``ctx.builds_attention_maps(layer)``: where they are wanted, and before such a layer.
         Elsewhere the blocked kernel computes the same context without them.
         """
         keys, values, key_pos = ctx.keys_values(layer, k, v)
-        scale, window, q_pos = cfg.attention_scale, cfg.sliding_window, ctx.positions
+        scale, window, q_pos = cfg.attention_scale, cfg.layer_window(layer), ctx.positions
+        cap = cfg.attn_logit_softcapping
         if not ctx.builds_attention_maps(layer):
             return ops.blocked_attention(q, keys, values, scale, q_pos, key_pos, window, cap)
         mask = ops.attention_mask(q_pos, key_pos, window)

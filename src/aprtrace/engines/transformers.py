@@ -2,10 +2,12 @@
 
 ``hf_forward(model, token_ids, emit, progress)`` has the contract of
 ``aprtrace.forward.forward``: it loads the *same* decoded weights (``Model.weight``, Hugging Face
-names and layout, llama Q/K un-permuted) into a transformers ``LlamaForCausalLM`` /
-``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` and captures the 20 stages of FORMATS.md section 2
-with forward hooks plus a wrapped eager attention (q/k after RoPE, scores, softmax), in the
-APRT layouts. So any container aprtrace reads (GGUF, APR, safetensors) gets a reference dump
+names and layout, llama Q/K un-permuted, Gemma norm offsets undone) into a transformers
+``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Gemma2ForCausalLM`` /
+``Gemma3ForCausalLM`` and captures the stages of FORMATS.md section 2 (Gemma: with
+``post_attn_norm`` / ``post_ffn_norm``) with forward hooks plus a wrapped eager attention (q/k
+after RoPE, scores, softmax; masked entries, per transformers' own mask, 0), in the APRT
+layouts. So any container aprtrace reads (GGUF, APR, safetensors) gets a reference dump
 that ``aprtrace diff --values`` can put next to the NumPy engine's.
 
 Memory: unlike the NumPy engine (one layer at a time), this engine holds the whole model as
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from aprtrace.config import ROPE_FREQS, ModelConfig
+from aprtrace.config import ROPE_FREQS, ModelConfig, normalize_architecture
 from aprtrace.errors import InferenceError, ValidationError
 from aprtrace.forward import Emit, Progress, check_token_ids
 from aprtrace.model import Model
@@ -49,6 +51,8 @@ _CAUSAL_LM_CLASSES = {
     "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
 }
 _ATTENTION_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
 _MLP_BIASES = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
@@ -135,6 +139,12 @@ def hf_config(model: Model):
     rope_scaling = None
     if cfg.rope_linear_factor != 1.0:
         rope_scaling = {"rope_type": "linear", "factor": float(cfg.rope_linear_factor)}
+    if cfg.architecture in ("gemma2", "gemma3"):
+        extra = _gemma_config_arguments(cfg, rope_scaling)
+    else:
+        extra |= dict(
+            rope_theta=float(cfg.rope_theta), rope_scaling=rope_scaling, hidden_act="silu"
+        )
     config = getattr(transformers, config_name)(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -145,10 +155,7 @@ def hf_config(model: Model):
         head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=float(cfg.rope_theta),
-        rope_scaling=rope_scaling,
         tie_word_embeddings=model.lm_head_name == "model.embed_tokens.weight",
-        hidden_act="silu",
         pad_token_id=None,
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
@@ -156,6 +163,34 @@ def hf_config(model: Model):
     )
     config._attn_implementation = "eager"
     return config
+
+
+def _gemma_config_arguments(cfg: ModelConfig, rope_scaling: dict | None) -> dict[str, Any]:
+    """Gemma2Config / Gemma3TextConfig arguments beyond the shared ones: query scale, window
+    and layer kinds, soft-caps, GELU, and Gemma 3's per-kind RoPE (scaling on global layers)."""
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    args: dict[str, Any] = dict(
+        query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+        sliding_window=cfg.sliding_window,
+        layer_types=list(cfg.layer_types) if cfg.layer_types is not None else None,
+        attn_logit_softcapping=cfg.attn_logit_softcapping,
+        final_logit_softcapping=cfg.final_logit_softcapping,
+        hidden_activation="gelu_pytorch_tanh",
+        attention_bias=False,
+    )
+    if cfg.architecture == "gemma3":
+        full = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+        if rope_scaling is not None:
+            full |= rope_scaling
+        local = cfg.rope_local_theta if cfg.rope_local_theta is not None else cfg.rope_theta
+        args["rope_parameters"] = {
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": float(local)},
+        }
+    else:
+        args["rope_theta"] = float(cfg.rope_theta)
+        args["rope_scaling"] = rope_scaling
+    return args
 
 
 def _moe_config(model: Model) -> dict[str, Any]:
@@ -266,6 +301,9 @@ def build_hf_model(model: Model):
     _check_all_used(model, expected, class_name)
     hf_model.load_state_dict(_state_dict(model, expected, torch), strict=True, assign=True)
     _set_rope_frequencies(hf_model, config, model, torch)
+    embed = hf_model.model.embed_tokens
+    if hasattr(embed, "embed_scale"):  # Gemma's sqrt(hidden): a buffer, not a weight
+        embed.embed_scale = torch.tensor(embed.scalar_embed_scale)
     empty = [n for n, t in (*hf_model.named_parameters(), *hf_model.named_buffers()) if t.is_meta]
     if empty:
         raise InferenceError(f"transformers model left without values: {', '.join(empty[:5])}")
@@ -294,11 +332,10 @@ def _wrapped_eager_attention(hf_model, record: Callable) -> Iterator[None]:
     module = sys.modules[type(hf_model).__module__]
     original = module.eager_attention_forward
 
-    def wrapper(attn_module, query, key, value, attention_mask, scaling, *args, **kwargs):
-        out, weights = original(
-            attn_module, query, key, value, attention_mask, scaling, *args, **kwargs
-        )
-        record(attn_module, query, key, weights, scaling, attention_mask)
+    def wrapper(attn_module, query, key, value, attention_mask, *args, **kwargs):
+        out, weights = original(attn_module, query, key, value, attention_mask, *args, **kwargs)
+        scaling = kwargs.get("scaling", attn_module.scaling)
+        record(attn_module, query, key, weights, scaling, kwargs.get("softcap"), attention_mask)
         return out, weights
 
     module.eager_attention_forward = wrapper
@@ -406,7 +443,7 @@ def hooked_passes(
 
         handles.append(module.register_forward_hook(hook))
 
-    def record(attn_module, query, key, weights, scaling, attention_mask) -> None:
+    def record(attn_module, query, key, weights, scaling, softcap, attention_mask) -> None:
         layer = attn_module.layer_idx
         q, k = query[0], key[0]  # [heads, queries, d], [kv_heads, keys (cached + new), d]
         queries, keys = q.shape[1], k.shape[1]
@@ -421,14 +458,18 @@ def hooked_passes(
             mask = attention_mask[0, 0, :, :keys]
             allowed &= mask if mask.dtype == torch.bool else mask == 0  # additive: 0 = allowed
         scores = torch.matmul(q, k_rep.transpose(1, 2)) * scaling
+        if softcap is not None:  # Gemma 2, as its eager attention
+            scores = torch.tanh(scores / softcap) * softcap
         put(Stage.ATTN_SCORES, layer, scores.masked_fill(~allowed, 0.0))
         put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~allowed, 0.0))
 
-    handles.append(
-        base.embed_tokens.register_forward_hook(
-            lambda _m, _i, o: emit(Stage.EMBEDDING, 0, _np(o[0]))
-        )
-    )
+    def emit_output(stage: Stage, layer: int | None):
+        def hook(_m, _i, output) -> None:  # returns None: the module's output stays as is
+            emit(stage, layer, _np(output[0]))
+
+        return hook
+
+    handles.append(base.embed_tokens.register_forward_hook(emit_output(Stage.EMBEDDING, 0)))
     for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
         on_output(layer.input_layernorm, Stage.ATTN_NORM, i)
@@ -436,8 +477,14 @@ def hooked_passes(
             on_projection(proj, i)
         on_input(attn.o_proj, Stage.ATTENTION, i)
         on_output(attn.o_proj, Stage.ATTN_OUT, i)
-        on_input(layer.post_attention_layernorm, Stage.POST_ATTN_RESIDUAL, i)
-        on_output(layer.post_attention_layernorm, Stage.FFN_NORM, i)
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: norms after each sublayer
+            on_output(layer.post_attention_layernorm, Stage.POST_ATTN_NORM, i)
+            on_input(layer.pre_feedforward_layernorm, Stage.POST_ATTN_RESIDUAL, i)
+            on_output(layer.pre_feedforward_layernorm, Stage.FFN_NORM, i)
+            on_output(layer.post_feedforward_layernorm, Stage.POST_FFN_NORM, i)
+        else:
+            on_input(layer.post_attention_layernorm, Stage.POST_ATTN_RESIDUAL, i)
+            on_output(layer.post_attention_layernorm, Stage.FFN_NORM, i)
         if hasattr(mlp, "experts"):
             handles.extend(_moe_hooks(mlp, i, put))
         else:
@@ -447,9 +494,7 @@ def hooked_passes(
             on_input(mlp.down_proj, Stage.FFN_SWIGL, i)
             on_output(mlp.down_proj, Stage.FFN_OUT, i)
         on_layer_done(layer, i)
-    handles.append(
-        base.norm.register_forward_hook(lambda _m, _i, o: emit(Stage.FINAL_NORM, None, _np(o[0])))
-    )
+    handles.append(base.norm.register_forward_hook(emit_output(Stage.FINAL_NORM, None)))
 
     # The cache keyword: `cache` in recent transformers (`past_key_values` is deprecated there).
     forward_params = inspect.signature(hf_model.forward).parameters
@@ -484,7 +529,6 @@ def hooked_passes(
 
 def _graph_view(hf_config, has_qkv_bias: bool) -> SimpleNamespace:
     """The config attributes the stage graph's predicates read, from a transformers config."""
-    from aprtrace.config import normalize_architecture
 
     experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", 0)
     return SimpleNamespace(
@@ -608,7 +652,9 @@ def hf_decode(
     threads = max(1, min(TORCH_THREADS, os.cpu_count() or 1))
     with _torch_threads(torch, threads), torch.no_grad():
         hf_model = build_hf_model(model)
-        cache = transformers.DynamicCache(config=hf_model.config)
+        # Full layers only (no config): a sliding-window layer would drop the keys outside its
+        # window, and the attention maps keep every position ([heads, 1, past + 1]).
+        cache = transformers.DynamicCache()
         with hooked_passes(hf_model, progress, _has_qkv_bias(model)) as run_pass:
             logits = run_pass(ids.tolist(), emit_for(0), cache)
 

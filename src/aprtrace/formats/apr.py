@@ -24,6 +24,7 @@ from aprtrace.config import ModelConfig, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.formats.gguf import check_tensors
 from aprtrace.formats.gguf import hf_tensor_name as gguf_hf_name
+from aprtrace.mapping import gguf_qk_permuted, hf_config_fields
 from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import LazyTensor, Model
 
@@ -465,7 +466,8 @@ def _meta_float(path: Path, metadata: Mapping, field: str, default: float) -> fl
 
 
 def is_qwen_family(architecture: str) -> bool:
-    return architecture in QWEN_FAMILY
+    """Whether APR keeps Hugging Face's split-half Q/K rows (Qwen, Gemma: all but llama)."""
+    return not gguf_qk_permuted(architecture)
 
 
 def resolve_architecture(path: Path, metadata: Mapping, arch: str | None) -> str:
@@ -478,7 +480,7 @@ def resolve_architecture(path: Path, metadata: Mapping, arch: str | None) -> str
             raise ModelLoadError(
                 f"{path}: the APR metadata has no architecture, so the Q/K layout (llama "
                 "adjacent-pair or qwen split-half RoPE) is unknown",
-                hint="pass --arch llama|qwen2|qwen3",
+                hint="pass --arch llama|qwen2|qwen3|gemma2|gemma3",
             )
         architecture = normalize_architecture(arch, "--arch")
     else:
@@ -580,6 +582,8 @@ def load_apr(path: Path, verify: bool = True, arch: str | None = None) -> Model:
         qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
         bos_token_id=_token_id(metadata.get("tokenizer.bos_token_id")),
         eos_token_id=_token_id(metadata.get("tokenizer.eos_token_id")),
+        # Gemma: the config.json spellings (sliding_window, layer_types, ...) as custom keys.
+        **hf_config_fields(architecture, metadata, num_layers, str(path)),
         **moe,
     ).validate(str(path))
     tensors = moe_mapping.hf_tensor_names(tensors, config, str(path))
@@ -621,6 +625,8 @@ def _embedded_tokenizer(path: Path, metadata: Mapping, architecture: str) -> Any
         raise ModelLoadError(f"{path}: tokenizer.vocabulary must be a list of strings")
     merges = metadata.get("tokenizer.merges") or []
     kind = metadata.get("tokenizer.model") or metadata.get("tokenizer.model_type") or "gpt2"
+    if not merges and kind == "llama":
+        merges = None  # SentencePiece: merges are recovered from tokenizer.scores
     pre = metadata.get("tokenizer.pre_type") or architecture
     from aprtrace.tokenizer import build_tokenizer
 
@@ -636,6 +642,7 @@ def _embedded_tokenizer(path: Path, metadata: Mapping, architecture: str) -> Any
         pre=pre if isinstance(pre, str) else None,
         bos_id=_token_id(metadata.get("tokenizer.bos_token_id")),
         eos_id=_token_id(metadata.get("tokenizer.eos_token_id")),
+        add_space_prefix=metadata.get("tokenizer.add_space_prefix") is not False,
         where=str(path),
     )
 

@@ -25,7 +25,7 @@ from gguf import quants as gguf_quants
 
 from aprtrace.config import ModelConfig, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
-from aprtrace.mapping import gguf_qk_permuted, gguf_to_hf
+from aprtrace.mapping import gguf_config_fields, gguf_norm_offset, gguf_qk_permuted, gguf_to_hf
 from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import Deferred, LazyTensor, Model, layer_name
 
@@ -514,10 +514,12 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
             hint="aprtrace implements plain RoPE, linear scaling and Llama 3 frequency "
             "factors (rope_freqs.weight)",
         )
+    num_layers = _int_key(meta, p + "block_count", where)
+    extra = gguf_config_fields(arch, meta, num_layers, hidden, heads, head_dim, where)
     config = ModelConfig(
         architecture=arch,
         hidden_size=hidden,
-        num_layers=_int_key(meta, p + "block_count", where),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         intermediate_size=_int_key({"ffn": ffn}, "ffn", where) if ffn is not None else 0,
@@ -532,6 +534,7 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
         qk_norm="blk.0.attn_q_norm.weight" in gf.tensors,
         bos_token_id=_optional_id(meta.get(Keys.Tokenizer.BOS_ID)),
         eos_token_id=_optional_id(meta.get(Keys.Tokenizer.EOS_ID)),
+        **extra,
         **moe,
     )
     config.validate(where)
@@ -638,4 +641,5 @@ def model_from_gguf(gf: GGUFFile, with_tokenizer: bool = True) -> Model:
         tokenizer=tokenizer,
         qk_permuted=gguf_qk_permuted(config.architecture),
         metadata=metadata,
+        norm_offset=gguf_norm_offset(config.architecture),
     )

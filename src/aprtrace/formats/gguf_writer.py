@@ -1,4 +1,5 @@
-"""Write a Llama / Qwen2 / Qwen3 model as a GGUF file, the way llama.cpp's converter does.
+"""Write a Llama / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 model as a GGUF file, the way
+llama.cpp's converter does (Gemma: RMSNorm weights stored as ``w + 1``, its metadata keys).
 
 Used by the test fixtures and by ``aprtrace demo``. Input tensors use Hugging Face names and
 layout (float32 ``[out, in]``); they are renamed to GGUF names, llama Q/K rows are permuted for
@@ -20,7 +21,8 @@ import numpy as np
 from aprtrace.atomic import atomic_path
 from aprtrace.config import ModelConfig
 from aprtrace.errors import ModelLoadError, ValidationError
-from aprtrace.mapping import gguf_qk_permuted, hf_to_gguf
+from aprtrace.mapping import gemma as gemma_mapping
+from aprtrace.mapping import gguf_norm_offset, gguf_qk_permuted, hf_to_gguf, is_norm_weight
 from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import permute_llama_qk
 
@@ -99,8 +101,11 @@ def write_gguf(
         )
     config.validate("write_gguf")
     arch = config.architecture
-    if arch not in ("llama", "qwen2", "qwen3", *moe_mapping.GGUF_ARCH):
+    if arch not in _EXTRA_METADATA and arch not in moe_mapping.GGUF_ARCH:
         raise ModelLoadError(f"write_gguf: unsupported architecture '{arch}'")
+    extra_metadata = _EXTRA_METADATA.get(arch, _no_metadata)
+    extra_metadata(None, config)  # refuses a config the GGUF keys cannot carry
+    norm_offset = np.float32(gguf_norm_offset(arch))
     if config.is_moe:  # llama.cpp stacks each layer's experts into one tensor
         tensors = moe_mapping.stack_experts(tensors, config.num_layers, config.num_experts)
 
@@ -120,6 +125,7 @@ def write_gguf(
         writer = gguf.GGUFWriter(str(tmp), moe_mapping.GGUF_ARCH.get(arch, arch))
         try:
             _add_metadata(writer, config, qtype)
+            extra_metadata(writer, config)
             if tokenizer is not None:
                 _add_tokenizer(writer, tokenizer, config.vocab_size)
             for hf_name in names:
@@ -128,6 +134,8 @@ def write_gguf(
                     values = permute_llama_qk(values, config.num_heads)
                 elif gguf_qk_permuted(arch) and ".self_attn.k_proj." in hf_name:
                     values = permute_llama_qk(values, config.num_kv_heads)
+                if norm_offset and is_norm_weight(hf_name):
+                    values = values + norm_offset
                 # As llama.cpp's converter: MoE routers and the shared-expert gate stay F32.
                 keep_f32 = hf_name.endswith((".mlp.gate.weight", ".shared_expert_gate.weight"))
                 data, raw_dtype = _encode(hf_name, values, "F32" if keep_f32 else qtype)
@@ -157,6 +165,8 @@ def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None
         expected = {
             "input_layernorm.weight": (h,),
             "post_attention_layernorm.weight": (h,),
+            "pre_feedforward_layernorm.weight": (h,),
+            "post_feedforward_layernorm.weight": (h,),
             "self_attn.q_proj.weight": (q, h),
             "self_attn.k_proj.weight": (kv, h),
             "self_attn.v_proj.weight": (kv, h),
@@ -241,6 +251,65 @@ def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(config.rope_linear_factor))
     writer.add_vocab_size(config.vocab_size)
+
+
+def _gemma_metadata(writer: Any, config: ModelConfig) -> None:
+    """llama.cpp's Gemma keys; with ``writer`` None, only check that they can hold ``config``.
+
+    llama.cpp stores no query scale (it derives it, see ``mapping.gemma``), Gemma 2 has no
+    separate RoPE base for sliding layers, and Gemma 2 always ties its embeddings.
+    """
+    arch = config.architecture
+    by_hidden = config.num_layers == gemma_mapping.QUERY_SCALE_BY_HIDDEN[arch]
+    derived = config.hidden_size // config.num_heads if by_hidden else config.head_dim
+    scalar = config.query_pre_attn_scalar or config.head_dim
+    if float(scalar) != float(derived):
+        raise ValidationError(
+            f"write_gguf: query_pre_attn_scalar {scalar:g} cannot be stored in a GGUF: "
+            f"llama.cpp derives {derived} for this shape",
+            hint="use query_pre_attn_scalar = head_dim (or safetensors for other values)",
+        )
+    if config.sliding_window is None:
+        raise ValidationError(f"write_gguf: a {arch} config needs sliding_window")
+    if arch == "gemma2" and not config.tie_word_embeddings:
+        raise ValidationError("write_gguf: llama.cpp's gemma2 has no untied output matrix")
+    if arch == "gemma2" and config.rope_local_theta not in (None, config.rope_theta):
+        raise ValidationError("write_gguf: llama.cpp's gemma2 has one RoPE base for all layers")
+    caps = (config.attn_logit_softcapping, config.final_logit_softcapping)
+    if (arch == "gemma2") != all(caps) or (arch == "gemma3" and any(caps)):
+        raise ValidationError(
+            f"write_gguf: soft-caps {caps} cannot be stored for {arch}: llama.cpp always caps "
+            "gemma2 (attention and logits) and never gemma3"
+        )
+    if writer is None:
+        return
+    writer.add_sliding_window(int(config.sliding_window))
+    kinds = config.layer_types or ("sliding_attention",) * config.num_layers
+    pattern = gemma_mapping.SLIDING_WINDOW_PATTERN[arch]
+    if tuple(kinds) != gemma_mapping.layer_types(pattern, config.num_layers):
+        writer.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])
+    if arch == "gemma3":
+        local = config.rope_local_theta
+        if local is not None and local != gemma_mapping.LOCAL_ROPE_THETA:
+            writer.add_rope_freq_base_swa(float(local))
+    if config.attn_logit_softcapping:
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+    if config.final_logit_softcapping:
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+
+
+def _no_metadata(writer: Any, config: ModelConfig) -> None:
+    return None
+
+
+# architecture -> writer of its keys beyond the Llama ones (MoE's are in _add_metadata).
+_EXTRA_METADATA = {
+    "llama": _no_metadata,
+    "qwen2": _no_metadata,
+    "qwen3": _no_metadata,
+    "gemma2": _gemma_metadata,
+    "gemma3": _gemma_metadata,
+}
 
 
 def _add_tokenizer(writer: Any, tok: Mapping[str, Any], vocab_size: int) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from aprtrace.config import ROPE_FREQS, ModelConfig, llama3_rope_factors, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.formats.gguf import check_tensors
+from aprtrace.mapping import hf_config_fields, hf_global_rope
 from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import LazyTensor, Model
 
@@ -146,6 +147,7 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
     if not arch_name and isinstance(raw.get("architectures"), list) and raw["architectures"]:
         arch_name = raw["architectures"][0]
     architecture = normalize_architecture(arch_name, where)
+    raw = hf_global_rope(architecture, raw)
 
     def integer(key: str, default: int | None = None) -> int:
         value = raw.get(key, default)
@@ -183,11 +185,12 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         )
     linear_factor = _scaling_number(rope_args, "factor", where) if rope_kind == "linear" else 1.0
     tied = "lm_head.weight" not in tensors or bool(raw.get("tie_word_embeddings", False))
+    num_layers = integer("num_hidden_layers")
     moe = moe_mapping.hf_moe_fields(raw, architecture, where)
     return ModelConfig(
         architecture=architecture,
         hidden_size=hidden,
-        num_layers=integer("num_hidden_layers"),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=integer("num_key_value_heads", heads),
         intermediate_size=integer("intermediate_size", moe.get("moe_intermediate_size")),
@@ -202,6 +205,7 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
         bos_token_id=_token_id(raw.get("bos_token_id")),
         eos_token_id=_token_id(raw.get("eos_token_id")),
+        **hf_config_fields(architecture, raw, num_layers, where),
         **moe,
     ).validate(where)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from aprtrace.mapping import llama, moe
+from aprtrace.mapping import gemma, llama, moe
 
 # architecture -> (global names, per-layer names); GGUF short name -> HF module path.
 _TABLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
@@ -23,7 +23,11 @@ _TABLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "qwen2moe": (moe.GLOBAL, moe.LAYER),
     "qwen3moe": (moe.GLOBAL, moe.LAYER),
     "mixtral": (moe.GLOBAL, moe.LAYER),
+    "gemma2": (gemma.GLOBAL, gemma.LAYER),
+    "gemma3": (gemma.GLOBAL, gemma.LAYER),
 }
+# architecture -> what a GGUF adds to its RMSNorm weights (Gemma's stored ``w + 1``).
+_GGUF_NORM_OFFSETS = {"gemma2": gemma.NORM_OFFSET, "gemma3": gemma.NORM_OFFSET}
 _QK_PERMUTED = llama.QK_PERMUTED | moe.QK_PERMUTED
 
 _GGUF_LAYER = re.compile(r"^blk\.(\d+)\.([a-z_0-9.]+)\.(weight|bias)$")
@@ -73,4 +77,57 @@ def gguf_qk_permuted(arch: str) -> bool:
     return arch in _QK_PERMUTED
 
 
-__all__ = ["gguf_qk_permuted", "gguf_to_hf", "hf_to_gguf"]
+# architecture -> module reading its extra ModelConfig fields from container metadata.
+_CONFIG_FIELDS = {"gemma2": gemma, "gemma3": gemma}
+
+
+def gguf_config_fields(
+    arch: str, meta, num_layers: int, hidden: int, heads: int, head_dim: int, where: str
+) -> dict:
+    """ModelConfig fields beyond the Llama ones, from ``arch``'s GGUF keys ({} for Llama)."""
+    module = _CONFIG_FIELDS.get(arch)
+    if module is None:
+        return {}
+    return module.gguf_config_fields(arch, meta, num_layers, hidden, heads, head_dim, where)
+
+
+def hf_config_fields(arch: str, raw, num_layers: int, where: str) -> dict:
+    """ModelConfig fields beyond the Llama ones, from a transformers config.json."""
+    module = _CONFIG_FIELDS.get(arch)
+    return module.hf_config_fields(arch, raw, num_layers, where) if module else {}
+
+
+def apr_metadata_fields(cfg) -> dict:
+    """APR custom metadata for the ModelConfig fields beyond the Llama ones, under their
+    config.json names (read back by ``hf_config_fields``); {} for Llama."""
+    module = _CONFIG_FIELDS.get(cfg.architecture)
+    return module.apr_metadata_fields(cfg) if module else {}
+
+
+def hf_global_rope(arch: str, raw: dict) -> dict:
+    """``raw`` with the global layers' RoPE parameters where the Llama reader looks for them."""
+    module = _CONFIG_FIELDS.get(arch)
+    return module.hf_global_rope(raw) if module else raw
+
+
+def gguf_norm_offset(arch: str) -> float:
+    """What a GGUF of ``arch`` adds to each RMSNorm weight (0: stored as Hugging Face's)."""
+    return _GGUF_NORM_OFFSETS.get(arch, 0.0)
+
+
+def is_norm_weight(hf_name: str) -> bool:
+    """Whether a Hugging Face tensor is an RMSNorm weight (the ones a norm offset applies to)."""
+    return gemma.is_offset_norm(hf_name)
+
+
+__all__ = [
+    "apr_metadata_fields",
+    "gguf_config_fields",
+    "hf_config_fields",
+    "hf_global_rope",
+    "gguf_norm_offset",
+    "gguf_qk_permuted",
+    "gguf_to_hf",
+    "hf_to_gguf",
+    "is_norm_weight",
+]
