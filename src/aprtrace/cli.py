@@ -346,18 +346,9 @@ def trace(
     if no_stats and (plan is not None or decode_steps or decode_tokens):
         raise click.UsageError("--no-stats times the prompt pass alone: no --save-tensor/--decode")
     token_ids = parse_token_list(tokens) if tokens is not None else None
-    forced = parse_token_list(decode_tokens, "--decode-tokens") if decode_tokens else None
-    if decode_steps is None:
-        decode_steps = len(forced) if forced is not None else 0
-    elif decode_steps == 0 and forced is not None:
-        raise ValidationError(
-            "--decode 0 with --decode-tokens: no step to feed them to",
-            hint="leave --decode out (it defaults to the number of --decode-tokens)",
-        )
-    if decode_steps:
-        from aprtrace.trace import engine_decode
+    from aprtrace.decode import decode_request
 
-        engine_decode(engine)  # an engine without decode is refused before the model loads
+    decode_steps, forced = decode_request(decode_steps, decode_tokens, (engine,))
     if engine == "transformers":
         from aprtrace.engines.transformers import import_ref
 
