@@ -65,4 +65,4 @@ class GPT2(Starcoder2):
         emit(Stage.Q_POST_ROPE, layer, q.reshape(seq, cfg.q_dim))  # no RoPE: Q as projected
         emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim))
 
-        return attend_and_project(cfg, w, q, k, v, layer, ctx, emit)
+        return attend_and_project(self, cfg, w, q, k, v, layer, ctx, emit)
