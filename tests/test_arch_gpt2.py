@@ -108,3 +108,13 @@ def test_unsupported_gpt2_switches_are_refused(key, value, feature, files, tmp_p
     (dst / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=feature):
         load_model(dst)
+
+
+@pytest.mark.parametrize("name", ["gpt-oss", "gpt_oss", "GptOssForCausalLM"])
+def test_gpt_oss_is_refused_naming_the_missing_features(name):
+    """gpt-oss (GGUF ``gpt-oss``, config.json ``gpt_oss``) is refused by its features."""
+    from aprtrace.config import normalize_architecture
+
+    with pytest.raises(ModelLoadError, match="attention sinks, YaRN RoPE") as info:
+        normalize_architecture(name, "m.gguf")
+    assert "clamped SwiGLU" in info.value.message and "MXFP4" in info.value.message

@@ -61,6 +61,15 @@ _MOE_CLASS_NAMES = {
 }
 
 
+# Families aprtrace knows and refuses, with the features it does not compute for them.
+_GPT_OSS = (
+    "gpt-oss needs attention sinks, YaRN RoPE with its attention factor, a biased top-4 "
+    "router and the clamped SwiGLU experts (and MXFP4 expert weights), none of which aprtrace "
+    "computes yet"
+)
+_REFUSED_FAMILIES = {"gpt-oss": _GPT_OSS, "gpt_oss": _GPT_OSS, "gptossforcausallm": _GPT_OSS}
+
+
 def normalize_architecture(name: str | None, where: str = "model") -> str:
     key = name.strip().lower() if isinstance(name, str) else ""
     for prefix in (
@@ -80,12 +89,17 @@ def normalize_architecture(name: str | None, where: str = "model") -> str:
         if key == prefix:
             key = prefix.removesuffix("forcausallm")
     key = _MOE_CLASS_NAMES.get(key, key)
+    if key in _REFUSED_FAMILIES:
+        raise ModelLoadError(
+            f"{where}: architecture '{name}' is not supported: {_REFUSED_FAMILIES[key]}",
+            hint="see the README's list of supported architectures and features",
+        )
     if key not in ARCH_ALIASES:
         raise ModelLoadError(
             f"{where}: unsupported architecture '{name}'",
             hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
             "(Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, "
-            "Mixtral, Gemma 2, Gemma 3, Phi-3, OLMo 2, Granite 3, StableLM, StarCoder2)",
+            "Mixtral, Gemma 2, Gemma 3, Phi-3, OLMo 2, Granite 3, StableLM, StarCoder2, GPT-2)",
         )
     return ARCH_ALIASES[key]
 
