@@ -118,3 +118,36 @@ def test_gpt_oss_is_refused_naming_the_missing_features(name):
     with pytest.raises(ModelLoadError, match="attention sinks, YaRN RoPE") as info:
         normalize_architecture(name, "m.gguf")
     assert "clamped SwiGLU" in info.value.message and "MXFP4" in info.value.message
+
+
+def test_original_checkpoint_names_and_mask_buffers(files, token_ids, tmp_path):
+    """openai-community/gpt2's safetensors: no ``transformer.`` prefix and the causal-mask
+    buffers ``h.N.attn.bias``; the same stages as the prefixed checkpoint."""
+    from safetensors.numpy import load_file, save_file
+
+    src, _ = files[("gpt2", "safetensors")]
+    dst = tmp_path / "original"
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    renamed = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    for i in range(3):
+        renamed[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 8, 8), np.float32))
+    save_file(renamed, str(dst / "model.safetensors"))
+    assert aprtrace_stages(dst, token_ids).keys() == aprtrace_stages(src, token_ids).keys()
+    np.testing.assert_array_equal(
+        aprtrace_stages(dst, token_ids)[("lm_head", None)],
+        aprtrace_stages(src, token_ids)[("lm_head", None)],
+    )
+
+
+def test_convert_from_safetensors_keeps_the_stages(files, token_ids, tmp_path):
+    """APR written from the Conv1D checkpoint (F32) computes the safetensors' stages."""
+    from aprtrace.convert import convert_model
+
+    src, _ = files[("gpt2", "safetensors")]
+    apr = tmp_path / "gpt2.apr"
+    convert_model(src, apr, dtype="keep")
+    ours, ref = aprtrace_stages(apr, token_ids), aprtrace_stages(src, token_ids)
+    assert ours.keys() == ref.keys()
+    for key, values in ref.items():
+        np.testing.assert_allclose(ours[key], values, rtol=1e-5, atol=1e-6, err_msg=str(key))
