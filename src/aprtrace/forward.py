@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from aprtrace.arch import KVCache, PassContext, architecture_of
-from aprtrace.arch.base import Emit, no_emit
+from aprtrace.arch.base import Emit, no_emit, passing
 from aprtrace.arch.ops import SHORT_PROMPT, one_blas_thread
 from aprtrace.config import ModelConfig
 from aprtrace.errors import InferenceError, ValidationError
@@ -70,9 +70,10 @@ def run_layers(
         hidden = arch.embed(model, ids)
         emit(Stage.EMBEDDING, 0, hidden)
 
+        layer_emit = passing(emit)
         for layer in range(cfg.num_layers):
             weights = arch.load_layer(model, layer)
-            hidden = arch.layer(cfg, weights, hidden, layer, ctx, emit)
+            hidden = arch.layer(cfg, weights, hidden, layer, ctx, layer_emit)
             del weights
             if progress is not None:
                 progress(layer + 1, cfg.num_layers)

@@ -19,11 +19,25 @@ from aprtrace.arch import ops
 from aprtrace.config import ROPE_FREQS, ModelConfig
 from aprtrace.stages import Stage
 
-Emit = Callable[[Stage, "int | None", np.ndarray], None]
+# An observer of capture points (``forward``'s callback); what it returns is ignored.
+Emit = Callable[[Stage, "int | None", np.ndarray], Any]
+# What the layers call: ``x = emit(Stage.X, layer, x)`` continues from the returned buffer,
+# the computed one in a forward pass (``passing``), B's dumped one when localizing.
+LayerEmit = Callable[[Stage, "int | None", np.ndarray], np.ndarray]
 
 
-def no_emit(stage: Stage, layer: int | None, values: np.ndarray) -> None:
-    return None
+def no_emit(stage: Stage, layer: int | None, values: np.ndarray) -> np.ndarray:
+    return values
+
+
+def passing(emit: Emit) -> LayerEmit:
+    """``emit`` as the layers call it: it observes the buffer, the layer continues from it."""
+
+    def layer_emit(stage: Stage, layer: int | None, values: np.ndarray) -> np.ndarray:
+        emit(stage, layer, values)
+        return values
+
+    return layer_emit
 
 
 @dataclass
