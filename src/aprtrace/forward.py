@@ -4,7 +4,9 @@
 
 The math of each block lives in its architecture module (``aprtrace.arch``), with one
 ``emit(stage, layer, buffer)`` right under the line that computes ``buffer``; the caller
-routes it to ``maybe_save_stage`` and the statistics table. Buffers are already in the
+routes it to ``maybe_save_stage`` and the statistics table. A block continues from what its
+emit returns (``x = emit(Stage.X, layer, x)``): here the buffer itself (``passing``), in
+teacher forcing (``aprtrace.localize``) the dumped buffer of another run. Buffers are already in the
 APRT layout: token-major ``[seq, dim]``, attention maps ``[heads, seq, seq]``, logits
 ``[vocab]``.
 

@@ -2,7 +2,8 @@
 
 An architecture is a subclass of ``Architecture`` that reads like the math of its model
 (Hugging Face's ``modeling_*.py`` in NumPy): ``load_layer`` decodes one block's weights,
-``layer`` runs the block with one ``emit`` under each captured line. The driver
+``layer`` runs the block with one ``x = emit(Stage.X, layer, x)`` under each captured line
+(the block continues from what emit returns, see ``LayerEmit``). The driver
 (``aprtrace.forward``) owns the loop over layers, the embedding and the output head, so a
 new architecture overrides only what differs.
 """
