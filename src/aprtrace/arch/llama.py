@@ -172,6 +172,7 @@ def split_qkv(cfg: ModelConfig, qkv: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def attend_and_project(
+    arch: Architecture,
     cfg: ModelConfig,
     w: LayerWeights,
     q: np.ndarray,
@@ -183,13 +184,7 @@ def attend_and_project(
 ) -> np.ndarray:
     """Causal (windowed) GQA attention of the RoPE'd ``q``/``k`` over the pass's keys, then
     the output projection: the stages attn_scores .. attn_out of every Llama-style block."""
-    keys, values, key_pos = ctx.keys_values(layer, k, v)
-    mask = ops.attention_mask(ctx.positions, key_pos, cfg.layer_window(layer))
-    scores = ops.attention_scores(q, keys, cfg.attention_scale, mask)
-    scores = emit(Stage.ATTN_SCORES, layer, scores)
-    probs = ops.masked_softmax(scores, mask)
-    probs = emit(Stage.ATTN_SOFTMAX, layer, probs)
-    context = ops.attend(probs, values)
+    context = arch.attend(cfg, q, k, v, layer, ctx, emit)  # emits attn_scores, attn_softmax
     context = emit(Stage.ATTENTION, layer, context)
 
     attn_out = ops.linear(context, w.o_proj, w.o_bias)
@@ -273,7 +268,7 @@ class Llama(Architecture):
         k = norm_and_rope(k, w.k_norm, cfg.rms_norm_eps, cos, sin)
         k = emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim)).reshape(k.shape)
 
-        return attend_and_project(cfg, w, q, k, v, layer, ctx, emit)
+        return attend_and_project(self, cfg, w, q, k, v, layer, ctx, emit)
 
     def mlp(
         self, cfg: ModelConfig, w: LayerWeights, x: np.ndarray, layer: int, emit: Emit

@@ -128,7 +128,7 @@ class Olmo2(Architecture):
         k = ops.apply_rope(k, cos, sin)
         k = emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim)).reshape(k.shape)
 
-        return attend_and_project(cfg, w, q, k, v, layer, ctx, emit)
+        return attend_and_project(self, cfg, w, q, k, v, layer, ctx, emit)
 
     def mlp(
         self, cfg: ModelConfig, w: Olmo2LayerWeights, x: np.ndarray, layer: int, emit: Emit

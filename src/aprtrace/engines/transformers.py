@@ -694,6 +694,7 @@ def hf_forward(
     token_ids: list[int],
     emit: Emit | None = None,
     progress: Progress | None = None,
+    wants=None,  # accepted for forward()'s signature; transformers computes every stage
     *,
     memory_budget: int | None = None,
 ) -> np.ndarray:

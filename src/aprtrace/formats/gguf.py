@@ -33,7 +33,7 @@ from aprtrace.mapping import (
     split_fused,
 )
 from aprtrace.mapping import moe as moe_mapping
-from aprtrace.model import LazyTensor, Model, layer_name
+from aprtrace.model import Deferred, LazyTensor, Model, layer_name
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -697,7 +697,8 @@ def model_from_gguf(gf: GGUFFile, with_tokenizer: bool = True) -> Model:
     if with_tokenizer:
         from aprtrace.tokenizer import tokenizer_from_gguf_metadata
 
-        tokenizer = tokenizer_from_gguf_metadata(gf.metadata, where=str(path))
+        # Built on first use: a trace given token ids never needs it.
+        tokenizer = Deferred(lambda: tokenizer_from_gguf_metadata(gf.metadata, where=str(path)))
     metadata = gf.scalar_metadata()
     metadata["gguf.version"] = gf.version
     return Model(
