@@ -114,6 +114,10 @@ class _MissingInput(Exception):
         self.rel = rel
 
 
+class _NotComputed(Exception):
+    """The architecture does not compute the stage (a file B should not have)."""
+
+
 def _layer_rel(layer: int, stage: str) -> str:
     return f"layer-{layer}/{stage}.bin"
 
@@ -184,10 +188,13 @@ class _Context:
         if self._computed is None:
             self._computed = {}
             record = self._computed
-            inputs = self.layer_input(layer)
-            x = self.read(inputs[0], inputs[1]) if self.has(inputs[0]) else None
-            if x is None:  # stages reading the layer input are noted; the rest need a buffer
-                x = np.zeros((self.seq, self.cfg.hidden_size), dtype=np.float32)
+            rel, stage = self.layer_input(layer)
+            # Without it, the stages reading the layer input are noted; the rest need a buffer.
+            x = (
+                self.read(rel, stage)
+                if self.has(rel)
+                else np.zeros((self.seq, self.cfg.hidden_size), dtype=np.float32)
+            )
 
             def substitute(stage: Stage, at: int | None, values: np.ndarray) -> np.ndarray:
                 record[stage] = np.array(values, dtype=np.float32, copy=True)
@@ -240,10 +247,6 @@ def _teacher_forced(ctx: _Context, stage: Stage, layer: int | None) -> np.ndarra
     if stage not in computed:
         raise _NotComputed(stage)
     return computed[stage]
-
-
-class _NotComputed(Exception):
-    pass
 
 
 def _ratio(num: float, den: float) -> float:
