@@ -1,5 +1,5 @@
 """Write a Llama / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / Phi-3 / OLMo 2 / Granite / StableLM /
-StarCoder2 model as a GGUF file, the way llama.cpp's converter does (Gemma: RMSNorm weights
+StarCoder2 / GPT-2 model as a GGUF file, the way llama.cpp's converter does (Gemma: RMSNorm weights
 stored as ``w + 1``, its metadata keys; Phi-3: fused ``attn_qkv`` and ``ffn_up``).
 
 Used by the test fixtures and by ``aprtrace demo``. Input tensors use Hugging Face names and
@@ -25,6 +25,7 @@ from aprtrace.config import ModelConfig
 from aprtrace.errors import ModelLoadError, ValidationError
 from aprtrace.mapping import fuse, gguf_norm_offset, gguf_qk_permuted, hf_to_gguf, is_norm_weight
 from aprtrace.mapping import gemma as gemma_mapping
+from aprtrace.mapping import gpt2 as gpt2_mapping
 from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import permute_llama_qk
 
@@ -111,6 +112,8 @@ def write_gguf(
     if config.is_moe:  # llama.cpp stacks each layer's experts into one tensor
         tensors = moe_mapping.stack_experts(tensors, config.num_layers, config.num_experts)
 
+    if arch == "gpt2":  # also takes GPT2LMHeadModel's own names and Conv1D layout
+        tensors = gpt2_mapping.from_transformers_arrays(tensors)
     tensors = fuse(tensors, arch)
     names = sorted(tensors, key=_sort_key)
     if config.tie_word_embeddings:

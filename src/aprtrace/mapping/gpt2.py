@@ -149,3 +149,20 @@ def transformers_name(hf_name: str) -> tuple[str, bool] | None:
         return None
     name = f"model.layers.{int(layer)}.{target}.{kind}" if layer is not None else f"{target}.{kind}"
     return name, module in CONV1D and kind == "weight"
+
+
+def from_transformers_arrays(tensors: Mapping) -> dict:
+    """A GPT2LMHeadModel state dict (``transformer.h.N.attn.c_attn.weight`` ``[in, out]``,
+    ...) as float arrays under aprtrace's names, ``[out, in]``; names already aprtrace's
+    pass through, the causal-mask buffers are dropped."""
+    out = {}
+    for name, values in tensors.items():
+        if _BUFFERS.match(name):
+            continue
+        found = transformers_name(name)
+        if found is None:
+            out[name] = values
+            continue
+        target, conv1d = found
+        out[target] = np.asarray(values).T if conv1d else values
+    return out
