@@ -34,6 +34,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from aprtrace.arch import ops
 from aprtrace.config import ModelConfig
 from aprtrace.errors import InferenceError, ModelLoadError, ValidationError
 from aprtrace.forward import Emit, Progress, check_token_ids
@@ -70,13 +71,23 @@ class Source:
 
 @dataclass(frozen=True)
 class ArchNodes:
-    """One architecture's stage sources; adding an architecture is a few rows here."""
+    """One architecture's stage sources; adding an architecture is a few rows here.
+
+    ``scores_scaled``: the builder scales Q before ``kq`` (Gemma), so the score node already
+    holds the scaled product; otherwise the scale is applied inside llama.cpp's softmax and
+    the conversion multiplies it in.
+    """
 
     stages: dict[Stage, Source]
+    scores_scaled: bool = False
 
     def sources(self, cfg: ModelConfig) -> dict[Stage, Source]:
         """The rows for the stages this model computes (the stage graph's ``computes``)."""
         return {s: src for s, src in self.stages.items() if computes(s, cfg)}
+
+    def score_scale(self, cfg: ModelConfig) -> float:
+        """The factor that turns the ``attn_scores`` node into aprtrace's scaled scores."""
+        return 1.0 if self.scores_scaled else cfg.attention_scale
 
 
 _QKV = ("Qcur", "Kcur", "Vcur")
@@ -123,6 +134,26 @@ QWEN2MOE_NODES = {
     Stage.MOE_FFN_OUT: Source(("ffn_out",)),
 }
 
+# Gemma 2/3 (models/gemma2-iswa.cpp, gemma3.cpp): the embedding is `inp_scaled` (times
+# sqrt(hidden)); Q is multiplied by the query scale (an unnamed node) before `kq`; Gemma 2's
+# soft-cap is three nodes after `kq` (`kq_scaled_1` = kq / cap, `kq_tanh`, `kq_scaled_2` =
+# cap * tanh), the last of them the scores; the output projection is unnamed (the node after
+# `kqv_out`); the sublayer post-norms are `attn_post_norm` / `ffn_post_norm` (Gemma 2 names
+# the latter without a layer number: it belongs to the layer being built); `sa_out` is the
+# attention residual; the FFN activation is fused (`ffn_geglu`, no activation node). The final
+# logit soft-cap is applied before `result_output`. llama.cpp stores the norm weights as w + 1,
+# which changes no activation.
+GEMMA_NODES: dict[Stage, Source] = {
+    **LLAMA_NODES,
+    Stage.EMBEDDING: Source(("inp_scaled",)),
+    Stage.ATTN_OUT: Source(("kqv_out",), follows=True),
+    Stage.POST_ATTN_NORM: Source(("attn_post_norm",)),
+    Stage.POST_ATTN_RESIDUAL: Source(("sa_out",)),
+    Stage.FFN_SWIGL: Source(("ffn_geglu",)),
+    Stage.POST_FFN_NORM: Source(("ffn_post_norm",)),
+}
+GEMMA2_NODES = {**GEMMA_NODES, Stage.ATTN_SCORES: Source(("kq_scaled_2",))}
+
 ARCHITECTURES: dict[str, ArchNodes] = {
     "llama": ArchNodes(LLAMA_NODES),
     "qwen2": ArchNodes(QWEN_NODES),
@@ -130,6 +161,8 @@ ARCHITECTURES: dict[str, ArchNodes] = {
     "qwen2moe": ArchNodes(QWEN2MOE_NODES),
     "qwen3moe": ArchNodes({**QWEN_NODES, **_MOE_NODES}),
     "mixtral": ArchNodes({**LLAMA_NODES, **_MOE_NODES}),
+    "gemma2": ArchNodes(GEMMA2_NODES, scores_scaled=True),
+    "gemma3": ArchNodes(GEMMA_NODES, scores_scaled=True),
 }
 
 
@@ -179,15 +212,26 @@ def _unpermute_columns(x: np.ndarray, n_heads: int) -> np.ndarray:
     return np.ascontiguousarray(unpermute_llama_qk(x.T, n_heads).T)
 
 
-def _causal_zeroed(x: np.ndarray) -> np.ndarray:
-    seq = x.shape[-1]
-    return np.where(np.tril(np.ones((seq, seq), dtype=bool)), x, np.float32(0.0))
+def _masked_zeroed(x: np.ndarray, window: int | None) -> np.ndarray:
+    """Entries outside the causal mask (and outside ``window``, a sliding layer) set to 0."""
+    positions = np.arange(x.shape[-1])
+    return np.where(ops.attention_mask(positions, positions, window), x, np.float32(0.0))
 
 
 def to_stage_layout(
-    stage: Stage, parts: list[np.ndarray], cfg: ModelConfig, seq: int, qk_permuted: bool
+    stage: Stage,
+    parts: list[np.ndarray],
+    cfg: ModelConfig,
+    seq: int,
+    qk_permuted: bool,
+    layer: int | None = None,
+    score_scale: float | None = None,
 ) -> np.ndarray:
-    """llama.cpp node values (numpy order: ggml's ne reversed) in the stage's APRT layout."""
+    """llama.cpp node values (numpy order: ggml's ne reversed) in the stage's APRT layout.
+
+    ``layer`` gives the attention window (``cfg.layer_window``) the score and softmax maps are
+    masked with; ``score_scale`` multiplies the score node (default: the attention scale, for
+    builders that apply it inside the softmax)."""
     if stage in (Stage.QKV_MATMUL, Stage.QKV_BIAS):
         q, k, v = (p.reshape(seq, -1) for p in parts)
         if qk_permuted:
@@ -201,13 +245,20 @@ def to_stage_layout(
     if stage in (Stage.ATTN_SCORES, Stage.ATTN_SOFTMAX):
         x = x.reshape(cfg.num_heads, seq, -1)[:, :, :seq]  # the KV cache is padded
         if stage is Stage.ATTN_SCORES:
-            x = x * np.float32(cfg.attention_scale)
-        return _causal_zeroed(x).astype(np.float32)
+            scale = cfg.attention_scale if score_scale is None else score_scale
+            if scale != 1.0:
+                x = x * np.float32(scale)
+        window = cfg.layer_window(layer) if layer is not None else None
+        return _masked_zeroed(x, window).astype(np.float32)
     if stage in (Stage.LM_HEAD, Stage.MOE_ROUTER, Stage.MOE_FFN_OUT, Stage.MOE_ROUTER_INDICES):
         return np.ascontiguousarray(x.reshape(seq, -1)[-1])
     return x.reshape(seq, -1)
 
 
+SCALED_SCORES_NOTE = (
+    "Q scaled by llama.cpp before kq; key axis cut to the prompt, entries outside the causal "
+    "mask and the layer's sliding window 0"
+)
 # Notes for the manifest: how each stage was made from llama.cpp's tensors.
 TRANSFORM_NOTES = {
     Stage.QKV_MATMUL: "concat of the Q/K/V matmul outputs",
@@ -231,6 +282,8 @@ def source_notes(arch: ArchNodes, cfg: ModelConfig, qk_permuted: bool) -> dict[s
         if src.pick != "only":
             text += f" ({src.pick} occurrence)"
         notes = [TRANSFORM_NOTES[stage]] if stage in TRANSFORM_NOTES else []
+        if stage is Stage.ATTN_SCORES and arch.scores_scaled:
+            notes = [SCALED_SCORES_NOTE]
         if qk_permuted and stage in (
             Stage.QKV_MATMUL,
             Stage.QKV_BIAS,
@@ -448,7 +501,9 @@ class LlamaCppEngine:
         )
         run = ChildRun(request)
         try:
-            logits = self._stream(run, cfg, sources, len(ids), permuted, emit, progress)
+            logits = self._stream(
+                run, cfg, sources, len(ids), permuted, arch.score_scale(cfg), emit, progress
+            )
         finally:
             run.close()
         run.check()
@@ -476,19 +531,27 @@ class LlamaCppEngine:
         check_installed()
         return arch_nodes(model.config.architecture)
 
-    def _stream(self, run, cfg, sources, seq, permuted, emit, progress) -> np.ndarray:
-        """Group the streamed nodes by layer; emit a layer when its ``l_out`` arrives."""
+    def _stream(self, run, cfg, sources, seq, permuted, score_scale, emit, progress):
+        """Group the streamed nodes by layer; emit a layer when its ``l_out`` arrives.
+
+        A per-layer node llama.cpp names without a layer number (Gemma 2's ``ffn_post_norm``)
+        belongs to the layer whose nodes precede it."""
         per_layer = [s for s in sources if s.per_layer and s is not Stage.EMBEDDING]
         whole_model = [s for s in sources if not s.per_layer]
+        embedding = sources[Stage.EMBEDDING].nodes[0]
+        layered = {n for s in per_layer for n in sources[s].nodes}
         pending: dict[int | None, dict[str, list[Node]]] = {}
         logits = None
         done_layers = 0
+        current: int | None = None
 
         def flush(stages: list[Stage], layer: int | None) -> None:
             nodes = pending.pop(layer, {})
             for stage in sorted(stages, key=lambda s: s.order):
                 src = sources[stage]
-                values = self._stage_values(stage, src, nodes, layer, cfg, seq, permuted)
+                values = self._stage_values(
+                    stage, src, nodes, layer, cfg, seq, permuted, score_scale
+                )
                 emit(stage, 0 if stage is Stage.EMBEDDING else layer, values)
 
         for header, payload in run.messages():
@@ -501,10 +564,13 @@ class LlamaCppEngine:
             values = np.frombuffer(payload, dtype="<f4").reshape(tuple(reversed(ne)))
             follows = header.get("follows")
             name, layer = _split_name(follows or header["name"])
+            if layer is None and name in layered:
+                layer = current
+            current = layer if layer is not None else current
             key = f"after:{name}" if follows else name
             node = Node(header["name"], ne, values, follows)
             pending.setdefault(layer, {}).setdefault(key, []).append(node)
-            if name == "embd":
+            if name == embedding:
                 flush([Stage.EMBEDDING], None)
             elif name == "l_out" and layer is not None:
                 flush(per_layer, layer)
@@ -523,7 +589,7 @@ class LlamaCppEngine:
         return logits
 
     @staticmethod
-    def _stage_values(stage, src, nodes, layer, cfg, seq, permuted) -> np.ndarray:
+    def _stage_values(stage, src, nodes, layer, cfg, seq, permuted, score_scale) -> np.ndarray:
         parts = []
         for name in src.nodes:
             node = select(src, nodes.get(f"after:{name}" if src.follows else name, []), seq)
@@ -537,7 +603,7 @@ class LlamaCppEngine:
                     "aprtrace/engines/llamacpp.py was written for",
                 )
             parts.append(node.values)
-        return to_stage_layout(stage, parts, cfg, seq, permuted)
+        return to_stage_layout(stage, parts, cfg, seq, permuted, layer, score_scale)
 
 
 def _split_name(name: str) -> tuple[str, int | None]:

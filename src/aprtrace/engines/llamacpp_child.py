@@ -48,7 +48,8 @@ GGML_MAX_NAME = 64
 GGML_MAX_OP_PARAMS = 64
 LLAMA_FLASH_ATTN_DISABLED = 0
 
-NODE_NAME = re.compile(r"([A-Za-z_]+)(?:-(\d+))?")
+# Base name and layer: `Qcur-3`, `kq_scaled_2-0` (digits inside a base name), `result_norm`.
+NODE_NAME = re.compile(r"([A-Za-z_][A-Za-z0-9_]*?)(?:-(\d+))?")
 
 
 class GgmlTensor(ctypes.Structure):
