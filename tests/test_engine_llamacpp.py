@@ -492,11 +492,18 @@ def test_unknown_cyllama_is_refused_with_the_expected_version(tiny, monkeypatch)
     assert "cyllama==0.2.18" in result.output
 
 
-def test_unmapped_architecture_and_non_gguf_are_clear_errors(tiny, tmp_path):
-    model = load_model(tiny["llama"])
-    model.config = dataclasses.replace(model.config, architecture="gemma3")
-    with pytest.raises(ValidationError, match="architecture 'gemma3'"):
+def test_unmapped_architecture_and_non_gguf_are_clear_errors(tiny, tmp_path, monkeypatch):
+    mapped = {"llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "mixtral", "gemma2", "gemma3"}
+    assert mapped <= set(llamacpp.ARCHITECTURES)
+    # An architecture without a node table is refused by name, before llama.cpp runs, exit 5.
+    monkeypatch.delitem(llamacpp.ARCHITECTURES, "gemma2")
+    model = load_model(tiny["gemma2"])
+    with pytest.raises(ValidationError, match="architecture 'gemma2'"):
         LlamaCppEngine()(model, [1, 2])
+    result = CliRunner().invoke(main, ["trace", "--engine", "llama.cpp", str(tiny["gemma2"])])
+    assert result.exit_code == 5, result.output
+    assert "no node mapping for architecture 'gemma2'" in result.output
+    assert "Traceback" not in result.output
     model = load_model(tiny["llama"])
     model.format = "safetensors"
     with pytest.raises(ValidationError, match="reads GGUF files"):
