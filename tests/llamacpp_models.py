@@ -76,8 +76,8 @@ def write_tiny_gguf(directory: Path, arch: str, qtype: str = "F32", seed: int = 
 # Gemma: head_dim 32 != hidden / heads, GQA 4/2, tied embeddings, a sliding window of 5 (shorter
 # than the test prompt); Gemma 2 alternates sliding/global from layer 0 and soft-caps scores and
 # logits with caps small enough to bite; Gemma 3 has Q/K norms, a local RoPE base and every
-# sixth layer global (llama.cpp's default pattern: b9190 aborts on a 4-layer file carrying an
-# explicit sliding_window_pattern, GGML_ASSERT(buffer) in ggml-backend.cpp).
+# sixth layer global (6 layers: llama.cpp b9190 aborts, GGML_ASSERT(buffer) in
+# ggml-backend.cpp, on the 4-layer gemma3 files tried, whatever their layer pattern).
 GEMMA_ARCHS = ("gemma2", "gemma3")
 GEMMA_WINDOW = 5
 GEMMA_LAYER_TYPES = {
