@@ -340,6 +340,33 @@ def test_compare_engines_transformers_llamacpp_one_report(tiny, tmp_path):
         assert json.loads((dump / "manifest.json").read_text())["engine"] == engine
 
 
+@pytest.mark.reference
+@pytest.mark.parametrize("arch", GEMMA_ARCHS)
+def test_compare_gemma_transformers_llamacpp_agree(tiny, tmp_path, arch):
+    """Two implementations neither of which is aprtrace's forward pass: transformers' Gemma
+    classes on the decoded weights and llama.cpp on the file, every stage of every layer."""
+    pytest.importorskip("transformers")
+    layers = load_model(tiny[arch]).config.num_layers
+    result = CliRunner().invoke(
+        main,
+        [
+            "compare",
+            str(tiny[arch]),
+            "--engines",
+            "transformers,llama.cpp",
+            "--dir",
+            str(tmp_path),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output[result.output.index("{") :])
+    assert doc["only_in_a"] == [f"layer-{i}/ffn_silu.bin" for i in range(layers)]
+    # embedding, the 18 per-layer stages but ffn_silu, final norm and lm_head
+    assert len(doc["pairs"]) == 1 + 17 * layers + 2
+    assert min(p["cosine_sim"] for p in doc["pairs"]) >= F32_COSINE
+
+
 def test_engines_option_is_validated(tiny, tmp_path):
     result = CliRunner().invoke(
         main, ["compare", str(tiny["llama"]), "--engines", "numpy,llamacpp", "--dir", str(tmp_path)]
