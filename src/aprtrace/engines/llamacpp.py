@@ -60,13 +60,20 @@ class Source:
     ``nodes``: base node names (``Qcur`` for ``Qcur-3``), concatenated along the last axis;
     ``pick``: which occurrence of a repeated name: ``first`` / ``second`` of the token-major
     ``[seq, dim]`` ones (``Qcur`` is set after the matmul, the bias add, the reshape and the
-    RoPE), ``last`` of all; ``follows``: the value is the unnamed node computed right after
-    the named one (the output projection, where an architecture's builder names none).
+    RoPE), ``last`` of all, ``#i`` the i-th of all (from 0); ``follows``: the value is the
+    unnamed node computed ``follows`` nodes after the named one (the output projection, where
+    an architecture's builder names none: 1; Phi-3's unnamed residual add after it: 2);
+    ``half``: the first (0) or second (1) half of the last axis (Phi-3's fused gate|up).
     """
 
     nodes: tuple[str, ...]
     pick: str = "only"
-    follows: bool = False
+    follows: int = 0
+    half: int | None = None
+
+    def key(self, name: str) -> str:
+        """The key a streamed node of base ``name`` is filed under for this source."""
+        return f"after{self.follows}:{name}" if self.follows else name
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,7 @@ LLAMA_NODES: dict[Stage, Source] = {
 }
 # Qwen2/Qwen3 builders do not name the output projection: it is the node after kqv_out.
 # (Qwen3's q/k norm outputs are `Qcur_normed`/`Kcur_normed`; RoPE's output is still `Qcur`.)
-QWEN_NODES = {**LLAMA_NODES, Stage.ATTN_OUT: Source(("kqv_out",), follows=True)}
+QWEN_NODES = {**LLAMA_NODES, Stage.ATTN_OUT: Source(("kqv_out",), follows=1)}
 
 # MoE (build_moe_ffn in llama-graph.cpp): top-k weights `ffn_moe_weights` (renormalised:
 # `ffn_moe_weights_norm`), routed output `ffn_moe_out`; Qwen2-MoE adds the gated shared expert
@@ -146,7 +153,7 @@ QWEN2MOE_NODES = {
 GEMMA_NODES: dict[Stage, Source] = {
     **LLAMA_NODES,
     Stage.EMBEDDING: Source(("inp_scaled",)),
-    Stage.ATTN_OUT: Source(("kqv_out",), follows=True),
+    Stage.ATTN_OUT: Source(("kqv_out",), follows=1),
     Stage.POST_ATTN_NORM: Source(("attn_post_norm",)),
     Stage.POST_ATTN_RESIDUAL: Source(("sa_out",)),
     Stage.FFN_SWIGL: Source(("ffn_geglu",)),
@@ -202,6 +209,9 @@ def select(source: Source, nodes: list[Node], seq: int) -> Node | None:
     """The occurrence of a node ``source.pick`` asks for (None when absent)."""
     if source.pick == "only" or source.pick == "last":
         return nodes[-1] if nodes else None
+    if source.pick.startswith("#"):
+        index = int(source.pick[1:])
+        return nodes[index] if len(nodes) > index else None
     flat = [n for n in nodes if _token_major(n, seq)]
     index = {"first": 0, "second": 1}[source.pick]
     return flat[index] if len(flat) > index else None
@@ -232,6 +242,8 @@ def to_stage_layout(
     ``layer`` gives the attention window (``cfg.layer_window``) the score and softmax maps are
     masked with; ``score_scale`` multiplies the score node (default: the attention scale, for
     builders that apply it inside the softmax)."""
+    if stage in (Stage.QKV_MATMUL, Stage.QKV_BIAS) and len(parts) == 1:
+        return parts[0].reshape(seq, -1)  # one fused Q|K|V projection (Phi-3's wqkv)
     if stage in (Stage.QKV_MATMUL, Stage.QKV_BIAS):
         q, k, v = (p.reshape(seq, -1) for p in parts)
         if qk_permuted:
@@ -278,7 +290,10 @@ def source_notes(arch: ArchNodes, cfg: ModelConfig, qk_permuted: bool) -> dict[s
     for stage, src in arch.sources(cfg).items():
         layered = stage.per_layer and stage is not Stage.EMBEDDING
         names = "+".join(f"{n}-N" if layered else n for n in src.nodes)
-        text = f"node after {names}" if src.follows else names
+        after = "node after" if src.follows == 1 else f"node {src.follows} after"
+        text = f"{after} {names}" if src.follows else names
+        if src.half is not None:
+            text = f"{('first', 'second')[src.half]} half of {text}"
         if src.pick != "only":
             text += f" ({src.pick} occurrence)"
         notes = [TRANSFORM_NOTES[stage]] if stage in TRANSFORM_NOTES else []
@@ -490,13 +505,13 @@ class LlamaCppEngine:
         # llama GGUFs store Q/K rows in llama.cpp's adjacent-pair RoPE order (mapping/).
         permuted = bool(model.qk_permuted)
         names = sorted({n for s in sources.values() for n in s.nodes if not s.follows})
-        follow = sorted({n for s in sources.values() if s.follows for n in s.nodes})
+        follow = sorted({(n, s.follows) for s in sources.values() if s.follows for n in s.nodes})
         request = _request(
             "trace",
             str(model.path),
             tokens=ids,
             names=names,
-            follow=follow,
+            follow=[list(f) for f in follow],
             n_threads=self.n_threads,
         )
         run = ChildRun(request)
@@ -563,11 +578,12 @@ class LlamaCppEngine:
             ne = tuple(int(x) for x in header["ne"])
             values = np.frombuffer(payload, dtype="<f4").reshape(tuple(reversed(ne)))
             follows = header.get("follows")
+            depth = int(header.get("follows_depth", 1))
             name, layer = _split_name(follows or header["name"])
             if layer is None and name in layered:
                 layer = current
             current = layer if layer is not None else current
-            key = f"after:{name}" if follows else name
+            key = f"after{depth}:{name}" if follows else name
             node = Node(header["name"], ne, values, follows)
             pending.setdefault(layer, {}).setdefault(key, []).append(node)
             if name == embedding:
@@ -592,17 +608,23 @@ class LlamaCppEngine:
     def _stage_values(stage, src, nodes, layer, cfg, seq, permuted, score_scale) -> np.ndarray:
         parts = []
         for name in src.nodes:
-            node = select(src, nodes.get(f"after:{name}" if src.follows else name, []), seq)
+            node = select(src, nodes.get(src.key(name), []), seq)
             if node is None:
                 where = f"{name}-{layer}" if layer is not None else name
-                what = f"the node after '{where}'" if src.follows else f"node '{where}'"
+                what = (
+                    f"the node {src.follows} after '{where}'" if src.follows else f"node '{where}'"
+                )
                 raise InferenceError(
                     f"llama.cpp's {cfg.architecture} graph has no {what} "
                     f"({src.pick} occurrence) for stage {stage.value}",
                     hint="the llama.cpp build differs from the one the node table in "
                     "aprtrace/engines/llamacpp.py was written for",
                 )
-            parts.append(node.values)
+            values = node.values
+            if src.half is not None:
+                width = values.shape[-1] // 2
+                values = values[..., src.half * width : (src.half + 1) * width]
+            parts.append(values)
         return to_stage_layout(stage, parts, cfg, seq, permuted, layer, score_scale)
 
 

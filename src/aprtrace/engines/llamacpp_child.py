@@ -234,7 +234,11 @@ class Capture:
     """The eval callback: observes the nodes whose base name is wanted, streams each one."""
 
     def __init__(
-        self, channel: Channel, names: set[str], follow: set[str], list_only: bool = False
+        self,
+        channel: Channel,
+        names: set[str],
+        follow: set[tuple[str, int]],
+        list_only: bool = False,
     ):
         self.channel = channel
         self.names = names
@@ -242,8 +246,10 @@ class Capture:
         self.list_only = list_only  # every node's name, shape and type, no values
         self.sent = 0
         self.error: str | None = None
-        self.previous = ""  # the node asked about before this one (graph order)
-        self.following: dict[int, str] = {}  # node address -> the named node it follows
+        # `follow`: (base name, n): also send the n-th node after each node of that base name.
+        self.depth = max((n for _, n in follow), default=0)
+        self.history: list[str] = []  # the last `depth` nodes asked about (graph order)
+        self.following: dict[int, tuple[str, int]] = {}  # address -> (named node, n)
         self.callback = EvalCallback(self._on_node)  # must outlive the context
 
     def _base(self, name: str) -> str | None:
@@ -261,17 +267,20 @@ class Capture:
                     self.channel.send({**header, "type": int(t.type), "skipped": "list only"})
                 return True
             if ask:
-                # Unnamed nodes are reached by order: the node right after a `follow` one
+                # Unnamed nodes are reached by order: the n-th node after a `follow` one
                 # (e.g. the output projection after `kqv_out-N` where no name is set).
-                if self._base(self.previous) in self.follow:
-                    self.following[address] = self.previous
-                self.previous = name
+                for back in range(1, min(self.depth, len(self.history)) + 1):
+                    before = self.history[-back]
+                    if (self._base(before), back) in self.follow:
+                        self.following[address] = (before, back)
+                if self.depth:
+                    self.history = [*self.history, name][-self.depth :]
                 return self._base(name) in self.names or address in self.following
             if self._base(name) not in self.names and address not in self.following:
                 return True
             header = {"kind": "node", "name": name, "ne": [int(x) for x in t.ne]}
             if address in self.following:
-                header["follows"] = self.following.pop(address)
+                header["follows"], header["follows_depth"] = self.following.pop(address)
             values = tensor_values(t)
             if values is None:
                 header["skipped"] = f"ggml type {t.type}"
@@ -328,7 +337,8 @@ def trace(cy, request: dict[str, Any], channel: Channel) -> dict[str, Any]:
     capture = Capture(
         channel,
         set(request["names"]),
-        set(request.get("follow", ())),
+        # [name, n] pairs; a bare name is n = 1
+        {(f, 1) if isinstance(f, str) else (f[0], int(f[1])) for f in request.get("follow", ())},
         bool(request.get("list_only")),
     )
     if not request.get("no_callback"):  # (the test that the callback changes no logit)
