@@ -63,16 +63,21 @@ class Source:
     RoPE), ``last`` of all, ``#i`` the i-th of all (from 0); ``follows``: the value is the
     unnamed node computed ``follows`` nodes after the named one (the output projection, where
     an architecture's builder names none: 1; Phi-3's unnamed residual add after it: 2);
+    ``input``: the value is the named node's input ``input`` steps back (its ``src[0]``,
+    repeated: Phi-3's unnamed attention residual is the input of the norm under ``ffn_norm``);
     ``half``: the first (0) or second (1) half of the last axis (Phi-3's fused gate|up).
     """
 
     nodes: tuple[str, ...]
     pick: str = "only"
     follows: int = 0
+    input: int = 0
     half: int | None = None
 
     def key(self, name: str) -> str:
         """The key a streamed node of base ``name`` is filed under for this source."""
+        if self.input:
+            return f"in{self.input}:{name}"
         return f"after{self.follows}:{name}" if self.follows else name
 
 
@@ -292,6 +297,8 @@ def source_notes(arch: ArchNodes, cfg: ModelConfig, qk_permuted: bool) -> dict[s
         names = "+".join(f"{n}-N" if layered else n for n in src.nodes)
         after = "node after" if src.follows == 1 else f"node {src.follows} after"
         text = f"{after} {names}" if src.follows else names
+        if src.input:
+            text = "input of " * src.input + text
         if src.half is not None:
             text = f"{('first', 'second')[src.half]} half of {text}"
         if src.pick != "only":
@@ -504,7 +511,9 @@ class LlamaCppEngine:
         sources = arch.sources(cfg)
         # llama GGUFs store Q/K rows in llama.cpp's adjacent-pair RoPE order (mapping/).
         permuted = bool(model.qk_permuted)
-        names = sorted({n for s in sources.values() for n in s.nodes if not s.follows})
+        plain = [s for s in sources.values() if not s.follows and not s.input]
+        names = sorted({n for s in plain for n in s.nodes})
+        inputs = sorted({(n, s.input) for s in sources.values() if s.input for n in s.nodes})
         follow = sorted({(n, s.follows) for s in sources.values() if s.follows for n in s.nodes})
         request = _request(
             "trace",
@@ -512,6 +521,7 @@ class LlamaCppEngine:
             tokens=ids,
             names=names,
             follow=[list(f) for f in follow],
+            inputs=[list(i) for i in inputs],
             n_threads=self.n_threads,
         )
         run = ChildRun(request)
@@ -579,11 +589,12 @@ class LlamaCppEngine:
             values = np.frombuffer(payload, dtype="<f4").reshape(tuple(reversed(ne)))
             follows = header.get("follows")
             depth = int(header.get("follows_depth", 1))
+            back = header.get("input_depth")
             name, layer = _split_name(follows or header["name"])
             if layer is None and name in layered:
                 layer = current
             current = layer if layer is not None else current
-            key = f"after{depth}:{name}" if follows else name
+            key = f"after{depth}:{name}" if follows else f"in{back}:{name}" if back else name
             node = Node(header["name"], ne, values, follows)
             pending.setdefault(layer, {}).setdefault(key, []).append(node)
             if name == embedding:
@@ -611,9 +622,11 @@ class LlamaCppEngine:
             node = select(src, nodes.get(src.key(name), []), seq)
             if node is None:
                 where = f"{name}-{layer}" if layer is not None else name
-                what = (
-                    f"the node {src.follows} after '{where}'" if src.follows else f"node '{where}'"
-                )
+                what = f"node '{where}'"
+                if src.follows:
+                    what = f"the node {src.follows} after '{where}'"
+                elif src.input:
+                    what = f"input {src.input} back of '{where}'"
                 raise InferenceError(
                     f"llama.cpp's {cfg.architecture} graph has no {what} "
                     f"({src.pick} occurrence) for stage {stage.value}",
