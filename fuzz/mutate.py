@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 import struct
 from typing import Any
 
@@ -191,3 +192,33 @@ def mutate_json_doc(doc: Any, ops: list[Op]) -> Any:
 def json_bytes(doc: Any) -> bytes:
     """JSON text of ``doc`` the way a hostile writer could produce it (NaN allowed)."""
     return json.dumps(doc).encode("utf-8", "surrogatepass")
+
+
+_NUMBER = re.compile(rb"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+# Numbers no JSON reader should size anything by: more digits than Python converts, values
+# that overflow float, and the float extremes.
+_HOSTILE_NUMBERS = (b"9" * 5000, b"1e999", b"-1e999", b"1" + b"0" * 400, b"200000000", b"0")
+
+
+def hostile_json_text(seed: bytes, ops: list[Op]) -> bytes:
+    """Text-level JSON bombs on a JSON seed: nesting deep enough to exhaust recursion (closed
+    or not), and numbers spliced in that are too long, too large or zero."""
+    _, a, b = ops[0]
+    depth = 1000 + a % 200_000
+    kind = b % 5
+    if kind == 0:
+        return b"[" * depth + seed + b"]" * depth
+    if kind == 1:
+        return b'{"a":' * depth + seed + b"}" * depth
+    if kind == 2:
+        return b"[" * depth
+    numbers = list(_NUMBER.finditer(seed))
+    if not numbers:
+        return seed + b"[" * depth
+    out = seed
+    for _, a2, b2 in ops:  # one to four numbers replaced, last first so offsets stay valid
+        match = numbers[a2 % len(numbers)]
+        value = _HOSTILE_NUMBERS[b2 % len(_HOSTILE_NUMBERS)]
+        if out[match.start() : match.end()] == match.group():
+            out = out[: match.start()] + value + out[match.end() :]
+    return out

@@ -310,7 +310,7 @@ def test_cli_engine_transformers_dump_diffs_clean_against_numpy(built, tmp_path)
     assert {p.stem for p in dumps[0].rglob("*.bin")} == {
         s.value for s in stages_for(load_model(path).config)
     }
-    result = runner.invoke(main, ["diff", "--values", str(dumps[0]), str(dumps[1])])
+    result = runner.invoke(main, ["diff", "--values", str(dumps[0]), str(dumps[1]), "--all"])
     assert result.exit_code == 0, result.output
     assert "post_ffn_norm" in result.output and "OK: all" in result.output
 

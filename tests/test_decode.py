@@ -351,12 +351,17 @@ def test_diff_steps_filter_and_step_in_json(tiny_gguf_pair, tmp_path, runner):
     assert {p["step"] for p in json.loads(filtered.output)["pairs"]} == {1, 2}
     html = tmp_path / "r.html"
     table = runner.invoke(
-        main, ["diff", "--values", str(tmp_path / "a"), str(tmp_path / "b"), "--html", str(html)]
+        main,
+        ["diff", "--values", str(tmp_path / "a"), str(tmp_path / "b"), "--html", str(html)]
+        + ["--all"],  # every row: the table is printed although every pair passes
     )
     page = html.read_text()
     assert ">step 3 layer 0<" in page and ">step 3 whole-model<" in page  # heatmap rows
-    assert "<td>step 2 0</td>" in page  # table rows carry the step
-    assert "step" in table.output.splitlines()[2]
+    assert ">step 2 0</td>" in page  # table rows carry the step
+    header = next(
+        line for line in table.output.splitlines() if "stage" in line and "verdict" in line
+    )
+    assert "step" in header
     assert "step 3 lm_head: top-1" in table.output
     bad = runner.invoke(
         main, ["diff", "--values", str(tmp_path / "a"), str(tmp_path / "b"), "--steps", "x"]

@@ -472,7 +472,16 @@ def test_pairing_order_and_one_sided_files(tmp_path):
 
 
 def test_first_divergence_fail_fast_and_attribution(tmp_path):
-    stages = ["embedding", "attn_norm", "q_post_rope", "attn_scores", "attn_softmax", "attention"]
+    stages = [
+        "embedding",
+        "attn_norm",
+        "qkv_matmul",
+        "q_post_rope",
+        "k_post_rope",
+        "attn_scores",
+        "attn_softmax",
+        "attention",
+    ]
     # Multiplying a tensor by (1+e) gives a relative L2 error of exactly e.
     scale = {
         "layer-1/attn_scores": 1.001,
@@ -506,15 +515,20 @@ def test_manifest_warnings_and_inferred_shapes(tmp_path):
     a = make_dump(tmp_path / "a", {0: ["attn_norm"]}, token_ids=(1, 2, 3))
     b = make_dump(tmp_path / "b", {0: ["attn_norm"]}, token_ids=(1, 2, 4))
     c = make_dump(tmp_path / "c", {0: ["attn_norm"]}, manifest=False)
-    d = diff_dirs(a, b)
-    assert any("DIFFERENT token ids" in w for w in d.warnings)
+    with pytest.raises(
+        ValidationError, match=r"different token ids \(A \[1, 2, 3\], B \[1, 2, 4\]\)"
+    ):
+        diff_dirs(a, b)
+    b = make_dump(tmp_path / "b2", {0: ["attn_norm"]}, token_ids=(1, 2, 3))
     d = diff_dirs(c, c)
     assert sum("no manifest.json" in w for w in d.warnings) == 2
     assert d.pairs[0].shape is None and d.pairs[0].max_position is None
     d = diff_dirs(a, c)
     assert d.pairs[0].shape == (SEQ, HID)
     (a / "final_norm.bin").unlink()
-    assert any("missing" in w for w in diff_dirs(a, b).warnings)
+    v = diff_dirs(a, b).verdict
+    assert v.word == "incomplete" and v.exit_code == 9
+    assert "A: 1 file(s) listed in manifest.json are missing (first: final_norm.bin)" in v.problems
 
 
 def test_incomparable_pair_and_no_common_files(tmp_path):

@@ -273,11 +273,10 @@ def test_nan_and_inf_weights_are_counted_not_fatal(tmp_path):
     for kind in ("safetensors", "gguf", "apr-from-hf"):
         result = CliRunner().invoke(
             main,
-            ["trace", "--json", "--tokens", "5,17,42", "--save-tensor-layers", "all"]
-            + [str(paths[kind])],
+            ["trace", "--json", "--tokens", "5,17,42", str(paths[kind])],
         )
         assert result.exit_code == 0, result.output
-        report = json.loads(result.output)
+        report = json.loads(result.stdout)
         assert report["first_nonfinite"] == {"stage": "attn_out", "layer": 0}
         for row in report["stats"]:
             want = ref[(row["stage"], row["layer"])]

@@ -24,6 +24,10 @@ from aprtrace.trace import parse_token_list
 from reliability_models import build_targets
 
 TARGET_NAMES = [
+    "json_reader",
+    "safetensors_index",
+    "tokenizer_json",
+    "apr_metadata",
     "gguf",
     "apr",
     "aprt",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import struct
 import subprocess
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from aprtrace.aprt import HEADER_SIZE, read_aprt
+from aprtrace.aprt import read_aprt
 from aprtrace.cli import main
 from aprtrace.errors import AprtraceError, InvalidFormatError
 from aprtrace.formats import load_model
@@ -298,29 +297,52 @@ def _trace_process(model: Path, out: Path) -> subprocess.Popen:
 
 
 def _wait_for_layers(proc: subprocess.Popen, out: Path, layers: int, timeout: float = 60) -> None:
-    """Return once ``out`` holds ``layers`` layer directories (or the process ended)."""
+    """Return once ``layers`` layer directories exist under ``out``, in its staging directory
+    or in ``out`` itself (or the process ended)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
         try:
-            if sum(1 for e in os.scandir(out) if e.name.startswith("layer-")) >= layers:
+            roots = [out] + [
+                Path(e.path) for e in os.scandir(out) if e.name.startswith(".aprtrace-")
+            ]
+            found = sum(1 for r in roots for e in os.scandir(r) if e.name.startswith("layer-"))
+            if found >= layers:
                 return
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             pass
         time.sleep(0.002)
 
 
-def _check_partial_dump(out: Path, reference: Path, finished: bool) -> int:
-    """Every .bin present is complete and identical to the full run; returns how many."""
-    files = sorted(out.rglob("*.bin"))
-    for path in files:
-        f = read_aprt(path)
-        assert path.stat().st_size == HEADER_SIZE + 4 * f.values.size
-        assert path.read_bytes() == (reference / path.relative_to(out)).read_bytes(), path
-    leftovers = [p for p in out.rglob("*") if p.is_file() and p.suffix not in (".bin", ".json")]
-    # A kill can leave the temporary of the file being written, never under a final name.
-    assert all(p.name.startswith(".") and p.name.endswith(".tmp") for p in leftovers)
-    assert (out / "manifest.json").exists() == finished
-    return len(files)
+def _visible_files(out: Path) -> dict[str, bytes]:
+    """Every file of a dump under its final name (hidden staging and lock files excluded)."""
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(out).parts)
+    }
+
+
+def _check_killed_run(out: Path, before: dict[str, bytes], reference: Path, finished: bool) -> None:
+    """A killed run leaves the previous dump whole; a finished one the reference dump. Only in
+    the commit (renames only) may a kill leave a dump without a manifest, and then
+    every file holds either the old bytes or the new run's."""
+    after = _visible_files(out)
+    new = _visible_files(reference)
+
+    def stage_files(files: dict[str, bytes]) -> dict[str, bytes]:
+        return {k: v for k, v in files.items() if k != "manifest.json"}
+
+    if finished:
+        assert stage_files(after) == stage_files(new)
+        return
+    if "manifest.json" in after:
+        # Killed before the commit: the previous dump; after the manifest: the new one.
+        assert after == before or stage_files(after) == stage_files(new), (
+            "a killed run left a manifest over a mix of old and new files"
+        )
+        return
+    for rel, data in after.items():  # killed inside the commit
+        assert data in (before.get(rel), new.get(rel)), rel
 
 
 @pytest.mark.slow
@@ -328,24 +350,13 @@ def _check_partial_dump(out: Path, reference: Path, finished: bool) -> int:
 def test_sigkill_leaves_only_complete_stage_files(big_model, reference_dump, tmp_path, seed):
     rng = random.Random(seed)
     out = tmp_path / "dump"
-    if seed in (1, 3):  # a complete earlier dump in the same directory: its manifest goes first
-        run_cli(
-            "trace",
-            "--save-tensor",
-            "all",
-            "--save-tensor-layers",
-            "all",
-            "--save-tensor-dir",
-            out,
-            "-q",
-            big_model,
-        )
-        assert (out / "manifest.json").exists()
-        for path in out.iterdir():  # keep only the manifest, so layer dirs are the new run's
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.name != "manifest.json":
-                path.unlink()
+    if seed in (1, 3):  # a complete earlier dump (other token ids) in the same directory
+        result = run_cli(
+            "trace", "--save-tensor", "all", "--save-tensor-layers", "all",
+            "--save-tensor-dir", out, "--tokens", "1,2,3", "-q", big_model,
+        )  # fmt: skip
+        assert result.exit_code == 0
+    before = _visible_files(out) if out.exists() else {}
     proc = _trace_process(big_model, out)
     if seed < 4:
         _wait_for_layers(proc, out, rng.randint(1, 23))
@@ -355,11 +366,13 @@ def test_sigkill_leaves_only_complete_stage_files(big_model, reference_dump, tmp
     proc.communicate(timeout=60)
     finished = proc.returncode == 0
     assert finished or proc.returncode == -signal.SIGKILL
-    n = _check_partial_dump(out, reference_dump, finished) if out.exists() else 0
-    if not finished:
-        assert n < 411
-        result = run_cli("inspect", out)
-        assert result.exit_code == 0 and "no manifest.json" in result.stderr
+    if out.exists():
+        _check_killed_run(out, before, reference_dump, finished)
+    # The next run into the directory removes what the killed one left behind.
+    result = run_cli("trace", "--save-tensor", "embedding", "--save-tensor-dir", out, big_model)
+    assert result.exit_code == 0, result.stderr
+    assert not [p for p in out.rglob(".*") if p.name != ".aprtrace.lock"]
+    assert not (out / ".aprtrace.lock").exists()
 
 
 @pytest.mark.slow
@@ -373,8 +386,8 @@ def test_sigint_exits_130_with_one_line(big_model, reference_dump, tmp_path):
     assert proc.returncode == 130
     assert "Traceback" not in stderr
     assert stderr.strip().count("\n") == 0 and stderr.startswith("interrupted")
-    _check_partial_dump(out, reference_dump, finished=False)
-    assert not [p for p in out.rglob(".*.tmp")]  # Ctrl-C cleans up the file being written
+    # Ctrl-C removes the staging directory, the file being written and the lock.
+    assert list(out.rglob("*")) == []
 
 
 # --- Output directory safety ------------------------------------------------------------------
@@ -447,25 +460,55 @@ def test_clean_refuses_a_manifest_pointing_outside(tiny, tmp_path):
     assert victim.read_bytes() == b"keep"
 
 
-def test_failed_write_leaves_no_partial_file_and_no_manifest(tiny, tmp_path):
+def test_failed_write_leaves_no_partial_file_and_no_manifest(tiny, tmp_path, monkeypatch):
+    from aprtrace import capture
+    from aprtrace.errors import OutputError
+
+    out = tmp_path / "dump"
+    assert _trace(tiny, out, "--save-tensor", "all", "--tokens", "1,2").exit_code == 0
+    before = _visible_files(out)
+    real_write = capture.write_aprt
+    calls = []
+
+    def disk_full_on_the_fifth(path, layer, values):
+        calls.append(path)
+        if len(calls) == 5:
+            raise OutputError(f"cannot write {path}: No space left on device")
+        return real_write(path, layer, values)
+
+    monkeypatch.setattr(capture, "write_aprt", disk_full_on_the_fifth)
+    result = _trace(tiny, out, "--save-tensor", "all")
+    assert result.exit_code == 8  # apr reports a failed stage write as an inference failure
+    assert "No space left" in result.stderr and "Traceback" not in result.stderr
+    assert _visible_files(out) == before  # the previous dump, manifest included, is whole
+    assert sorted(p.name for p in out.iterdir()) == [
+        "final_norm.bin",
+        "layer-0",
+        "lm_head.bin",
+        "manifest.json",
+    ]  # no staging directory, no temporary, no lock left
+
+
+def test_layer_path_that_is_a_file_is_refused_before_the_run(tiny, tmp_path):
     out = tmp_path / "dump"
     out.mkdir()
     (out / "layer-0").write_text("a file where the layer directory should be")
     result = _trace(tiny, out, "--save-tensor", "all")
-    assert result.exit_code == 8  # apr reports a failed stage write as an inference failure
-    assert "layer-0" in result.stderr and "Traceback" not in result.stderr
-    assert not (out / "manifest.json").exists()
+    assert result.exit_code == 7
+    assert "layer-0 is a file, not a dump directory" in result.stderr
+    assert "Traceback" not in result.stderr
     assert [p.name for p in out.rglob("*")] == ["layer-0"]
 
 
-def test_old_manifest_is_removed_before_the_new_run_writes(tiny, tmp_path):
+def test_failed_run_keeps_the_old_manifest(tiny, tmp_path):
     out = tmp_path / "dump"
     assert _trace(tiny, out, "--save-tensor", "all").exit_code == 0
     (out / "layer-0" / "ffn_up.bin").unlink()
-    (out / "layer-0" / "ffn_up.bin").mkdir()  # the next run fails at this stage
+    (out / "layer-0" / "ffn_up.bin").mkdir()  # not a stage file: the run refuses to start
+    before = _visible_files(out)
     result = _trace(tiny, out, "--save-tensor", "all")
-    assert result.exit_code == 8
-    assert not (out / "manifest.json").exists()  # the dump is now known to be incomplete
+    assert result.exit_code == 7 and "ffn_up.bin is a directory" in result.stderr
+    assert _visible_files(out) == before and (out / "manifest.json").exists()
 
 
 # --- Numerical hazards ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,11 @@ def read_aprt(path: Path, mmap: bool | None = None) -> AprtFile:
     """Read an APRT file. Large bodies are memory-mapped (zero-copy, read-only)."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+            # A FIFO would block the read below and a device never ends.
+            raise InvalidFormatError(f"{path} is not a regular file, expected an APRT file")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(HEADER_SIZE)
             layer, count = parse_header(head, str(path))

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from aprtrace.errors import OutputError
 
 WRITE_HINT = "check that the output directory is writable and the disk has space"
+
+
+# What ``atomic_path`` leaves when the process is killed: ``.<final name>.<pid>.tmp``.
+TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp$")
 
 
 def temp_path_for(path: Path) -> Path:
@@ -50,3 +55,37 @@ def write_bytes_atomic(path: Path, *chunks: bytes, fsync: bool = False) -> None:
         if fsync:
             f.flush()
             os.fsync(f.fileno())
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def remove_orphaned_temps(path: Path) -> list[Path]:
+    """Remove ``.<name>.<pid>.tmp`` beside ``path`` left by a killed aprtrace (dead pid).
+
+    Only regular files are removed, never a symlink; a live process's temporary is kept.
+    """
+    path = Path(path)
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = TEMP_FILE.match(entry.name)
+        if not match or match["name"] != path.name or _pid_alive(int(match["pid"])):
+            continue
+        if entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed

@@ -1,8 +1,9 @@
 """The ``aprtrace`` command line: parse, call the library, render. No logic of its own.
 
-Exit codes (as ``apr``): 0 ok, 1 diff found a divergence, 2 usage error, 3 file not found,
-4 invalid format, 5 validation failed, 6 model load failed, 7 I/O error, 8 inference failed,
-70 internal error (a bug in aprtrace), 130 interrupted.
+Exit codes (as ``apr``): 0 ok, 1 diff found a divergence, 2 the command line does not parse
+(unknown option, missing argument), 3 file not found, 4 invalid format, 5 validation failed
+(including every invalid option value), 6 model load failed, 7 I/O error, 8 inference failed,
+9 diff INCOMPLETE, 70 internal error (a bug in aprtrace), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +20,13 @@ import click
 import numpy as np
 
 from aprtrace import __version__
-from aprtrace.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, AprtraceError, ValidationError
+from aprtrace.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    AprtraceError,
+    Terminated,
+    ValidationError,
+)
 from aprtrace.stages import Stage, stages_for
 
 DEFAULT_PROMPT = "What is 2+2?"
@@ -47,22 +55,29 @@ class AprtraceGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         debug = "--debug" in sys.argv[1:] or bool(ctx.params.get("debug"))
+        from aprtrace.signals import install_sigbus_exit, terminate_like_interrupt
+
+        install_sigbus_exit()
+        _print_undecodable_names_as_given()
         try:
-            return super().invoke(ctx)
+            with terminate_like_interrupt():
+                return super().invoke(ctx)
         except AprtraceError as exc:
             if debug:
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if debug:
                 raise
+            signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+            name = signal.Signals(signum).name
             click.echo(
-                "interrupted: stopped; files already written are complete, "
-                "the dump has no manifest.json",
+                f"interrupted ({name}): stopped; temporary files were removed and nothing "
+                "already in the output was replaced",
                 err=True,
             )
-            ctx.exit(EXIT_INTERRUPTED)
+            ctx.exit(EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum)
         except MemoryError:
             if debug:
                 raise
@@ -73,6 +88,11 @@ class AprtraceGroup(click.Group):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             ctx.exit(EXIT_BROKEN_PIPE)
+        except click.BadParameter as exc:
+            # An invalid option value is exit 5 whoever checks it (click or aprtrace); 2 is
+            # kept for a command line that does not parse (unknown option, missing argument).
+            exc.exit_code = ValidationError.exit_code
+            raise
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:  # a bug in aprtrace, not in the input
@@ -85,6 +105,16 @@ class AprtraceGroup(click.Group):
                 err=True,
             )
             ctx.exit(EXIT_INTERNAL)
+
+
+def _print_undecodable_names_as_given() -> None:
+    """File names that are not UTF-8 reach Python as lone surrogates; printing one to a
+    strict UTF-8 stdout would fail, so they are written back as the original bytes (as
+    ``ls`` does)."""
+    stream = sys.stdout
+    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="surrogateescape")
 
 
 @click.group(cls=AprtraceGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,10 +132,11 @@ def main(debug: bool) -> None:
       aprtrace inspect model-trace/layer-0/attn_norm.bin
 
     \b
-    Exit codes (as apr): 0 ok, 1 diff/compare diverged, 2 usage, 3 file not found,
-    4 invalid format, 5 validation failed, 6 model load failed, 7 I/O error,
-    8 inference failed (including a failed stage-file write), 70 internal error,
-    130 interrupted.
+    Exit codes (as apr): 0 ok, 1 diff/compare diverged, 2 the command line does not
+    parse (unknown option, missing argument), 3 file not found, 4 invalid format,
+    5 validation failed (every invalid option value), 6 model load failed, 7 I/O error,
+    8 inference failed (including a failed stage-file write), 9 diff INCOMPLETE (files
+    missing, unreadable or on one side only), 70 internal error, 130 interrupted.
     """
 
 
@@ -197,6 +228,11 @@ def _fmt(value) -> str:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no per-file listing.")
+@click.option(
+    "--allow-large",
+    is_flag=True,
+    help="Write the dump even when its estimated size is over 2 GB or the free disk space.",
+)
 def trace(
     model_path,
     save_tensor,
@@ -213,6 +249,7 @@ def trace(
     decode_tokens,
     as_json,
     quiet,
+    allow_large,
 ):
     """Run one forward pass of MODEL (GGUF, APR or safetensors dir) and capture its stages.
 
@@ -253,6 +290,13 @@ def trace(
     )
     if plan is None and layers is not None:
         parse_layers(layers)
+        click.echo("warning: --save-tensor-layers has no effect without --save-tensor", err=True)
+    if tokens is not None and _given(click.get_current_context(), "prompt"):
+        raise ValidationError(
+            "--prompt and --tokens both given; --tokens bypasses the tokenizer, so the prompt "
+            "would be ignored",
+            hint="give one of them",
+        )
     token_ids = parse_token_list(tokens) if tokens is not None else None
     forced = parse_token_list(decode_tokens, "--decode-tokens") if decode_tokens else None
     if decode_steps is None:
@@ -294,6 +338,10 @@ def trace(
         shown_prompt = prompt if tokenizer_info is not None else None
     cfg = model.config
     resolved = plan.layers.resolve(cfg.num_layers) if plan is not None else ()
+    if plan is not None:
+        from aprtrace.plan import check_dump_size
+
+        check_dump_size(plan, cfg, len(token_ids), allow_large)
 
     if not as_json:
         click.echo(
@@ -341,6 +389,7 @@ def trace(
             "files": [{"path": str(f.path), "bytes": f.size} for f in result.log.files],
             "output_dir": str(plan.out_dir) if plan else None,
             "stale_files": [str(p) for p in result.stale_files],
+            "leftovers_removed": [str(p) for p in result.leftovers_removed],
         }
         if result.decode is not None:
             payload["decode"] = _decode_json(result)
@@ -357,6 +406,12 @@ def trace(
             f"Wrote {len(result.log.files)} files and {result.manifest_path.name} "
             f"to {plan.out_dir} in {result.seconds:.2f} s"
         )
+        if result.leftovers_removed:
+            click.echo(
+                f"note: removed {len(result.leftovers_removed)} leftovers of interrupted runs "
+                f"from {plan.out_dir} (staging directories, temporary files)",
+                err=True,
+            )
         if result.stale_files:
             click.echo(
                 f"warning: {len(result.stale_files)} .bin files in {plan.out_dir} are not "
@@ -382,6 +437,12 @@ def trace(
         click.echo(f"{label}: {top}")
     else:
         click.echo("Next token: none (the logits contain NaN)")
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether the user typed option ``name`` (not its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def _decode_json(result) -> dict:
@@ -463,7 +524,8 @@ def _print_stats_table(stats) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def stages(as_json):
+@click.option("--markdown", is_flag=True, help="Print the table of docs/stages.md.")
+def stages(as_json, markdown):
     """List the capture stages in forward order, with what each buffer holds.
 
     \b
@@ -486,6 +548,11 @@ def stages(as_json):
     ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
+        return
+    if markdown:
+        from aprtrace.stages import stages_markdown
+
+        click.echo(stages_markdown(), nl=False)
         return
     for r in rows:
         only = "" if r["architectures"] == "all" else f"  [{', '.join(r['architectures'])}]"

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from aprtrace.cli import DEFAULT_PROMPT
+from aprtrace.cli_diff import diff_options, options_from, run_diff
 from aprtrace.errors import ValidationError
 
 
@@ -36,18 +37,21 @@ def trace_to_dir(
     stages: str = "all",
     layers: str = "all",
     arch: str | None = None,
+    model=None,
+    allow_large: bool = False,
     decode: int = 0,
     decode_tokens: list[int] | None = None,
 ) -> TracedDump:
     """Trace ``model_path`` with ``engine`` into ``out_dir`` (cleaned of an earlier run's files).
 
-    ``decode`` steps follow the prompt pass, fed ``decode_tokens`` when given, else greedy."""
+    ``model``: the already loaded model of ``model_path``, when the caller has it. ``decode``
+    steps follow the prompt pass, fed ``decode_tokens`` when given, else greedy."""
     from aprtrace.formats import load_model
-    from aprtrace.plan import make_plan
+    from aprtrace.plan import check_dump_size, make_plan
     from aprtrace.trace import encode_prompt, run_trace
 
     plan = make_plan(stages, layers, out_dir, model_path)
-    model = load_model(model_path, arch=arch)
+    model = model if model is not None else load_model(model_path, arch=arch)
     tokenizer = None
     if token_ids is not None:
         ids = list(token_ids)
@@ -57,6 +61,7 @@ def trace_to_dir(
         ids, tokenizer = prompt_token_ids(model, prompt, False)
     else:
         ids = encode_prompt(model, prompt, False)
+    check_dump_size(plan, model.config, len(ids), allow_large)
     result = run_trace(
         model,
         ids,
@@ -73,6 +78,30 @@ def trace_to_dir(
     return TracedDump(
         Path(model_path), engine, plan.out_dir, ids, len(result.log.files), result.seconds, fed
     )
+
+
+def check_models_comparable(model_a, model_b, token_ids: list[int], tokens_given: bool) -> None:
+    """Before anything is traced: B must have A's shape and accept A's token ids."""
+    from aprtrace.diff import config_difference
+
+    differs = config_difference(model_a.config.to_dict(), model_b.config.to_dict())
+    if differs is not None:
+        raise ValidationError(
+            f"MODEL_A and MODEL_B are different models ({differs}), so their stages cannot be "
+            "compared",
+            hint="compare two builds (quantizations, containers, engines) of the same model",
+        )
+    source = "--tokens" if tokens_given else "MODEL_A's tokenizer"
+    for side, model in (("A", model_a), ("B", model_b)):
+        vocab = model.config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValidationError(
+                f"token id {bad[0]} (from {source}) is outside MODEL_{side}'s vocabulary "
+                f"(0..{vocab - 1})",
+                hint="both models need the same vocabulary"
+                + ("" if tokens_given else "; or give --tokens that both accept"),
+            )
 
 
 def _dump_name(side: str, path: Path, engine: str) -> str:
@@ -94,7 +123,7 @@ def parse_engines(spec: str) -> tuple[str, str]:
     return names[0], names[1]
 
 
-@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.command()
 @click.argument("model_a", metavar="MODEL_A", type=click.Path(path_type=Path))
 @click.argument("model_b", metavar="[MODEL_B]", type=click.Path(path_type=Path), required=False)
 @click.option("--engine-a", default="numpy", show_default=True, type=ENGINE_CHOICE)
@@ -123,6 +152,11 @@ def parse_engines(spec: str) -> tuple[str, str]:
 )
 @click.option("--arch", help="Architecture for APR files that do not name one.")
 @click.option(
+    "--allow-large",
+    is_flag=True,
+    help="Trace even when a dump's estimated size is over 2 GB or the free disk space.",
+)
+@click.option(
     "--decode",
     "decode_steps",
     type=click.IntRange(min=0),
@@ -132,6 +166,7 @@ def parse_engines(spec: str) -> tuple[str, str]:
     "tokens; the report says after which step the two would pick different tokens.",
 )
 @click.option("--decode-tokens", metavar="IDS", help="Tokens fed at decode steps on both sides.")
+@diff_options
 @click.pass_context
 def compare_command(
     ctx,
@@ -146,15 +181,18 @@ def compare_command(
     layers,
     work_dir,
     arch,
+    allow_large,
     decode_steps,
     decode_tokens,
+    **diff_params,
 ):
     """Trace MODEL_A and MODEL_B on the same token ids and diff every stage (A = reference).
 
     With one model, compares aprtrace's NumPy forward pass against Hugging Face transformers
-    on the same decoded weights (`--engine-b transformers`). Options not listed here are
-    passed to `aprtrace diff --values` (--html, --tol, --cos-min, --model, --json, ...); the
-    exit code is diff's: 0 within tolerance, 1 diverged.
+    on the same decoded weights (`--engine-b transformers`). Both models are opened and
+    checked first (same shape, B accepts A's token ids), before anything is traced. The
+    options from --limit on are `aprtrace diff --values`'s (--html, --tol, --cos-min, --model,
+    --json, ...); the exit code is diff's: 0 within tolerance, 1 diverged, 9 incomplete.
 
     \b
     Examples:
@@ -164,13 +202,10 @@ def compare_command(
       aprtrace compare hf-dir/ model.apr --save-tensor-layers 0..4 --cos-min 0.99
       aprtrace compare model-f16.gguf model-q4_0.gguf --decode 8
     """
-    from aprtrace.cli_diff import diff_command
     from aprtrace.trace import parse_token_list
 
-    if model_b is not None and str(model_b).startswith("-"):
-        # With one model, click takes the first pass-through diff option for MODEL_B.
-        ctx.args.insert(0, str(model_b))
-        model_b = None
+    opts = options_from(diff_params)
+    opts.arch = arch
     if engines is not None:
         engine_a, engine_b = parse_engines(engines)
     if model_b is None:
@@ -190,6 +225,15 @@ def compare_command(
         from aprtrace.engines.llamacpp import check_installed
 
         check_installed()
+    from aprtrace.formats import load_model
+    from aprtrace.trace import encode_prompt
+
+    if tokens is not None and ctx.get_parameter_source("prompt").name != "DEFAULT":
+        raise ValidationError(
+            "--prompt and --tokens both given; --tokens bypasses the tokenizer, so the prompt "
+            "would be ignored",
+            hint="give one of them",
+        )
     work_dir = work_dir or Path(model_a).parent / "aprtrace-compare"
     ids = parse_token_list(tokens) if tokens is not None else None
     fed = parse_token_list(decode_tokens, "--decode-tokens") if decode_tokens else None
@@ -205,17 +249,42 @@ def compare_command(
 
         for engine in (engine_a, engine_b):
             engine_decode(engine)  # refused before A is traced
+    # Both models are opened (weights stay encoded) and checked before anything is traced.
+    loaded_a = load_model(model_a, arch=arch)
+    loaded_b = loaded_a if model_b == model_a else load_model(model_b, arch=arch)
+    tokens_given = ids is not None
+    if ids is None and engine_a == "llama.cpp":
+        from aprtrace.engines.llamacpp import prompt_token_ids
+
+        ids = list(prompt_token_ids(loaded_a, prompt, False)[0])  # llama.cpp's own tokenizer
+    elif ids is None:
+        ids = encode_prompt(loaded_a, prompt, False)
+    check_models_comparable(loaded_a, loaded_b, ids, tokens_given)
+    from aprtrace.plan import check_dump_size, make_plan
+
+    for side, path, engine, loaded in (
+        ("A", model_a, engine_a, loaded_a),
+        ("B", model_b, engine_b, loaded_b),
+    ):
+        out = work_dir / _dump_name(side, Path(path), engine)
+        check_dump_size(make_plan(stages, layers, out, path), loaded.config, len(ids), allow_large)
     dumps = []
-    for side, path, engine in (("A", model_a, engine_a), ("B", model_b, engine_b)):
+    for side, path, engine, loaded in (
+        ("A", model_a, engine_a, loaded_a),
+        ("B", model_b, engine_b, loaded_b),
+    ):
         dump = trace_to_dir(
             path,
             work_dir / _dump_name(side, Path(path), engine),
             engine=engine,
             prompt=prompt,
-            token_ids=ids,
+            # A encodes the prompt again (and records it); B runs on exactly A's ids.
+            token_ids=ids if tokens_given or side == "B" else None,
             stages=stages,
             layers=layers,
             arch=arch,
+            model=loaded,
+            allow_large=allow_large,
             decode=decode_steps,
             decode_tokens=fed,
         )
@@ -225,9 +294,10 @@ def compare_command(
             f"{side}: traced {path} ({engine}): {dump.files} stage files -> {dump.out_dir} "
             f"({dump.seconds:.2f} s, tokens {dump.token_ids}"
             + (f", decode tokens {dump.decode_tokens}" if dump.decode_tokens else "")
-            + ")"
+            + ")",
+            err=opts.as_json,  # stdout holds only the JSON document
         )
         dumps.append(dump)
-    args = ["--values", str(dumps[0].out_dir), str(dumps[1].out_dir), *ctx.args]
-    click.echo(f"\n$ aprtrace diff {' '.join(args)}\n")
-    ctx.exit(diff_command.main(args, prog_name="aprtrace diff", standalone_mode=False) or 0)
+    if not opts.as_json:
+        click.echo(f"\n$ aprtrace diff --values {dumps[0].out_dir} {dumps[1].out_dir}\n")
+    ctx.exit(run_diff(dumps[0].out_dir, dumps[1].out_dir, opts))

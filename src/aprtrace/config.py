@@ -109,6 +109,21 @@ def llama3_rope_factors(
     return out
 
 
+# Upper bounds checked before any size sizes anything (a RoPE table, a buffer): generous
+# against real models (hidden 16384, head_dim 256, vocab 256k, intermediate 53248) but far
+# below what a corrupt header can claim.
+SIZE_LIMITS = {
+    "hidden_size": 1 << 18,
+    "num_heads": 1 << 14,
+    "num_kv_heads": 1 << 14,
+    "intermediate_size": 1 << 20,
+    "vocab_size": 1 << 23,
+    "head_dim": 1 << 13,
+}
+MAX_LAYERS = 65535
+MAX_CONTEXT = 1 << 31
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Sizes and switches of a Llama/Qwen-family decoder. Differences are flags, not copies."""
@@ -192,21 +207,30 @@ class ModelConfig:
 
     def validate(self, where: str = "model") -> ModelConfig:
         """Reject zero, negative, non-finite or inconsistent sizes with a clear error."""
-        for name in (
-            "hidden_size",
-            "num_heads",
-            "num_kv_heads",
-            "intermediate_size",
-            "vocab_size",
-            "head_dim",
-        ):
+        for name, limit in SIZE_LIMITS.items():
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ModelLoadError(
                     f"{where}: config {name} = {value!r} must be a positive integer"
                 )
-        if not isinstance(self.num_layers, int) or self.num_layers < 0:
-            raise ModelLoadError(f"{where}: config num_layers = {self.num_layers!r} is invalid")
+            if value > limit:
+                raise ModelLoadError(
+                    f"{where}: config {name} = {value} is larger than any real model's "
+                    f"(at most {limit})",
+                    hint="the config is corrupt",
+                )
+        if not isinstance(self.num_layers, int) or not 0 <= self.num_layers <= MAX_LAYERS:
+            raise ModelLoadError(
+                f"{where}: config num_layers = {self.num_layers!r} is invalid (0..{MAX_LAYERS})"
+            )
+        if (
+            not isinstance(self.max_position_embeddings, int)
+            or not 0 < self.max_position_embeddings <= MAX_CONTEXT
+        ):
+            raise ModelLoadError(
+                f"{where}: config max_position_embeddings = {self.max_position_embeddings!r} "
+                f"must be in 1..{MAX_CONTEXT}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"{where}: num_heads {self.num_heads} is not a multiple of "

@@ -9,6 +9,8 @@ layout for qwen. Reordering rows is exact for every type (whole rows of blocks a
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 import click
 import numpy as np
 
+from aprtrace.atomic import remove_orphaned_temps
 from aprtrace.errors import ModelLoadError, ValidationError
 from aprtrace.formats.apr import (
     ROPE_TYPE_ADJACENT,
@@ -28,7 +31,14 @@ from aprtrace.formats.apr import (
 )
 from aprtrace.mapping import apr_metadata_fields, is_norm_weight
 from aprtrace.mapping.moe import apr_metadata as moe_apr_metadata
-from aprtrace.model import LazyTensor, Model, permute_llama_qk, unpermute_llama_qk
+from aprtrace.model import (
+    LazyTensor,
+    Model,
+    check_source_intact,
+    permute_llama_qk,
+    unpermute_llama_qk,
+)
+from aprtrace.safeio import file_kind, path_text
 
 DTYPE_CHOICES = ("keep", "f32", "f16")
 _QK_SUFFIXES = {
@@ -64,6 +74,7 @@ def _row_permutation(rows: int, n_heads: int, to_permuted: bool) -> np.ndarray:
 
 def _encode(tensor: LazyTensor, qtype: str, perm: np.ndarray | None) -> np.ndarray:
     """The bytes of ``tensor`` as ``qtype``, rows reordered by ``perm`` when given."""
+    check_source_intact(tensor.raw, tensor.where, tensor.name)
     if qtype == tensor.qtype:
         raw = tensor.raw.reshape(-1).view(np.uint8)
         if perm is None:
@@ -141,12 +152,62 @@ def _load_source(src: Path) -> Model:
     return load_model(src)
 
 
+def _files_read(model: Model, src: Path) -> list[Path]:
+    """Every file the conversion of ``model`` reads (weights, config, tokenizer, index)."""
+    files = {Path(t.where) for t in model.tensors.values() if t.where and Path(t.where).is_file()}
+    if src.is_file():
+        files.add(src)
+    if model.format == "safetensors":
+        directory = src if src.is_dir() else src.parent
+        for name in ("config.json", "tokenizer.json", "model.safetensors.index.json"):
+            files.add(directory / name)
+    return sorted(files)
+
+
+def check_destination(model: Model, src: Path, dst: Path) -> None:
+    """Refuse a DST that is not a new or regular file of its own: the source itself (same
+    inode, e.g. a hard link), inside the source directory, a symlink (never turned into a
+    file; write to its target instead), a device, FIFO or directory."""
+    shown = path_text(dst)
+    kind = file_kind(dst)
+    if kind == "symlink":
+        raise ValidationError(
+            f"{shown} is a symlink; convert does not replace symlinks",
+            hint=f"pass the path it points to ({path_text(dst.resolve())}) to write there",
+        )
+    if kind not in (None, "file"):
+        raise ValidationError(
+            f"{shown} is a {kind}, not a regular file; refusing to replace it",
+            hint="give a new or regular .apr file as DST",
+        )
+    target = dst.resolve()
+    if src.is_dir() and src.resolve() in target.parents:
+        raise ValidationError(
+            f"{shown} is inside the source directory {path_text(src)}",
+            hint="write the APR file outside the checkpoint it is converted from",
+        )
+    if kind is None:
+        return
+    dst_id = (os.stat(dst).st_dev, os.stat(dst).st_ino)
+    for path in _files_read(model, src):
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == dst_id:
+                raise ValidationError(
+                    f"{shown} is the source file {path_text(path)}; refusing to overwrite "
+                    "the model being converted",
+                    hint="give another DST",
+                )
+
+
 def convert_model(src: Path, dst: Path, dtype: str = "keep") -> dict:
     """Convert a GGUF / safetensors / APR model to an APR v2 file; returns a summary."""
     if dtype not in DTYPE_CHOICES:
         raise ValidationError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     src, dst = Path(src), Path(dst)
     model = _load_source(src)
+    check_destination(model, src, dst)
+    remove_orphaned_temps(dst)
     cfg = model.config
     if cfg.rope_linear_factor != 1.0:
         # APR v2 metadata has no RoPE scaling field: the file would trace unscaled.
@@ -195,8 +256,8 @@ def convert_model(src: Path, dst: Path, dtype: str = "keep") -> dict:
     tokenizer_meta, tokenizer_note = _tokenizer_metadata(model)
     metadata: dict[str, Any] = {
         "model_type": cfg.architecture,
-        "name": src.stem if src.is_file() else src.name,
-        "source": f"local://{src.name}",
+        "name": path_text(src.stem if src.is_file() else src.name),
+        "source": f"local://{path_text(src.name)}",
         "original_format": model.format,
         "created_at": None,  # deterministic output: no timestamp
         "total_size": total_size,
@@ -238,9 +299,9 @@ def convert_model(src: Path, dst: Path, dtype: str = "keep") -> dict:
     if tokenizer_note:
         notes.append(tokenizer_note)
     return {
-        "source": str(src),
+        "source": path_text(src),
         "source_format": model.format,
-        "destination": str(dst),
+        "destination": path_text(dst),
         "architecture": cfg.architecture,
         "rope_type": metadata["rope_type"],
         "qk_layout": "llama.cpp-permuted (adjacent-pair)"
@@ -276,11 +337,14 @@ def convert_command(src: Path, dst: Path, dtype: str) -> None:
     """
     if dst.suffix.lower() != ".apr":
         click.echo(
-            f"warning: {dst} does not end in .apr; it is written as an APR v2 file all the same",
+            f"warning: {path_text(dst)} does not end in .apr; it is written as an APR v2 file "
+            "all the same",
             err=True,
         )
     summary = convert_model(src, dst, dtype.lower())
-    click.echo(f"converted {summary['source']} ({summary['source_format']}) -> {dst}")
+    click.echo(
+        f"converted {summary['source']} ({summary['source_format']}) -> {summary['destination']}"
+    )
     click.echo(
         f"  architecture: {summary['architecture']} (rope_type {summary['rope_type']}, "
         f"Q/K rows {summary['qk_layout']})"

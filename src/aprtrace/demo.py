@@ -166,10 +166,7 @@ def demo_command(out_dir, quant, html_path):
         )
         dumps.append(dump.out_dir)
     click.echo(f"\n$ aprtrace diff --values {dumps[0]} {dumps[1]}\n")
-    from aprtrace.cli_diff import diff_command
+    from aprtrace.cli_diff import DiffOptions, run_diff
 
-    args = ["--values", str(dumps[0]), str(dumps[1])]
-    if html_path:
-        args += ["--html", str(html_path)]
     # The demo succeeds when it runs; the divergence verdict is the point of its output.
-    diff_command.main(args, prog_name="aprtrace diff", standalone_mode=False)
+    run_diff(dumps[0], dumps[1], DiffOptions(html_path=Path(html_path) if html_path else None))

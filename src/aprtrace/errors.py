@@ -54,5 +54,18 @@ class InferenceError(AprtraceError):
 
 
 EXIT_DIVERGED = 1
+EXIT_INCOMPLETE = 9  # diff: every compared pair passes, but files are missing or one-sided
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70  # EX_SOFTWARE: an unexpected exception, i.e. a bug in aprtrace
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: unwound like Ctrl-C (temporaries removed), exit 128 + signal.
+
+    A KeyboardInterrupt subclass, so every ``finally`` and interrupt cleanup already in place
+    runs for it exactly as for Ctrl-C.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -10,7 +10,7 @@ import numpy as np
 
 from aprtrace.aprt import read_aprt
 from aprtrace.console import stdout_console
-from aprtrace.diff import key_for, layer_label
+from aprtrace.diff import layer_label
 from aprtrace.errors import AprtraceError, NotFoundError
 from aprtrace.formats import APRT, sniff_format
 from aprtrace.stages import Stage, stage_from_file_stem
@@ -34,13 +34,6 @@ def _file_row(path: Path, root: Path | None = None) -> dict:
         "nan": stats.nan,
         "inf": stats.inf,
     }
-
-
-def dump_files_in_order(root: Path) -> list[Path]:
-    """The ``.bin`` files of a dump in forward order: layer, stage order, whole-model last."""
-    return sorted(
-        root.rglob("*.bin"), key=lambda p: key_for(p.relative_to(root).as_posix()).sort_key()
-    )
 
 
 def _natural_key(name: str) -> list:
@@ -87,13 +80,23 @@ def _shape_from_manifest(path: Path) -> list[int] | None:
 
 
 def _inspect_dump(root: Path, as_json: bool) -> None:
-    files = dump_files_in_order(root)
-    rows = [_file_row(p, root) for p in files]
-    has_manifest = (root / MANIFEST_NAME).exists()
+    from aprtrace.diff import load_dump
+
+    # The same discovery as diff: with a manifest, exactly the files it lists.
+    dump = load_dump(root, "dump")
+    files = sorted(dump.files.values(), key=lambda k: k.sort_key())
+    rows = [_file_row(root / k.rel, root) for k in files]
+    has_manifest = dump.manifest is not None
     if as_json:
-        click.echo(
-            json.dumps({"dir": str(root), "manifest": has_manifest, "files": rows}, indent=2)
-        )
+        doc = {
+            "dir": str(root),
+            "manifest": has_manifest,
+            "files": rows,
+            "stale": dump.stale,
+            "missing": dump.missing,
+            "unreadable": dump.unreadable,
+        }
+        click.echo(json.dumps(doc, indent=2))
         return
     from rich.table import Table
 
@@ -113,6 +116,14 @@ def _inspect_dump(root: Path, as_json: bool) -> None:
             str(r["inf"]),
         )
     stdout_console().print(table)
+    for what, rels in (
+        ("stale (not in manifest.json, not shown)", dump.stale),
+        ("listed in manifest.json but missing", dump.missing),
+        ("unreadable", dump.unreadable),
+    ):
+        if rels:
+            shown = ", ".join(rels[:5]) + (" ..." if len(rels) > 5 else "")
+            click.echo(f"warning: {len(rels)} file(s) {what}: {shown}", err=True)
     if not has_manifest:
         click.echo(
             "note: no manifest.json: the dump is incomplete (interrupted run) or was "

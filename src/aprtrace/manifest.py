@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,8 @@ from typing import Any
 
 from aprtrace import __version__
 from aprtrace.atomic import write_bytes_atomic
-from aprtrace.errors import InvalidFormatError, OutputError
+from aprtrace.errors import InvalidFormatError
+from aprtrace.safeio import read_json_file
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA = "aprtrace-manifest-v1"
@@ -272,27 +274,12 @@ def parse_manifest(doc: Any, path: Path) -> Manifest:
 
 
 def read_manifest(dump_dir: Path) -> Manifest | None:
-    """The manifest of ``dump_dir``; None when there is none (apr dump or interrupted run)."""
+    """The manifest of ``dump_dir``; None when there is none (apr dump or interrupted run).
+
+    Read through the bounded JSON reader: a FIFO, device or oversized file is refused.
+    """
     path = Path(dump_dir) / MANIFEST_NAME
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except OSError as exc:
-        raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if size > _MAX_MANIFEST_BYTES:
-        raise _bad(path, f"{size} bytes is too large for a manifest")
-    try:
-        text = path.read_bytes().decode("utf-8")
-        doc = json.loads(text)
-    except UnicodeDecodeError as exc:
-        raise _bad(path, f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise _bad(
-            path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
-    except RecursionError:
-        raise _bad(path, "JSON nested too deeply") from None
-    except OSError as exc:
-        raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    doc = read_json_file(path, _MAX_MANIFEST_BYTES, lambda why: _bad(path, why))
     return parse_manifest(doc, path)

@@ -12,7 +12,7 @@ import numpy as np
 
 from aprtrace import quant
 from aprtrace.config import ModelConfig
-from aprtrace.errors import ModelLoadError
+from aprtrace.errors import ModelLoadError, OutputError
 from aprtrace.mapping import is_norm_weight
 
 
@@ -36,6 +36,7 @@ class LazyTensor:
 
     def load(self) -> np.ndarray:
         """The whole tensor as float32 in ``shape``."""
+        check_source_intact(self.raw, self.where, self.name)
         try:
             values = quant.dequantize(self.raw, self.qtype, self.n_values)
         except ModelLoadError as exc:
@@ -54,6 +55,7 @@ class LazyTensor:
         nbytes = quant.row_bytes(self.qtype, row_len)
         raw = self.raw.reshape(-1).view(np.uint8)
         chunk = raw[start * nbytes : stop * nbytes]
+        check_source_intact(chunk, self.where, self.name)
         try:
             values = quant.dequantize(chunk, self.qtype, (stop - start) * row_len)
         except ModelLoadError as exc:
@@ -75,6 +77,7 @@ class LazyTensor:
             return np.zeros((0, row_len), dtype=np.float32)
         nbytes = quant.row_bytes(self.qtype, row_len)
         encoded = self.raw.reshape(-1).view(np.uint8)[: n_rows * nbytes].reshape(n_rows, nbytes)
+        check_source_intact(encoded, self.where, self.name)
         try:
             values = quant.dequantize(encoded[ids], self.qtype, ids.size * row_len)
         except ModelLoadError as exc:
@@ -96,6 +99,35 @@ def _read_only_mapping(array: np.ndarray) -> mmap.mmap | None:
             return None
 
 
+def _offset_in_mapping(array: np.ndarray, mapping: mmap.mmap) -> int:
+    map_start = np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data
+    return array.ctypes.data - map_start
+
+
+def check_source_intact(array: np.ndarray, where: str, name: str) -> None:
+    """Raise OutputError when the file ``array`` is mapped from no longer holds its bytes.
+
+    Touching a mapped page past the end of a file that another process truncated kills the
+    process with SIGBUS; checking the file's current size (``fstat`` through the mapping)
+    before each decode turns that into an error message. The file can still shrink during
+    the decode itself; ``install_sigbus_exit`` covers that window.
+    """
+    mapping = _read_only_mapping(array)
+    if mapping is None or array.nbytes == 0:
+        return
+    need = _offset_in_mapping(array, mapping) + array.nbytes
+    try:
+        size = mapping.size()
+    except (OSError, ValueError):  # the descriptor is gone: nothing to compare against
+        return
+    if size < need:
+        raise OutputError(
+            f"{where}: the model file shrank to {size} bytes while aprtrace was reading it "
+            f"(tensor '{name}' needs bytes up to {need})",
+            hint="another process truncated or is rewriting the file; re-run once it is complete",
+        )
+
+
 def release_mapped_pages(array: np.ndarray) -> None:
     """Drop this process's resident pages of a read-only file mapping once they are decoded.
 
@@ -109,8 +141,7 @@ def release_mapped_pages(array: np.ndarray) -> None:
         return
     if not hasattr(mmap, "MADV_DONTNEED"):  # not every platform has it
         return
-    map_start = np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data
-    offset = array.ctypes.data - map_start
+    offset = _offset_in_mapping(array, mapping)
     first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # only whole pages inside the array
     last = (offset + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:

@@ -150,3 +150,79 @@ def make_plan(
         layers=layers,
         out_dir=Path(out_dir) if out_dir is not None else default_out_dir(model_path, dir_suffix),
     )
+
+
+# Above this many bytes a dump needs --allow-large (attention maps grow as heads x seq^2).
+LARGE_DUMP_BYTES = 2 << 30
+
+
+def estimate_dump_bytes(plan: SavePlan, cfg, seq: int) -> int:
+    """Bytes ``plan`` will write for a model with config ``cfg`` on ``seq`` tokens.
+
+    From the stage graph's shapes: 12-byte header + 4 bytes per value per file, plus a
+    small allowance for the manifest.
+    """
+    from aprtrace.stages import stage_shape, stages_for
+
+    layers = plan.layers.resolve(cfg.num_layers)
+    total = files = 0
+    for stage in stages_for(cfg):
+        if stage not in plan.stages:
+            continue
+        values = 1
+        for dim in stage_shape(stage, cfg, seq):
+            values *= dim
+        if not stage.per_layer:
+            count = 1
+        elif stage is Stage.EMBEDDING:
+            count = 1 if 0 in layers else 0
+        else:
+            count = len(layers)
+        total += count * (12 + 4 * values)
+        files += count
+    return total + 150 * files + 4096  # manifest.json: one entry per file, plus the config
+
+
+def free_bytes(directory: Path) -> int | None:
+    """Free space on the file system that would hold ``directory`` (None if unknown)."""
+    import shutil
+
+    probe = Path(directory).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def check_dump_size(plan: SavePlan, cfg, seq: int, allow_large: bool) -> int:
+    """Refuse (before the forward pass) a dump above LARGE_DUMP_BYTES or the free space,
+    unless ``allow_large``. Returns the estimate."""
+    size = estimate_dump_bytes(plan, cfg, seq)
+    if allow_large:
+        return size
+    free = free_bytes(plan.out_dir)
+    if free is not None and size > free:
+        raise ValidationError(
+            f"the dump would take about {human_bytes(size)}, more than the "
+            f"{human_bytes(free)} free for {plan.out_dir}",
+            hint="select fewer stages or layers (attention maps grow as heads x tokens^2), "
+            "a shorter prompt or another --save-tensor-dir; --allow-large tries anyway",
+        )
+    if size > LARGE_DUMP_BYTES:
+        raise ValidationError(
+            f"the dump would take about {human_bytes(size)} (over "
+            f"{human_bytes(LARGE_DUMP_BYTES)}) in {plan.out_dir}",
+            hint="pass --allow-large to write it anyway, or select fewer stages or layers "
+            "(attention maps grow as heads x tokens^2) or a shorter prompt",
+        )
+    return size

@@ -523,3 +523,23 @@ def stage_from_file_stem(stem: str) -> Stage | None:
         return Stage(key)
     except ValueError:
         return None
+
+
+def stages_markdown() -> str:
+    """The stage table of docs/stages.md, generated from GRAPH (``aprtrace stages --markdown``)."""
+    lines = [
+        "| # | stage | scope | layout (shape) | computed from | weights | holds | architectures |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, stage in enumerate(Stage, 1):
+        spec = stage.spec
+        inputs = ", ".join(" or ".join(f"`{a}`" for a in alts) for alts in spec.inputs) or "-"
+        archs = ", ".join(sorted(spec.archs)) if spec.archs else "all"
+        if spec.when is not None:
+            archs += " (when the config has it)"
+        scope = "per-layer" if spec.per_layer else "whole-model"
+        lines.append(
+            f"| {i} | `{stage.value}` | {scope} | `{spec.shape}` | {inputs} | "
+            f"{spec.weights or '-'} | {spec.description.replace('|', chr(92) + '|')} | {archs} |"
+        )
+    return "\n".join(lines) + "\n"

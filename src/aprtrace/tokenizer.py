@@ -24,6 +24,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from aprtrace.errors import InvalidFormatError, ModelLoadError, ValidationError
+from aprtrace.safeio import path_text, read_regular_file
 
 TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_UNKNOWN = 2
@@ -203,7 +204,7 @@ def build_tokenizer(
                 f"{where}: tokenizer {label} token id {value} is outside the vocabulary "
                 f"(0..{n - 1})"
             )
-    kind = (model or "").strip().lower()
+    kind = model.strip().lower() if isinstance(model, str) else ""
     try:
         if kind == "gpt2":
             tok = _byte_level_bpe(tokens, merges, pre, where)
@@ -328,10 +329,36 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any], where: str = "gguf") -
 def load_tokenizer_json(path: str | Path) -> Tokenizer:
     """A Hugging Face ``tokenizer.json`` file (safetensors model directories)."""
     path = Path(path)
+    text = read_tokenizer_json(path)
     try:
-        return Tokenizer.from_file(str(path))
-    except Exception as exc:
-        raise InvalidFormatError(f"{path}: not a valid tokenizer.json: {exc}") from None
+        return Tokenizer.from_str(text)
+    except BaseException as exc:
+        if not isinstance(exc, Exception) and not is_rust_panic(exc):
+            raise
+        raise InvalidFormatError(f"{path_text(path)}: not a valid tokenizer.json: {exc}") from None
+
+
+def is_rust_panic(exc: BaseException) -> bool:
+    """A panic inside the tokenizers library (pyo3's PanicException, a BaseException)."""
+    return type(exc).__name__ == "PanicException"
+
+
+# The largest real tokenizer.json files (250k-token vocabularies) are 20-40 MB.
+MAX_TOKENIZER_JSON = 256 << 20
+
+
+def read_tokenizer_json(path: Path) -> str:
+    """The text of a ``tokenizer.json``, read with the bounded reader (regular file, size
+    cap, UTF-8); the tokenizers library parses it."""
+
+    def bad(why: str) -> InvalidFormatError:
+        return InvalidFormatError(f"{path_text(path)}: not a valid tokenizer.json: {why}")
+
+    raw = read_regular_file(path, MAX_TOKENIZER_JSON, bad)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def encode(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,10 @@ import numpy as np
 from aprtrace.atomic import write_bytes_atomic
 from aprtrace.capture import CaptureLog, maybe_save_stage
 from aprtrace.decode import DecodeRun
-from aprtrace.errors import OutputError, ValidationError
-from aprtrace.forward import Progress, forward
+from aprtrace.errors import ModelLoadError, OutputError, ValidationError
+from aprtrace.forward import Progress, check_token_ids, forward
 from aprtrace.model import Model
+from aprtrace.outdir import open_output
 from aprtrace.plan import SavePlan
 from aprtrace.stages import Stage, stages_for
 
@@ -115,6 +118,8 @@ class TraceResult:
     decode: DecodeRun | None = None
     step_stats: dict[int, list[StageStats]] = field(default_factory=dict)
     step_nonfinite: dict[int, tuple[str, int | None]] = field(default_factory=dict)
+    # Staging directories and temporaries that killed runs left in DIR, removed by this run.
+    leftovers_removed: list[Path] = field(default_factory=list)
 
 
 def cache_dir() -> Path:
@@ -163,38 +168,24 @@ class _Sha256InBackground:
         return self.digest
 
 
-def prepare_out_dir(plan: SavePlan, clean: bool) -> list[Path]:
-    """Make the output directory writable and forget the old manifest; return old .bin files.
+def planned_paths(
+    plan: SavePlan, model: Model, layers: tuple[int, ...], decode_steps: int = 0
+) -> list[str]:
+    """Relative paths (posix) a run of ``plan`` over ``layers`` may write, in forward order:
+    the prompt pass at the root, then each decode step k under ``decode-k/``."""
+    from aprtrace.decode import step_dir
 
-    With ``clean``, files listed by an earlier aprtrace manifest are removed (nothing else).
-    """
-    out = plan.out_dir
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".aprtrace-write-test-{np.random.default_rng().integers(1 << 30)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write to output directory {out}: {exc.strerror or exc}",
-            hint="choose another --save-tensor-dir or fix its permissions",
-        ) from exc
-    manifest = out / MANIFEST_NAME
-    if clean and manifest.exists():
-        from aprtrace.manifest import read_manifest
-
-        old = read_manifest(out)
-        if old is not None:
-            for entry in old.files:
-                target = (out / entry.path).resolve()
-                if target.is_file() and out.resolve() in target.parents:
-                    target.unlink()
-    if manifest.exists():
-        try:
-            manifest.unlink()  # a dump without a manifest is known to be incomplete
-        except OSError as exc:
-            raise OutputError(f"cannot remove stale {manifest}: {exc.strerror or exc}") from exc
-    return sorted(out.rglob("*.bin"))
+    rels = []
+    for stage in stages_for(model.config):
+        if stage not in plan.stages:
+            continue
+        if not stage.per_layer:
+            rels.append(f"{stage.value}.bin")
+            continue
+        for layer in (0,) if stage is Stage.EMBEDDING else layers:
+            if layer in layers:
+                rels.append(f"layer-{layer}/{stage.value}.bin")
+    return rels + [f"{step_dir(k)}/{rel}" for k in range(1, decode_steps + 1) for rel in rels]
 
 
 ENGINES = ("numpy", "transformers", "llama.cpp")
@@ -239,25 +230,52 @@ def run_trace(
     goes into the manifest. ``decode`` steps follow the prompt pass through a KV cache
     (``DIR/decode-k/``), feeding ``decode_tokens`` when given (teacher forcing), else each
     step's greedy argmax.
+
+    Every input is checked before ``plan.out_dir`` is touched; the stage files are written
+    into a staging directory there and moved into place only when the forward pass
+    succeeded (``aprtrace.outdir``), so a failed or interrupted run leaves the previous dump
+    as it was.
     """
     run_forward = engine_forward(engine)
     if decode or decode_tokens is not None:
         engine_decode(engine)  # an engine without decode is refused before the output dir
     if hasattr(run_forward, "check_model"):
         run_forward.check_model(model)  # an engine's refusal comes before the output dir
-    if plan is not None:
-        layers = plan.layers.resolve(model.config.num_layers)
-        existing = prepare_out_dir(plan, clean)
-    else:
-        layers, existing = (), []
-    hasher = _Sha256InBackground(model.path) if plan is not None else None
+    # Every input is checked before the output directory is touched.
+    check_token_ids(model.config, token_ids)
+    if prompt is not None:
+        check_prompt_text(prompt)
+    if decode_tokens is not None:
+        check_token_ids(model.config, decode_tokens)
+    run = partial(
+        _run, model, token_ids, prompt=prompt, collect_stats=collect_stats, progress=progress,
+        engine=engine, run_forward=run_forward, tokenizer=tokenizer, decode=decode,
+        decode_tokens=decode_tokens,
+    )  # fmt: skip
+    if plan is None:
+        return run(None, None, ())
+    layers = plan.layers.resolve(model.config.num_layers)
+    steps = decode or (len(decode_tokens) if decode_tokens else 0)
+    output = open_output(plan.out_dir, planned_paths(plan, model, layers, steps), clean)
+    try:
+        return run(plan, output, layers)
+    finally:
+        output.close()
 
+
+def _run(
+    model, token_ids, plan, output, layers, *, prompt, collect_stats, progress, engine,
+    run_forward, tokenizer, decode, decode_tokens,
+):  # fmt: skip
+    """The forward pass into ``output``'s staging directory, then the commit."""
+    staged_plan = replace(plan, out_dir=output.staging) if plan is not None else None
+    hasher = _Sha256InBackground(model.path) if plan is not None else None
     log = CaptureLog()
     stats: list[StageStats] = []
     first_bad: list[tuple[str, int | None]] = []
 
     def emit(stage: Stage, layer: int | None, values: np.ndarray) -> None:
-        maybe_save_stage(plan, stage, layer, values, log)
+        maybe_save_stage(staged_plan, stage, layer, values, log)
         if collect_stats:
             stats.append(stage_stats(stage, layer, values))
             if not first_bad and (stats[-1].nan or stats[-1].inf):
@@ -272,7 +290,7 @@ def run_trace(
             engine,
             model,
             token_ids,
-            plan,
+            staged_plan,
             log,
             emit,
             progress,
@@ -285,8 +303,6 @@ def run_trace(
         logits = run_forward(model, token_ids, emit, progress)
     seconds = time.perf_counter() - start
 
-    written = {f.path.resolve() for f in log.files}
-    stale = [p for p in existing if p.resolve() not in written]
     result = TraceResult(
         token_ids=list(map(int, token_ids)),
         logits=logits,
@@ -294,27 +310,37 @@ def run_trace(
         stats=stats,
         first_nonfinite=first_bad[0] if first_bad else None,
         seconds=seconds,
-        stale_files=stale,
         decode=decoded,
         step_stats=step_stats,
         step_nonfinite=step_bad,
     )
-    if plan is not None:
-        extra = dict(getattr(run_forward, "manifest_info", None) or {})
-        if tokenizer is not None:
-            extra["tokenizer"] = tokenizer
-        result.manifest_path = _write_manifest(
-            model, plan, layers, token_ids, prompt, log, hasher, engine, extra, decoded
-        )
+    if plan is None:
+        return result
+    # The manifest's data (and the model's hash) is ready before the dump is changed, so the
+    # commit is renames only.
+    final = [replace(f, path=plan.out_dir / f.path.relative_to(output.staging)) for f in log.files]
+    data = _manifest_data(model, plan, layers, token_ids, prompt, final, hasher, engine, decoded)
+    data.update(getattr(run_forward, "manifest_info", None) or {})  # engine provenance
+    if tokenizer is not None:
+        data["tokenizer"] = tokenizer
+    staged = [f.path for f in log.files]
+    before = output.existing_stage_files()
+    output.commit(staged)
+    log.files[:] = final
+    written = {f.path for f in final}
+    deleted = {plan.out_dir / d.rel for d in output.deletions}
+    result.stale_files = [p for p in before if p not in written and p not in deleted]
+    result.leftovers_removed = list(output.orphans_removed)
+    from aprtrace.manifest import write_manifest
+
+    result.manifest_path = write_manifest(plan.out_dir, data)
     return result
 
 
-def _write_manifest(
-    model, plan, layers, token_ids, prompt, log, hasher, engine, extra, decoded=None
-) -> Path:
-    from aprtrace.manifest import build_manifest_data, write_manifest
+def _manifest_data(model, plan, layers, token_ids, prompt, files, hasher, engine, decoded) -> dict:
+    from aprtrace.manifest import build_manifest_data
 
-    data = build_manifest_data(
+    return build_manifest_data(
         out_dir=plan.out_dir,
         model_path=Path(model.path),
         model_format=model.format,
@@ -324,13 +350,11 @@ def _write_manifest(
         token_ids=token_ids,
         stages=[s.value for s in stages_for(model.config) if s in plan.stages],
         layers=layers,
-        files=log.files,
+        files=files,
         digest=hasher.result() if hasher else None,
         engine=engine,
         decode=decode_manifest(decoded) if decoded is not None else None,
     )
-    data.update(extra)  # engine provenance (llama.cpp build, not_captured, ...)
-    return write_manifest(plan.out_dir, data)
 
 
 # --- decode (issue 12): N steps through a KV cache after the prompt pass -------------------
@@ -466,7 +490,18 @@ def encode_prompt(model: Model, prompt: str, add_bos: bool) -> list[int]:
         raise ValidationError(
             f"{model.path} has no tokenizer", hint="pass the token ids with --tokens 1,2,3"
         )
-    ids = list(model.tokenizer.encode(prompt, add_special_tokens=False).ids)
+    check_prompt_text(prompt)
+    try:
+        ids = list(model.tokenizer.encode(prompt, add_special_tokens=False).ids)
+    except BaseException as exc:
+        from aprtrace.tokenizer import is_rust_panic
+
+        if not isinstance(exc, Exception) and not is_rust_panic(exc):
+            raise
+        raise ModelLoadError(
+            f"{model.path}: the model's tokenizer failed on the prompt: {str(exc)[:200]}",
+            hint="the tokenizer data is damaged; pass the token ids with --tokens",
+        ) from None
     if add_bos:
         bos = model.config.bos_token_id
         if bos is None:
@@ -475,17 +510,50 @@ def encode_prompt(model: Model, prompt: str, add_bos: bool) -> list[int]:
     return ids
 
 
-def parse_token_list(spec: str, flag: str = "--tokens") -> list[int]:
-    """``--tokens 1,2,3`` -> [1, 2, 3] (``flag`` names the option in errors)."""
+def check_prompt_text(prompt: str) -> None:
+    """A prompt must be text: bytes that are not UTF-8 (kept by Python as lone surrogates,
+    e.g. from ``--prompt $'abc\\xff'``) cannot be tokenized or stored in the manifest."""
+    if not isinstance(prompt, str):
+        raise ValidationError(f"the prompt must be text, not {type(prompt).__name__}")
     try:
-        ids = [int(t) for t in spec.replace(" ", "").split(",") if t != ""]
-    except ValueError:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = prompt[exc.start : exc.end].encode("utf-8", "surrogateescape")
         raise ValidationError(
-            f"invalid {flag} '{spec}'",
-            hint=f"give comma-separated integers, e.g. {flag} 3838,374",
+            f"--prompt is not valid UTF-8 (byte {raw[:1].hex()} at character {exc.start})",
+            hint="pass UTF-8 text, or the token ids with --tokens",
         ) from None
-    if not ids:
+
+
+# No vocabulary reaches 2^31 ids; larger numbers are refused before anything is sized by them.
+MAX_TOKEN_ID = (1 << 31) - 1
+
+
+_TOKEN_ID = re.compile(r"^[0-9]+$")  # ASCII digits only: no '1_000', no full-width digits
+
+
+def parse_token_list(spec: str, flag: str = "--tokens") -> list[int]:
+    """``--tokens 1,2,3`` -> [1, 2, 3]; blanks around an id are allowed, nothing else
+    (``flag`` names the option in errors)."""
+    hint = f"give comma-separated ASCII integers, e.g. {flag} 3838,374"
+    items = [t.strip() for t in spec.split(",")]
+    if all(not t for t in items):
         raise ValidationError(f"{flag} is empty", hint="give comma-separated integers")
-    if any(i < 0 for i in ids):
-        raise ValidationError(f"invalid {flag} '{spec}': token ids are >= 0")
+    ids = []
+    for item in items:
+        if not item:
+            raise ValidationError(f"invalid {flag} '{spec[:80]}': empty item", hint=hint)
+        if item.startswith("-") and _TOKEN_ID.match(item[1:]):
+            raise ValidationError(f"invalid {flag} '{spec[:80]}': token ids are >= 0")
+        if not _TOKEN_ID.match(item):
+            raise ValidationError(
+                f"invalid {flag} '{spec[:80]}': '{item[:24]}' is not a token id", hint=hint
+            )
+        # Sized by digit count first, so a 5000-digit id is never converted.
+        if len(item.lstrip("0")) > len(str(MAX_TOKEN_ID)) or int(item) > MAX_TOKEN_ID:
+            raise ValidationError(
+                f"invalid {flag}: token id {item[:24]} is too large",
+                hint=f"token ids are 0..{MAX_TOKEN_ID} and must be inside the model's vocabulary",
+            )
+        ids.append(int(item))
     return ids

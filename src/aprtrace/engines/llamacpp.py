@@ -447,7 +447,7 @@ class ChildRun:
             tail = self.stderr_tail()
             raise InferenceError(
                 f"the llama.cpp child process {_describe_exit(code)} before finishing; "
-                "stage files already written are complete, the dump has no manifest.json"
+                "nothing in the output directory was replaced"
                 + (f"\n  child stderr: {tail}" if tail else ""),
                 hint="rerun with APRTRACE_LLAMACPP_VERBOSE=1 to see llama.cpp's log",
             )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aprtrace.errors import InvalidFormatError, NotFoundError, OutputError
 from aprtrace.model import Model
+from aprtrace.safeio import file_kind, path_text
 
 GGUF = "gguf"
 APR = "apr"
@@ -27,6 +28,11 @@ def sniff_format(path: Path) -> str:
             return SAFETENSORS
         raise InvalidFormatError(
             f"{path} is a directory without config.json",
+            hint="pass a .gguf / .apr file, or a Hugging Face model directory",
+        )
+    if not path.is_file():  # a FIFO would block the read below, a device never ends
+        raise InvalidFormatError(
+            f"{path_text(path)} is a {file_kind(path.resolve())}, not a regular file",
             hint="pass a .gguf / .apr file, or a Hugging Face model directory",
         )
     try:
@@ -50,22 +56,38 @@ def sniff_format(path: Path) -> str:
     )
 
 
+def _check_arch(model: Model, arch: str | None, container: str) -> Model:
+    """``--arch`` only fills in a missing architecture (APR); these containers record one."""
+    if arch is None:
+        return model
+    from aprtrace.config import normalize_architecture
+    from aprtrace.errors import ValidationError
+
+    if normalize_architecture(arch, "--arch") != model.config.architecture:
+        raise ValidationError(
+            f"--arch {arch} disagrees with {model.path}, a {container} file that records its "
+            f"architecture ({model.config.architecture})",
+            hint="drop --arch; it only fills in a missing architecture (APR files)",
+        )
+    return model
+
+
 def load_model(path: Path, *, verify: bool = True, arch: str | None = None) -> Model:
     """Open a model of any supported container; weights stay encoded until used."""
     path = Path(path)
     kind = sniff_format(path)
-    if kind == GGUF:
-        from aprtrace.formats.gguf import load_gguf
-
-        return load_gguf(path)
     if kind == APR:
         from aprtrace.formats.apr import load_apr
 
         return load_apr(path, verify=verify, arch=arch)
+    if kind == GGUF:
+        from aprtrace.formats.gguf import load_gguf
+
+        return _check_arch(load_gguf(path), arch, "GGUF")
     if kind == SAFETENSORS:
         from aprtrace.formats.safetensors import load_safetensors
 
-        return load_safetensors(path)
+        return _check_arch(load_safetensors(path), arch, "safetensors")
     raise InvalidFormatError(
         f"{path} is an APRT stage file, not a model",
         hint="use `aprtrace inspect` or `aprtrace diff --values` on stage files",

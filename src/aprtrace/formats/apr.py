@@ -27,6 +27,7 @@ from aprtrace.formats.gguf import hf_tensor_name as gguf_hf_name
 from aprtrace.mapping import gguf_qk_permuted, hf_config_fields
 from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import LazyTensor, Model
+from aprtrace.safeio import loads_json
 
 MAGIC = b"APR\x00"
 VERSION = (2, 0)
@@ -309,10 +310,7 @@ def read_apr(path: Path, verify: bool = True) -> AprFile:
 def _parse_metadata(path: Path, raw: bytes) -> dict:
     if not raw:
         return {}
-    try:
-        metadata = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(path, f"metadata is not valid UTF-8 JSON ({exc})") from None
+    metadata = loads_json(raw, lambda why: _bad(path, f"metadata is not valid UTF-8 JSON ({why})"))
     if not isinstance(metadata, dict):
         raise _bad(path, f"metadata is a JSON {type(metadata).__name__}, expected an object")
     return metadata
@@ -460,8 +458,8 @@ def _meta_float(path: Path, metadata: Mapping, field: str, default: float) -> fl
     value = _meta(metadata, field)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ModelLoadError(f"{path}: metadata {field} = {value!r} must be a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > 1e300:
+        raise ModelLoadError(f"{path}: metadata {field} = {str(value)[:40]} must be a number")
     return float(value)
 
 
@@ -546,6 +544,8 @@ def load_apr(path: Path, verify: bool = True, arch: str | None = None) -> Model:
     num_heads = _meta_int(path, metadata, "num_heads")
     if num_heads is None:
         raise ModelLoadError(f"{path}: metadata has no num_heads (or num_attention_heads)")
+    if num_heads <= 0:  # it divides the head size below
+        raise ModelLoadError(f"{path}: metadata num_heads = {num_heads} must be positive")
     head_dim = _meta_int(path, metadata, "head_dim")
     q_shape = shape_of("model.layers.0.self_attn.q_proj.weight")
     if head_dim is None:

@@ -405,11 +405,17 @@ def tokenizer_dict_from_hf(
     from tokenizers import Tokenizer
 
     if isinstance(source, (str, os.PathLike)):
+        from aprtrace.errors import AprtraceError
+        from aprtrace.safeio import path_text
+        from aprtrace.tokenizer import read_tokenizer_json
+
+        where = path_text(source)
         try:
-            tokenizer = Tokenizer.from_file(str(source))
+            tokenizer = Tokenizer.from_str(read_tokenizer_json(Path(source)))
+        except AprtraceError as exc:
+            raise ModelLoadError(f"cannot read tokenizer {where}: {exc.message}") from None
         except Exception as exc:
-            raise ModelLoadError(f"cannot read tokenizer {source}: {exc}") from exc
-        where = str(source)
+            raise ModelLoadError(f"cannot read tokenizer {where}: {exc}") from exc
     else:
         tokenizer, where = source, "tokenizer"
     data = json.loads(tokenizer.to_str())

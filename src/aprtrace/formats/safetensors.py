@@ -7,22 +7,31 @@ permutation).
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from aprtrace.config import ROPE_FREQS, ModelConfig, llama3_rope_factors, normalize_architecture
+from aprtrace.config import (
+    MAX_CONTEXT,
+    ROPE_FREQS,
+    ModelConfig,
+    llama3_rope_factors,
+    normalize_architecture,
+)
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.formats.gguf import check_tensors
 from aprtrace.mapping import hf_config_fields, hf_global_rope
 from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import LazyTensor, Model
+from aprtrace.safeio import file_kind, loads_json, path_text, read_json_file
 
 MAX_HEADER_SIZE = 100 * 1024 * 1024
+# config.json and the shard index are kilobytes; the index of a 400B model is about 100 KB.
+MAX_JSON_SIZE = 64 << 20
 _DTYPES = {"F32": ("F32", 4), "F16": ("F16", 2), "BF16": ("BF16", 2)}
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -37,6 +46,9 @@ def _bad(path: Path, what: str) -> InvalidFormatError:
 def read_safetensors(path: Path) -> dict[str, LazyTensor]:
     """Every tensor of one ``.safetensors`` file as a LazyTensor over a memory map."""
     path = Path(path)
+    kind = file_kind(path.resolve())
+    if kind not in ("file", None):
+        raise _bad(path, f"is a {kind}, not a regular file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -49,10 +61,7 @@ def read_safetensors(path: Path) -> dict[str, LazyTensor]:
             header_raw = f.read(header_len)
     except OSError as exc:
         raise OutputError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    try:
-        header = json.loads(header_raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(path, f"header is not valid JSON ({exc})") from None
+    header = loads_json(header_raw, lambda why: _bad(path, f"header is not valid JSON ({why})"))
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
     data_start = 8 + header_len
@@ -99,21 +108,47 @@ def read_safetensors(path: Path) -> dict[str, LazyTensor]:
     return tensors
 
 
+def _is_file_name(name: str) -> bool:
+    """A plain file name this system can represent: no directory part, no NUL, <= 255 bytes."""
+    try:
+        raw = os.fsencode(name)
+    except UnicodeEncodeError:
+        return False
+    return 0 < len(raw) <= 255 and b"/" not in raw and b"\0" not in raw and raw not in (b".", b"..")
+
+
 def _weight_files(path: Path) -> tuple[Path, list[Path]]:
     """(model directory, safetensors files) of a directory or a lone ``.safetensors`` file."""
     if path.is_file():
         return path.parent, [path]
     index = path / INDEX_NAME
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InvalidFormatError(f"{index}: not a valid safetensors index ({exc})") from None
+        doc = read_json_file(
+            index,
+            MAX_JSON_SIZE,
+            lambda why: InvalidFormatError(
+                f"{path_text(index)}: not a valid safetensors index ({why})"
+            ),
+        )
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise InvalidFormatError(
+                f"{path_text(index)}: not a valid safetensors index (no 'weight_map' object of "
+                "file names)"
+            )
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not _is_file_name(shard):
+                raise InvalidFormatError(
+                    f"{path_text(index)}: shard name {shard[:80]!r} is not a file name in "
+                    "the model directory"
+                )
         files = [path / shard for shard in shards]
         for f in files:
-            if not f.exists() or f.parent != path:
-                raise NotFoundError(f"{index}: shard {f.name} is missing")
+            if not f.is_file():
+                raise NotFoundError(f"{path_text(index)}: shard {path_text(f.name)} is missing")
         return path, files
     if (path / WEIGHTS_NAME).exists():
         return path, [path / WEIGHTS_NAME]
@@ -132,10 +167,11 @@ def _read_config(directory: Path) -> dict:
         raise NotFoundError(
             f"{config_path}: missing", hint="a safetensors model needs its config.json next to it"
         )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidFormatError(f"{config_path}: not valid JSON ({exc})") from None
+    config = read_json_file(
+        config_path,
+        MAX_JSON_SIZE,
+        lambda why: InvalidFormatError(f"{path_text(config_path)}: not valid JSON ({why})"),
+    )
     if not isinstance(config, dict):
         raise InvalidFormatError(f"{config_path}: not a JSON object")
     return config
@@ -161,8 +197,8 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         value = raw.get(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ModelLoadError(f"{where}: config.json {key} = {value!r} must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > 1e300:
+            raise ModelLoadError(f"{where}: config.json {key} = {str(value)[:40]} must be a number")
         return float(value)
 
     hidden = integer("hidden_size")
@@ -170,9 +206,13 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
     rope = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
     rope_theta = rope.get("rope_theta", raw.get("rope_theta"))
     if rope_theta is not None and (
-        isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float))
+        isinstance(rope_theta, bool)
+        or not isinstance(rope_theta, (int, float))
+        or abs(rope_theta) > 1e300
     ):
-        raise ModelLoadError(f"{where}: config.json rope_theta = {rope_theta!r} must be a number")
+        raise ModelLoadError(
+            f"{where}: config.json rope_theta = {str(rope_theta)[:40]} must be a number"
+        )
     scaling = raw.get("rope_scaling") or {}
     rope_kind = rope.get("rope_type") or (
         scaling.get("rope_type") if isinstance(scaling, dict) else None
@@ -218,9 +258,21 @@ def _token_id(value: Any) -> int | None:
 
 def _scaling_number(args: dict, key: str, where: str) -> float:
     value = args.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ModelLoadError(f"{where}: config.json RoPE scaling {key} = {value!r} is invalid")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value <= _MAX_SCALING_NUMBER
+    ):
+        raise ModelLoadError(
+            f"{where}: config.json RoPE scaling {key} = {value!r} is invalid "
+            f"(a positive number up to {_MAX_SCALING_NUMBER:g})"
+        )
     return float(value)
+
+
+# Bounds every RoPE scaling number (a factor, a context length) before it is used; 1e999 in
+# JSON is float('inf') and would overflow int() and the factor arithmetic.
+_MAX_SCALING_NUMBER = float(MAX_CONTEXT)
 
 
 def _add_llama3_rope_factors(
@@ -233,12 +285,19 @@ def _add_llama3_rope_factors(
     args = rope if rope.get("rope_type") else scaling
     if args.get("rope_type") != "llama3":
         return
+    low = _scaling_number(args, "low_freq_factor", where)
+    high = _scaling_number(args, "high_freq_factor", where)
+    if not high > low:  # the blend between them divides by high - low
+        raise ModelLoadError(
+            f"{where}: config.json RoPE scaling high_freq_factor {high:g} must be larger "
+            f"than low_freq_factor {low:g}"
+        )
     factors = llama3_rope_factors(
         config.head_dim,
         config.rope_theta,
         _scaling_number(args, "factor", where),
-        _scaling_number(args, "low_freq_factor", where),
-        _scaling_number(args, "high_freq_factor", where),
+        low,
+        high,
         int(_scaling_number(args, "original_max_position_embeddings", where)),
     )
     values = np.asarray(factors, dtype="<f4")
