@@ -3,10 +3,12 @@
 The file (about 8 GB) is synthesized once into ``~/.cache/aprtrace/bench`` (never committed):
 seeded random Q8_0 blocks (random f16 scales in a realistic range, random int8 values) are
 generated and written a few MB at a time after the header, so the generator stays small in
-memory. It has no tokenizer; the trace uses ``--tokens``.
+memory. Its tokenizer is a placeholder byte-level BPE (the 256 byte symbols, one merge, filler
+tokens up to the vocabulary size) so that llama.cpp loads the file (it refuses a GGUF without
+``tokenizer.ggml.model``) and can requantize it (Q4_K_M); the traces use ``--tokens``.
 
 Then ``aprtrace trace --save-tensor all`` runs on it as a subprocess, with layers ``0..1,27``
-and with 1, 8 and 28 layers saved: the peak RSS must stay under 3 GB and must not grow with the
+and with 1, 8 and 28 layers saved: the peak RSS must stay under 1.5 GB and must not grow with the
 number of layers saved (every run computes all 28 layers anyway).
 
     python -m benchmarks.bench_7b            # synthesize if missing, then measure
@@ -41,13 +43,24 @@ QWEN25_7B = dict(
 SEED = 7
 TOKENS = "9707,11,1879,0,3555,374,220"  # 7 token ids
 LAYER_SPECS = {"0..1,27": 2, "0": 1, "0..8": 8, "all": 28}
-RSS_TARGET_MB = 3 * 1024
+RSS_TARGET_MB = 1536  # issue 15: <= 1.5 GB, flat in the number of layers saved
 Q8_0_BLOCK, Q8_0_BYTES = 32, 34
 WRITE_CHUNK_BLOCKS = 1 << 17  # 4.5 MB of Q8_0 per write
 
 
 def synthetic_path() -> Path:
-    return BENCH_CACHE / f"qwen2.5-7b-shapes-q8_0-seed{SEED}.gguf"
+    return BENCH_CACHE / f"qwen2.5-7b-shapes-q8_0-seed{SEED}-vocab.gguf"
+
+
+def placeholder_vocabulary(size: int) -> tuple[list[str], list[str]]:
+    """Tokens and merges of a byte-level BPE llama.cpp accepts: the 256 byte symbols, the
+    merge ``Ġ t``, then unique fillers up to ``size``."""
+    from aprtrace.tokenizer import byte_alphabet
+
+    symbols = list(byte_alphabet().values())
+    tokens = [*symbols, "Ġt"]
+    tokens += [f"<|filler{i}|>" for i in range(size - len(tokens))]
+    return tokens[:size], ["Ġ t"]
 
 
 def _tensor_plan(s: dict) -> list[tuple[str, tuple[int, ...], str]]:
@@ -115,6 +128,12 @@ def synthesize(path: Path, shapes: dict = QWEN25_7B, seed: int = SEED) -> Path:
     writer.add_head_count_kv(shapes["kv_heads"])
     writer.add_rope_freq_base(shapes["rope_theta"])
     writer.add_layer_norm_rms_eps(shapes["rms_eps"])
+    tokens, merges = placeholder_vocabulary(shapes["vocab"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(gguf.TokenType.NORMAL)] * len(tokens))
+    writer.add_token_merges(merges)
     for name, shape, qtype in plan:
         if qtype == "F32":
             writer.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype))
@@ -185,8 +204,8 @@ def trace_once(model: Path, layers: str, out_dir: Path) -> Run7B:
     )
 
 
-def run(quick: bool = False, specs: list[str] | None = None) -> list[Run7B]:
-    """Synthesize the model if needed, then trace it once per layer spec."""
+def ensure_synthetic() -> Path:
+    """The synthetic Q8_0 file, written first if missing (about a minute, 8.1 GB)."""
     model = synthetic_path()
     if not model.exists():
         free = shutil.disk_usage(model.parent if model.parent.exists() else Path.home()).free
@@ -196,6 +215,47 @@ def run(quick: bool = False, specs: list[str] | None = None) -> list[Run7B]:
         start = time.perf_counter()
         synthesize(model)
         print(f"synthesized {model} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return model
+
+
+LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h
+
+
+def q4_k_m_path() -> Path:
+    return synthetic_path().with_name(synthetic_path().stem + "-requant-q4_k_m.gguf")
+
+
+def ensure_q4_k_m() -> Path | None:
+    """The same model requantized to Q4_K_M by llama.cpp (cyllama's ``model_quantize``), so
+    the file holds real K-quant blocks (Q4_K, Q6_K) as llama.cpp writes them. None when
+    cyllama is not installed."""
+    target = q4_k_m_path()
+    partial = target.with_suffix(".partial")
+    # Another process of ours is writing it (a 7B requantization takes minutes): wait.
+    while not target.exists() and partial.exists() and time.time() - partial.stat().st_mtime < 120:
+        time.sleep(5)
+    if target.exists():
+        return target
+    try:
+        from cyllama.llama import llama_cpp as cy
+    except ImportError:
+        return None
+    source = ensure_synthetic()
+    cy.llama_backend_init()
+    params = cy.LlamaModelQuantizeParams()
+    params.ftype = LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.allow_requantize = True
+    params.nthread = 2
+    start = time.perf_counter()
+    cy.model_quantize(str(source), str(partial), params)
+    partial.replace(target)
+    print(f"requantized {target} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return target
+
+
+def run(quick: bool = False, specs: list[str] | None = None) -> list[Run7B]:
+    """Synthesize the model if needed, then trace it once per layer spec."""
+    model = ensure_synthetic()
     specs = specs or (["0..1,27"] if quick else list(LAYER_SPECS))
     results = []
     with tempfile.TemporaryDirectory(prefix="aprtrace-7b-") as tmp:

@@ -183,13 +183,14 @@ def _transformers_child(gguf: Path, prompt: str) -> dict:
     }
 
 
-def _cyllama_child(gguf: Path, prompt: str) -> dict:
-    """Load the model with llama.cpp, tokenize the prompt, evaluate it and read the logits."""
+def _cyllama_child(gguf: Path, prompt: str, ids: list[int] | None = None) -> dict:
+    """Load the model with llama.cpp, tokenize the prompt (or take ``ids``), evaluate it in
+    one prefill on two threads and read the logits of the last position."""
     import numpy as np
     from cyllama.llama import llama_cpp as cy
 
     class ModelWithVocab(cy.LlamaModel):
-        # LlamaContext.get_logits reads model.n_vocab, which LlamaModel (cyllama 0.7) lacks.
+        # LlamaContext.get_logits reads model.n_vocab, which LlamaModel (cyllama 0.2.18) lacks.
         @property
         def n_vocab(self) -> int:
             return self.get_vocab().n_vocab
@@ -197,13 +198,15 @@ def _cyllama_child(gguf: Path, prompt: str) -> dict:
     start = time.perf_counter()
     cy.llama_backend_init()
     model = ModelWithVocab(str(gguf), cy.LlamaModelParams())
+    vocab = model.get_vocab()
+    if ids is None:
+        ids = vocab.tokenize(prompt, add_special=False, parse_special=False)
     ctx_params = cy.LlamaContextParams()
-    ctx_params.n_ctx = 64
-    ctx_params.n_batch = 64
+    ctx_params.n_ctx = max(64, len(ids))
+    ctx_params.n_batch = max(64, len(ids))  # one prefill call (split in ubatches inside)
+    ctx_params.n_threads = ctx_params.n_threads_batch = 2
     ctx = cy.LlamaContext(model, ctx_params)
     load_s = time.perf_counter() - start
-    vocab = model.get_vocab()
-    ids = vocab.tokenize(prompt, add_special=False, parse_special=False)
     start = time.perf_counter()
     batch = cy.llama_batch_get_one(ids)
     ctx.decode(batch)
@@ -217,8 +220,20 @@ def _cyllama_child(gguf: Path, prompt: str) -> dict:
     }
 
 
+def llamacpp_ids_command(gguf: Path, ids: list[int]) -> list[str]:
+    """The child command evaluating ``ids`` with llama.cpp (for side-by-side timing)."""
+    return [sys.executable, "-m", "benchmarks.peers", "cyllama-ids", str(gguf), _ids_text(ids)]
+
+
+def _ids_text(ids: list[int]) -> str:
+    return ",".join(map(str, ids))
+
+
 def main(argv: list[str]) -> int:
     peer, gguf, prompt = argv[0], Path(argv[1]), argv[2]
+    if peer == "cyllama-ids":
+        print(json.dumps(_cyllama_child(gguf, "", [int(t) for t in prompt.split(",")])))
+        return 0
     child = {"transformers": _transformers_child, "cyllama": _cyllama_child}[peer]
     print(json.dumps(child(gguf, prompt)))
     return 0

@@ -124,7 +124,13 @@ def tiny_hf_model(
             raise ValueError("rope_scaling is only wired for the tiny llama")
         return tiny_gemma(arch, seed, vocab_size=vocab_size)
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}")
+        from archref import TINY_ARCHS, tiny_model  # the architectures added in issue 10
+
+        if arch not in TINY_ARCHS:
+            raise ValueError(f"unknown tiny architecture {arch!r}")
+        if rope_scaling is not None:
+            raise ValueError("rope_scaling is only wired for the tiny llama")
+        return tiny_model(arch, seed)
     if rope_scaling is not None and arch != "llama":
         raise ValueError("rope_scaling is only wired for the tiny llama")
     _set_rope_theta(config, config_rope_theta(config))

@@ -82,7 +82,7 @@ def test_synthetic_7b_generator_writes_a_gguf_that_gguf_py_reads(tmp_path: Path)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's benchmarks/
     from benchmarks.bench_7b import _tensor_plan, synthesize
 
-    shapes = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=96, vocab=80,
+    shapes = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=96, vocab=300,
                   rope_theta=1e6, rms_eps=1e-6, context=128)  # fmt: skip
     path = synthesize(tmp_path / "small.gguf", shapes, seed=3)
     reader = gguf.GGUFReader(path)
@@ -90,7 +90,10 @@ def test_synthetic_7b_generator_writes_a_gguf_that_gguf_py_reads(tmp_path: Path)
     plan = _tensor_plan(shapes)
     assert [t.name for t in reader.tensors] == [name for name, _, _ in plan]
     model = load_gguf(path)
-    assert model.tokenizer is None
+    # The placeholder vocabulary llama.cpp needs: byte-level BPE with one merge.
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == shapes["vocab"]
+    assert model.tokenizer.encode(" t").ids == [256]
     cfg = model.config
     assert (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads) == (
         "qwen2", 2, 64, 2,

@@ -226,3 +226,38 @@ def test_read_only_memmap_and_unaligned_bytes(tmp_path, small_chunks: None) -> N
     assert_bit_identical(quant.dequantize(mapped, "Q4_K", 20 * 256), reference(raw, "Q4_K"))
     f16 = np.memmap(path, dtype=np.uint8, mode="r")[1 : 1 + 2 * 999]
     assert_bit_identical(quant.dequantize(f16, "F16", 999), reference(raw[: 2 * 999], "F16"))
+
+
+@pytest.mark.parametrize("qtype", [*FAST_TYPES, "F32"])
+def test_decoding_into_a_reused_buffer_is_bit_identical(qtype: str, small_chunks: None) -> None:
+    if qtype == "F32":
+        raw = np.random.default_rng(5).standard_normal(4096).astype(np.float32).view(np.uint8)
+        n = 4096
+    else:
+        raw = random_blocks(qtype, 16, seed=5)
+        n = 16 * geometry(qtype)[0]
+    fresh = quant.dequantize(raw, qtype, n)
+    buffer = np.full(n, np.nan, dtype=np.float32)  # stale contents must not leak through
+    into = quant.dequantize(raw, qtype, n, out=buffer)
+    assert into is buffer or np.shares_memory(into, buffer)
+    assert_bit_identical(into, fresh)
+    with pytest.raises(ValueError):
+        quant.dequantize(raw, qtype, n, out=np.empty(n - 1, dtype=np.float32))
+
+
+def test_layers_decode_into_the_buffers_of_the_previous_layer(smollm2_path) -> None:
+    from aprtrace.formats import load_model
+
+    model = load_model(smollm2_path)
+    name = "model.layers.{}.mlp.up_proj.weight"
+    outside = [model.weight(name.format(i)) for i in (0, 1)]
+    assert not np.shares_memory(*outside)
+    with model.layer_buffers():
+        first = model.weight(name.format(0)).copy()
+        second = model.weight(name.format(1))
+        assert np.shares_memory(second, model.weight(name.format(2)))
+        assert not np.shares_memory(second, model.weight("model.norm.weight"))
+    np.testing.assert_array_equal(first, outside[0])
+    np.testing.assert_array_equal(
+        model.weight(name.format(2)), load_model(smollm2_path).weight(name.format(2))
+    )

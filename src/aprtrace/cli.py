@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 from aprtrace import __version__
 from aprtrace.errors import (
@@ -29,15 +28,39 @@ from aprtrace.errors import (
 )
 from aprtrace.stages import Stage, stages_for
 
+# OpenBLAS threads spin ~2^28 cycles after each call before they sleep: on a shared machine
+# that burns the cores the dequantization pool and other jobs need (a 256-token SmolLM2 pass
+# measured 6-12 s instead of 2.5-3.6 s at load 4-10 on 2 CPUs). Read when NumPy loads OpenBLAS,
+# which the CLI does only after this line; how a call splits its work, and so every result bit,
+# does not depend on it. A value the user set is kept.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 DEFAULT_PROMPT = "What is 2+2?"
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by SIGPIPE
 
 # Commands in their own modules, imported only when used (keeps `trace` start-up short).
+# name -> (module, attribute, first sentence of its help: `--help` lists it without the import).
 LAZY_COMMANDS = {
-    "compare": ("aprtrace.compare", "compare_command"),
-    "convert": ("aprtrace.convert", "convert_command"),
-    "demo": ("aprtrace.demo", "demo_command"),
-    "diff": ("aprtrace.cli_diff", "diff_command"),
+    "compare": (
+        "aprtrace.compare",
+        "compare_command",
+        "Trace MODEL_A and MODEL_B on the same token ids and diff every stage (A = reference).",
+    ),
+    "convert": (
+        "aprtrace.convert",
+        "convert_command",
+        "Convert a GGUF file or Hugging Face safetensors directory to an APR v2 model.",
+    ),
+    "demo": (
+        "aprtrace.demo",
+        "demo_command",
+        "Build a tiny seeded Qwen2 model as F32 and quantized GGUF, trace both, diff them.",
+    ),
+    "diff": (
+        "aprtrace.cli_diff",
+        "diff_command",
+        "Compare stage tensors value by value: two APRT files, or two dump directories.",
+    ),
 }
 
 
@@ -49,9 +72,20 @@ class AprtraceGroup(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in LAZY_COMMANDS:
-            module, attr = LAZY_COMMANDS[name]
+            module, attr, _ = LAZY_COMMANDS[name]
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list of ``--help``, without importing the lazy commands' modules."""
+        commands = []
+        for name in self.list_commands(ctx):
+            cmd = _help_stub(name) or super().get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                commands.append((name, cmd))
+        limit = formatter.width - 6 - max(len(name) for name, _ in commands)
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, cmd.get_short_help_str(limit)) for name, cmd in commands])
 
     def invoke(self, ctx: click.Context):
         debug = "--debug" in sys.argv[1:] or bool(ctx.params.get("debug"))
@@ -140,6 +174,11 @@ def main(debug: bool) -> None:
     """
 
 
+def _help_stub(name: str) -> click.Command | None:
+    """A stand-in carrying the first sentence of a lazy command's help, for listings."""
+    return click.Command(name, help=LAZY_COMMANDS[name][2]) if name in LAZY_COMMANDS else None
+
+
 def _progress_callback(quiet: bool):
     """A rich progress bar on a terminal's stderr; nothing otherwise."""
     if quiet or not sys.stderr.isatty():
@@ -226,6 +265,12 @@ def _fmt(value) -> str:
     help="Comma-separated tokens fed at decode steps 1..N (teacher forcing) instead of each "
     "step's greedy argmax; implies --decode with their count.",
 )
+@click.option(
+    "--no-stats",
+    is_flag=True,
+    help="Without --save-tensor: no statistics table, nothing captured; time the forward pass "
+    "alone (only NaN/Inf in the logits is reported).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no per-file listing.")
 @click.option(
@@ -245,6 +290,7 @@ def trace(
     arch,
     no_verify,
     clean,
+    no_stats,
     decode_steps,
     decode_tokens,
     as_json,
@@ -297,19 +343,12 @@ def trace(
             "would be ignored",
             hint="give one of them",
         )
+    if no_stats and (plan is not None or decode_steps or decode_tokens):
+        raise click.UsageError("--no-stats times the prompt pass alone: no --save-tensor/--decode")
     token_ids = parse_token_list(tokens) if tokens is not None else None
-    forced = parse_token_list(decode_tokens, "--decode-tokens") if decode_tokens else None
-    if decode_steps is None:
-        decode_steps = len(forced) if forced is not None else 0
-    elif decode_steps == 0 and forced is not None:
-        raise ValidationError(
-            "--decode 0 with --decode-tokens: no step to feed them to",
-            hint="leave --decode out (it defaults to the number of --decode-tokens)",
-        )
-    if decode_steps:
-        from aprtrace.trace import engine_decode
+    from aprtrace.decode import decode_request
 
-        engine_decode(engine)  # an engine without decode is refused before the model loads
+    decode_steps, forced = decode_request(decode_steps, decode_tokens, (engine,))
     if engine == "transformers":
         from aprtrace.engines.transformers import import_ref
 
@@ -362,14 +401,17 @@ def trace(
         prompt=shown_prompt,
         progress=update,
         clean=clean,
-        collect_stats=plan is None or as_json,
+        collect_stats=(plan is None or as_json) and not no_stats,
         engine=engine,
+        timing_only=no_stats,
         tokenizer=tokenizer_info,
         decode=decode_steps,
         decode_tokens=forced,
     )
     with bar if bar is not None else contextlib.nullcontext():
         result = run_trace(model, token_ids, plan, **options)
+
+    import numpy as np
 
     # No next token when a logit is NaN: argmax would pick the first NaN.
     finite = result.logits.size and not np.isnan(result.logits).any()
@@ -396,7 +438,9 @@ def trace(
         click.echo(json.dumps(payload, indent=2, allow_nan=False, default=_json_default))
         return
 
-    if plan is None:
+    if no_stats:
+        click.echo(f"Forward pass in {result.seconds:.2f} s (nothing captured)")
+    elif plan is None:
         _print_stats_table(result.stats)
     else:
         if not quiet:
@@ -430,7 +474,8 @@ def trace(
         if result.decode.steps:
             top = result.decode.steps[-1].argmax
             label = f"Next token after step {result.decode.steps[-1].step} (argmax)"
-    if top is not None and model.tokenizer is not None:
+    # With --tokens the tokenizer is never built (a vocabulary costs ~60-140 ms to parse).
+    if top is not None and shown_prompt is not None and model.tokenizer is not None:
         text = model.tokenizer.decode([top], skip_special_tokens=False)
         click.echo(f"{label}: {top} {text!r}")
     elif top is not None:
@@ -475,6 +520,8 @@ def _print_decode_steps(result, model, with_stats: bool) -> None:
 
 
 def _json_default(value):
+    import numpy as np
+
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):

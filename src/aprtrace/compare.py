@@ -202,6 +202,7 @@ def compare_command(
       aprtrace compare hf-dir/ model.apr --save-tensor-layers 0..4 --cos-min 0.99
       aprtrace compare model-f16.gguf model-q4_0.gguf --decode 8
     """
+    from aprtrace.decode import decode_request
     from aprtrace.trace import parse_token_list
 
     opts = options_from(diff_params)
@@ -236,19 +237,7 @@ def compare_command(
         )
     work_dir = work_dir or Path(model_a).parent / "aprtrace-compare"
     ids = parse_token_list(tokens) if tokens is not None else None
-    fed = parse_token_list(decode_tokens, "--decode-tokens") if decode_tokens else None
-    if decode_steps is None:
-        decode_steps = len(fed) if fed is not None else 0
-    elif decode_steps == 0 and fed is not None:
-        raise ValidationError(
-            "--decode 0 with --decode-tokens: no step to feed them to",
-            hint="leave --decode out (it defaults to the number of --decode-tokens)",
-        )
-    if decode_steps:
-        from aprtrace.trace import engine_decode
-
-        for engine in (engine_a, engine_b):
-            engine_decode(engine)  # refused before A is traced
+    decode_steps, fed = decode_request(decode_steps, decode_tokens, (engine_a, engine_b))
     # Both models are opened (weights stay encoded) and checked before anything is traced.
     loaded_a = load_model(model_a, arch=arch)
     loaded_b = loaded_a if model_b == model_a else load_model(model_b, arch=arch)

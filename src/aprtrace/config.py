@@ -11,6 +11,11 @@ SUPPORTED_ARCHITECTURES = (
     "llama",
     "qwen2",
     "qwen3",
+    "phi3",
+    "olmo2",
+    "granite",
+    "stablelm",
+    "starcoder2",
     "qwen2moe",
     "qwen3moe",
     "mixtral",
@@ -28,6 +33,12 @@ ARCH_ALIASES = {
     "qwen2.5": "qwen2",
     "qwen": "qwen2",
     "qwen3": "qwen3",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
+    "granite": "granite",
+    "stablelm": "stablelm",
+    "stablelm_epoch": "stablelm",
+    "starcoder2": "starcoder2",
     # MoE (llama.cpp, Hugging Face model_type and APR spellings)
     "qwen2moe": "qwen2moe",
     "qwen2_moe": "qwen2moe",
@@ -51,8 +62,14 @@ def normalize_architecture(name: str | None, where: str = "model") -> str:
     key = name.strip().lower() if isinstance(name, str) else ""
     for prefix in (
         "llamaforcausallm",
+        "mistralforcausallm",
         "qwen2forcausallm",
         "qwen3forcausallm",
+        "phi3forcausallm",
+        "olmo2forcausallm",
+        "graniteforcausallm",
+        "stablelmforcausallm",
+        "starcoder2forcausallm",
         "gemma2forcausallm",
         "gemma3forcausallm",
     ):
@@ -63,8 +80,8 @@ def normalize_architecture(name: str | None, where: str = "model") -> str:
         raise ModelLoadError(
             f"{where}: unsupported architecture '{name}'",
             hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-            "(Llama 2/3, SmolLM2, TinyLlama, Mistral-style GQA, Qwen2/2.5, Qwen3, "
-            "Qwen2-MoE, Qwen3-MoE, Mixtral, Gemma 2, Gemma 3)",
+            "(Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, "
+            "Mixtral, Gemma 2, Gemma 3, Phi-3, OLMo 2, Granite 3, StableLM, StarCoder2)",
         )
     return ARCH_ALIASES[key]
 
@@ -170,6 +187,16 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(logits / cap)
 
+    # Phi-3 / OLMo 2 / Granite
+    # (Phi-3 and OLMo 2 need no field of their own: partial rotary, sliding window and
+    # architecture cover them.) Granite's multipliers: embeddings times embedding_multiplier,
+    # each sub-block's output times residual_multiplier before its residual add, logits
+    # divided by logits_scaling; attention_multiplier, when set, is the query scale itself.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
+
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
@@ -184,11 +211,17 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """Channels of each head that RoPE rotates (even)."""
-        return int(self.head_dim * self.partial_rotary_factor) // 2 * 2
+        """Channels of each head that RoPE rotates (even).
+
+        Truncated as transformers does, after a tolerance for the factor GGUF gives as
+        ``rope.dimension_count / head_dim`` (62 / 78 * 78 is 61.99999999999999).
+        """
+        return int(self.head_dim * self.partial_rotary_factor + 1e-6) // 2 * 2
 
     @property
     def attention_scale(self) -> float:
+        if self.attention_multiplier is not None:  # Granite
+            return float(self.attention_multiplier)
         base = self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim
         return 1.0 / math.sqrt(base)
 
@@ -238,10 +271,23 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ModelLoadError(f"{where}: head_dim {self.head_dim} must be even for RoPE")
-        for name in ("rope_theta", "rms_norm_eps", "rope_linear_factor"):
+        for name in ("rope_theta", "rms_norm_eps", "rope_linear_factor", "logits_scaling"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ModelLoadError(f"{where}: config {name} = {value!r} must be finite and > 0")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim < 2:
+            raise ModelLoadError(
+                f"{where}: partial rotary factor {self.partial_rotary_factor!r} must leave "
+                f"RoPE between 2 and head_dim {self.head_dim} channels"
+            )
+        if self.sliding_window is not None and (
+            isinstance(self.sliding_window, bool)
+            or not isinstance(self.sliding_window, int)
+            or self.sliding_window <= 0
+        ):
+            raise ModelLoadError(
+                f"{where}: sliding window {self.sliding_window!r} must be a positive integer"
+            )
         if self.layer_types is not None and (
             len(self.layer_types) != self.num_layers
             or set(self.layer_types) - {"sliding_attention", "full_attention"}

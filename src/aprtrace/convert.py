@@ -282,6 +282,19 @@ def convert_model(src: Path, dst: Path, dtype: str = "keep") -> dict:
     for key, value in (
         ("tokenizer.bos_token_id", cfg.bos_token_id),
         ("tokenizer.eos_token_id", cfg.eos_token_id),
+        # Not aprender standard fields; read back by aprtrace's APR loader.
+        ("sliding_window", cfg.sliding_window),
+        (
+            "partial_rotary_factor",
+            cfg.partial_rotary_factor if cfg.rotary_dim < cfg.head_dim else None,
+        ),
+        (
+            "embedding_multiplier",
+            cfg.embedding_multiplier if cfg.embedding_multiplier != 1 else None,
+        ),
+        ("residual_multiplier", cfg.residual_multiplier if cfg.residual_multiplier != 1 else None),
+        ("attention_multiplier", cfg.attention_multiplier),
+        ("logits_scaling", cfg.logits_scaling if cfg.logits_scaling != 1 else None),
     ):
         if value is not None:
             metadata[key] = value

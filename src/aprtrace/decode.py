@@ -179,6 +179,27 @@ def numpy_decode(
     return generate(logits, ids.size, steps, forced, run_step, emit_for)
 
 
+def decode_request(
+    decode_steps: int | None, decode_tokens: str | None, engines: Sequence[str]
+) -> tuple[int, list[int] | None]:
+    """``--decode N`` / ``--decode-tokens`` -> (steps, forced tokens), checked before any model
+    loads: N defaults to the number of forced tokens, and every engine must decode."""
+    from aprtrace.trace import engine_decode, parse_token_list
+
+    forced = parse_token_list(decode_tokens, "--decode-tokens") if decode_tokens else None
+    if decode_steps is None:
+        decode_steps = len(forced) if forced is not None else 0
+    elif decode_steps == 0 and forced is not None:
+        raise ValidationError(
+            "--decode 0 with --decode-tokens: no step to feed them to",
+            hint="leave --decode out (it defaults to the number of --decode-tokens)",
+        )
+    if decode_steps:
+        for engine in engines:
+            engine_decode(engine)  # an engine without decode is refused up front
+    return decode_steps, forced
+
+
 def parse_steps(spec: str) -> LayerSelection:
     """``--steps 0..3`` (end exclusive, as --save-tensor-layers; 0 = the prompt pass)."""
     return parse_layers(spec, flag="--steps")

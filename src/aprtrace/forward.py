@@ -8,8 +8,9 @@ routes it to ``maybe_save_stage`` and the statistics table. Buffers are already 
 APRT layout: token-major ``[seq, dim]``, attention maps ``[heads, seq, seq]``, logits
 ``[vocab]``.
 
-Weights are decoded one layer at a time and dropped when the layer is done, so peak
-memory is about one layer of float32 weights plus activations.
+Weights are decoded one layer at a time, into buffers the next layer reuses, and dropped
+when the layer is done, so peak memory is about one layer of float32 weights plus
+activations.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from aprtrace.arch import KVCache, PassContext, architecture_of
-from aprtrace.arch.base import Emit, no_emit
+from aprtrace.arch.base import Emit, Wants, no_emit, wants_everything, wants_nothing
 from aprtrace.arch.ops import SHORT_PROMPT, one_blas_thread
 from aprtrace.config import ModelConfig
 from aprtrace.errors import InferenceError, ValidationError
@@ -60,13 +61,22 @@ def run_layers(
     emit: Emit,
     progress: Progress | None = None,
     cache: KVCache | None = None,
+    wants: Wants = wants_everything,
 ) -> np.ndarray:
     """Embedding, every decoder layer, final norm and logits for the rows ``ids`` at
-    ``positions`` (a prompt from 0, or decode rows after what ``cache`` holds)."""
+    ``positions`` (a prompt from 0, or decode rows after what ``cache`` holds).
+
+    ``wants(stage, layer)`` says which captures the caller uses: a stage it does not want
+    may be skipped (and then not emitted) where that saves work, e.g. the attention maps.
+    """
     cfg = model.config
     arch = architecture_of(cfg)
-    ctx = PassContext(model, np.asarray(positions, dtype=np.int64), cache)
-    with np.errstate(all="ignore"), one_blas_thread(len(ids) <= SHORT_PROMPT):
+    ctx = PassContext(model, np.asarray(positions, dtype=np.int64), cache, wants)
+    with (
+        np.errstate(all="ignore"),
+        one_blas_thread(len(ids) <= SHORT_PROMPT),
+        model.layer_buffers(),
+    ):
         hidden = arch.embed(model, ids)
         emit(Stage.EMBEDDING, 0, hidden)
 
@@ -89,18 +99,32 @@ def forward(
     token_ids: list[int],
     emit: Emit | None = None,
     progress: Progress | None = None,
+    wants: Wants | None = None,
 ) -> np.ndarray:
     """Run one forward pass over ``token_ids``; return the logits of the last position.
 
     ``emit(stage, layer, buffer)`` receives every capture point (``layer`` is None for the
     whole-model stages ``final_norm`` and ``lm_head``; ``embedding`` comes as layer 0).
-    ``progress(done, total)`` is called after each layer.
+    ``wants(stage, layer)`` narrows that to what the caller uses, so stages nobody wants
+    (the ``[heads, seq, seq]`` attention maps) need not be built: by default every stage
+    when ``emit`` is given, none without it. ``progress(done, total)`` is called after each
+    layer.
     """
     cfg = model.config
     ids = check_token_ids(cfg, token_ids)
     if cfg.num_layers <= 0:
         raise InferenceError("the model has zero layers; there is nothing to trace")
-    return run_layers(model, ids, np.arange(ids.size), emit or no_emit, progress)
+    if wants is None:
+        wants = wants_everything if emit is not None else wants_nothing
+    return run_layers(model, ids, np.arange(ids.size), emit or no_emit, progress, wants=wants)
 
 
-__all__ = ["Emit", "LM_HEAD_CHUNK", "Progress", "check_token_ids", "forward", "run_layers"]
+__all__ = [
+    "Emit",
+    "LM_HEAD_CHUNK",
+    "Progress",
+    "Wants",
+    "check_token_ids",
+    "forward",
+    "run_layers",
+]

@@ -46,6 +46,7 @@ from aprtrace.arch.ops import (
     rms_norm,
     silu,
 )
+from aprtrace.arch.phi3 import Phi3
 from aprtrace.config import ModelConfig
 from aprtrace.diff import DirDiff, PairResult
 from aprtrace.errors import ValidationError
@@ -65,6 +66,9 @@ _SHAPE_KEYS = (
 )
 # Settings that do not change shapes but do change the math of some stages.
 _MATH_KEYS = ("rope_theta", "rope_linear_factor", "rms_norm_eps", "qkv_bias", "qk_norm")
+# Architectures whose stages are exactly the Llama functions below (Phi-3's fused weights are
+# split on load; partial rotary and the window are in the RoPE tables and the mask).
+TEACHER_FORCED = Llama.names + Phi3.names
 # Stages whose function multiplies by a weight matrix that quantization changes.
 WEIGHT_STAGES = frozenset(s for s in Stage if s.spec.weights == "matrix")
 
@@ -432,7 +436,7 @@ def localize(diff: DirDiff, model: Model) -> Localization:
         for p in diff.pairs:
             result.stages[p.key.rel] = StageLocalization(note="sequence length unknown")
         return result
-    if cfg.architecture not in (*Llama.names, *_FUNCTIONS_OF):
+    if cfg.architecture not in (*TEACHER_FORCED, *_FUNCTIONS_OF):
         note = f"teacher forcing is not implemented for {cfg.architecture} yet"
         for p in diff.pairs:
             result.stages[p.key.rel] = StageLocalization(note=note)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import mmap
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,18 +36,20 @@ class LazyTensor:
     def n_values(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
-    def load(self) -> np.ndarray:
-        """The whole tensor as float32 in ``shape``."""
+    def load(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The whole tensor as float32 in ``shape`` (decoded into ``out``, a float32 buffer of
+        ``n_values``, where the type allows)."""
         check_source_intact(self.raw, self.where, self.name)
         try:
-            values = quant.dequantize(self.raw, self.qtype, self.n_values)
+            values = quant.dequantize(self.raw, self.qtype, self.n_values, out)
         except ModelLoadError as exc:
             raise ModelLoadError(f"{self.where}: tensor '{self.name}': {exc.message}") from None
         release_mapped_pages(self.raw)
         return values.reshape(self.shape)
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` of a 2-D tensor as float32, decoding only those rows."""
+    def rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of a 2-D tensor as float32, decoding only those rows (into
+        ``out``, a float32 buffer of at least that many values, where the type allows)."""
         if len(self.shape) != 2:
             return self.load()[start:stop]
         n_rows, row_len = self.shape
@@ -55,9 +59,10 @@ class LazyTensor:
         nbytes = quant.row_bytes(self.qtype, row_len)
         raw = self.raw.reshape(-1).view(np.uint8)
         chunk = raw[start * nbytes : stop * nbytes]
+        n = (stop - start) * row_len
         check_source_intact(chunk, self.where, self.name)
         try:
-            values = quant.dequantize(chunk, self.qtype, (stop - start) * row_len)
+            values = quant.dequantize(chunk, self.qtype, n, None if out is None else out[:n])
         except ModelLoadError as exc:
             raise ModelLoadError(f"{self.where}: tensor '{self.name}': {exc.message}") from None
         release_mapped_pages(chunk)
@@ -174,9 +179,42 @@ def permute_llama_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
+_LAYER_ROLE = re.compile(r"^model\.layers\.\d+\.(.+)$")
+
+
 def layer_name(layer: int, suffix: str) -> str:
     """Hugging Face name of a per-layer tensor: ``layer_name(3, "mlp.up_proj.weight")``."""
     return f"model.layers.{layer}.{suffix}"
+
+
+class Deferred:
+    """A value built on first use: ``Model(tokenizer=Deferred(build))``."""
+
+    def __init__(self, build: Callable[[], Any]):
+        self.build = build
+
+
+class _BuiltOnFirstUse:
+    """A dataclass field whose value may be ``Deferred``: built (once) when first read.
+
+    Building a tokenizer from a 49k-entry vocabulary costs ~60 ms, wasted when the token
+    ids are given; an error in it surfaces where the tokenizer is first used.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return None  # the field's default
+        value = obj.__dict__.get(self.slot)
+        if isinstance(value, Deferred):
+            value = value.build()
+            obj.__dict__[self.slot] = value
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = value
 
 
 @dataclass
@@ -187,11 +225,12 @@ class Model:
     format: str  # gguf | apr | safetensors
     config: ModelConfig
     tensors: Mapping[str, LazyTensor]
-    tokenizer: Any = None  # tokenizers.Tokenizer or None
+    tokenizer: Any = _BuiltOnFirstUse()  # tokenizers.Tokenizer or None (or Deferred)
     qk_permuted: bool = False  # Q/K rows stored in llama.cpp's adjacent-pair order
     metadata: dict = field(default_factory=dict)
     # Added to every RMSNorm weight in the file (Gemma GGUF: 1); removed on decode.
     norm_offset: float = 0.0
+    _layer_buffers: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def has(self, name: str) -> bool:
         return name in self.tensors
@@ -205,10 +244,34 @@ class Model:
                 hint="the file may be truncated or not a complete Llama/Qwen checkpoint",
             ) from None
 
+    @contextlib.contextmanager
+    def layer_buffers(self) -> Iterator[None]:
+        """Within: each per-layer weight decodes into one buffer per role (``mlp.up_proj.weight``
+        ...), the one the previous layer's same weight used. Layers have the same shapes, so
+        after the first layer no weight needs fresh pages (for a 7B model, tens of GB of page
+        faults and zeroing less). Only for a caller that drops a layer's weights before it
+        loads the next one, as the forward driver does."""
+        self._layer_buffers = {}
+        try:
+            yield
+        finally:
+            self._layer_buffers = None
+
+    def _buffer_for(self, name: str, tensor: LazyTensor) -> np.ndarray | None:
+        buffers = self._layer_buffers
+        role = _LAYER_ROLE.match(name) if buffers is not None else None
+        if role is None:
+            return None
+        key = (role.group(1), tensor.n_values)
+        if key not in buffers:
+            buffers[key] = np.empty(tensor.n_values, dtype=np.float32)
+        return buffers[key]
+
     def weight(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Decode ``name`` to float32 in Hugging Face layout (Q/K rows un-permuted, stored
         norm offsets removed)."""
-        values = self.tensor(name).load()
+        tensor = self.tensor(name)
+        values = tensor.load(self._buffer_for(name, tensor))
         if shape is not None and tuple(values.shape) != tuple(shape):
             if values.size == int(np.prod(shape)) and len(values.shape) == 1:
                 values = values.reshape(shape)

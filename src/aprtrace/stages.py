@@ -164,6 +164,27 @@ def _shared_expert(c: Any) -> bool:
     return bool(getattr(c, "shared_expert_intermediate_size", 0))
 
 
+# Post-norm-only blocks (OLMo 2): RMSNorm on the attention / FFN outputs, none on their
+# inputs, so attn_norm and ffn_norm do not exist and the projections read the residuals.
+_POST_NORM_ONLY = ("olmo2",)
+
+
+def _has_pre_norms(cfg: Any) -> bool:
+    return cfg.architecture not in _POST_NORM_ONLY
+
+
+# Non-gated MLPs (StarCoder2: c_proj(gelu(c_fc(x)))): no ffn_gate, no ffn_swigl.
+_NON_GATED = ("starcoder2",)
+
+
+def _gated_mlp(cfg: Any) -> bool:
+    return cfg.architecture not in _NON_GATED
+
+
+def _dense_gated_mlp(cfg: Any) -> bool:
+    return _dense_mlp(cfg) and _gated_mlp(cfg)
+
+
 _SEQ_H = ("seq", "hidden")
 _SEQ_I = ("seq", "intermediate")
 _MAP = ("heads", "seq", "keys")
@@ -174,21 +195,24 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.EMBEDDING,
             (),
             _SEQ_H,
-            "token embedding rows (written as layer 0 only; Gemma: times sqrt(hidden))",
+            "token embedding rows (written as layer 0 only; Gemma: times sqrt(hidden);"
+            " Granite: times embedding_multiplier)",
             weights="matrix",
         ),
         _row(
             Stage.ATTN_NORM,
             (LAYER_INPUT,),
             _SEQ_H,
-            "input RMSNorm output (after the weight)",
+            "input RMSNorm output (after the weight; StableLM/StarCoder2: LayerNorm + bias;"
+            " OLMo 2 has none)",
             weights="vector",
+            when=_has_pre_norms,
         ),
         _row(
             Stage.QKV_MATMUL,
-            ("attn_norm",),
+            (("attn_norm", LAYER_INPUT),),
             ("seq", "q_dim + 2*kv_dim"),
-            "fused [Q|K|V] projection, before bias",
+            "fused [Q|K|V] projection, before bias (Phi-3: its qkv_proj)",
             weights="matrix",
         ),
         _row(
@@ -241,61 +265,65 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.POST_ATTN_NORM,
             ("attn_out",),
             _SEQ_H,
-            "RMSNorm of the attention output, before the residual add (Gemma)",
+            "RMSNorm of the attention output, before the residual add (Gemma, OLMo 2)",
             weights="vector",
-            archs=_GEMMA,
+            archs=_GEMMA + _POST_NORM_ONLY,
         ),
         _row(
             Stage.POST_ATTN_RESIDUAL,
             (LAYER_INPUT, ("post_attn_norm", "attn_out")),
             _SEQ_H,
-            "hidden after the attention residual add",
+            "hidden after the attention residual add (Granite: attn_out times residual_multiplier)",
         ),
         _row(
             Stage.FFN_NORM,
             ("post_attn_residual",),
             _SEQ_H,
-            "pre-FFN RMSNorm output (post_attention_layernorm; Gemma: pre_feedforward_layernorm)",
+            "pre-FFN RMSNorm output (post_attention_layernorm; Gemma: pre_feedforward_layernorm;"
+            " OLMo 2 has none)",
             weights="vector",
+            when=_has_pre_norms,
+        ),
+        _row(
+            Stage.FFN_GATE,
+            (("ffn_norm", "post_attn_residual"),),
+            _SEQ_I,
+            "gate projection (dense MLP only; Phi-3: first half of the fused gate_up_proj)",
+            weights="matrix",
+            when=_dense_gated_mlp,
+        ),
+        _row(
+            Stage.FFN_UP,
+            (("ffn_norm", "post_attn_residual"),),
+            _SEQ_I,
+            "up projection (dense MLP only; Phi-3: second half of the fused gate_up_proj;"
+            " StarCoder2: c_fc + bias)",
+            weights="matrix",
+            when=_dense_mlp,
         ),
         # The five dense-MLP stages are not computed by MoE models: each token runs its own
         # experts, so no one [seq, intermediate] buffer exists (aprender leaves them empty
         # too); the MoE block output is moe_ffn_out, a shared expert's is moe_shared_expert.
         _row(
-            Stage.FFN_GATE,
-            ("ffn_norm",),
-            _SEQ_I,
-            "gate projection (dense MLP only)",
-            weights="matrix",
-            when=_dense_mlp,
-        ),
-        _row(
-            Stage.FFN_UP,
-            ("ffn_norm",),
-            _SEQ_I,
-            "up projection (dense MLP only)",
-            weights="matrix",
-            when=_dense_mlp,
-        ),
-        _row(
             Stage.FFN_SILU,
-            ("ffn_gate",),
+            (("ffn_gate", "ffn_up"),),
             _SEQ_I,
-            "act(gate): silu for Llama/Qwen, gelu_tanh for Gemma (dense MLP only)",
+            "act(gate): silu for Llama/Qwen, gelu_tanh for Gemma; StarCoder2 (no gate):"
+            " gelu_tanh(ffn_up)",
             when=_dense_mlp,
         ),
         _row(
             Stage.FFN_SWIGL,
             ("ffn_silu", "ffn_up"),
             _SEQ_I,
-            "act(gate) * up (dense MLP only)",
-            when=_dense_mlp,
+            "act(gate) * up (dense gated MLPs only)",
+            when=_dense_gated_mlp,
         ),
         _row(
             Stage.FFN_OUT,
-            ("ffn_swigl",),
+            (("ffn_swigl", "ffn_silu"),),
             _SEQ_H,
-            "down projection (+ bias) (dense MLP only)",
+            "down projection (+ bias; StarCoder2: c_proj) (dense MLP only)",
             weights="matrix",
             when=_dense_mlp,
         ),
@@ -303,9 +331,9 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.POST_FFN_NORM,
             ("ffn_out",),
             _SEQ_H,
-            "RMSNorm of the FFN output, before the residual add (Gemma)",
+            "RMSNorm of the FFN output, before the residual add (Gemma, OLMo 2)",
             weights="vector",
-            archs=_GEMMA,
+            archs=_GEMMA + _POST_NORM_ONLY,
         ),
         _row(
             Stage.POST_FFN_RESIDUAL,
@@ -367,7 +395,8 @@ GRAPH: dict[Stage, StageSpec] = dict(
             Stage.LM_HEAD,
             ("final_norm",),
             ("vocab",),
-            "logits of the last position only (Gemma 2: soft-capped)",
+            "logits of the last position only (Gemma 2: soft-capped; Granite: divided by"
+            " logits_scaling)",
             weights="matrix",
             per_layer=False,
         ),
@@ -440,7 +469,12 @@ def stage_inputs(
     """
     out: list[tuple[int | None, Stage] | None] = []
     for alternatives in GRAPH[stage].inputs:
-        if alternatives == (LAYER_INPUT,):
+        # The first alternative the model computes; a layer reference always counts.
+        chosen = next(
+            (a for a in alternatives if a in (LAYER_INPUT, LAST_LAYER_OUTPUT) or has(Stage(a))),
+            alternatives[-1],
+        )
+        if chosen == LAYER_INPUT:
             if layer is None:
                 out.append(None)
             elif layer == 0:
@@ -448,11 +482,10 @@ def stage_inputs(
             else:
                 out.append((layer - 1, Stage.POST_FFN_RESIDUAL))
             continue
-        if alternatives == (LAST_LAYER_OUTPUT,):
+        if chosen == LAST_LAYER_OUTPUT:
             out.append((num_layers - 1, Stage.POST_FFN_RESIDUAL) if num_layers else None)
             continue
-        chosen = [Stage(a) for a in alternatives if has(Stage(a))]
-        source = chosen[0] if chosen else Stage(alternatives[-1])
+        source = Stage(chosen)
         out.append((layer if source.per_layer else None, source))
     return out
 

@@ -57,8 +57,12 @@ def _finite_or_none(value: float) -> float | None:
 def stage_stats(stage: Stage, layer: int | None, values: np.ndarray) -> StageStats:
     """Mean/std/min/max over finite values (f64 accumulation), NaN/Inf counts, anomaly flags."""
     flat = np.asarray(values, dtype=np.float32).reshape(-1)
-    nan = int(np.count_nonzero(np.isnan(flat)))
-    inf = int(np.count_nonzero(np.isinf(flat)))
+    # min and max first: when both are finite there is no NaN or Inf to count (the usual case
+    # saves two passes and their boolean temporaries).
+    extremes = (flat.min(), flat.max()) if flat.size else None
+    all_finite = extremes is None or bool(np.isfinite(extremes).all())
+    nan = 0 if all_finite else int(np.count_nonzero(np.isnan(flat)))
+    inf = 0 if all_finite else int(np.count_nonzero(np.isinf(flat)))
     finite = flat if nan == 0 and inf == 0 else flat[np.isfinite(flat)]
     anomalies = []
     if nan:
@@ -68,8 +72,8 @@ def stage_stats(stage: Stage, layer: int | None, values: np.ndarray) -> StageSta
     if finite.size:
         # f64 accumulation without an f64 copy of the buffer
         mean, std = finite.mean(dtype=np.float64), finite.std(dtype=np.float64)
-        lo, hi = float(finite.min()), float(finite.max())
-        if not np.any(finite):
+        lo, hi = map(float, extremes if all_finite else (finite.min(), finite.max()))
+        if lo == 0.0 and hi == 0.0:
             anomalies.append("all zero")
         elif max(abs(lo), abs(hi)) > LARGE_VALUE:
             anomalies.append(f"|x| > {LARGE_VALUE:g}")
@@ -218,6 +222,7 @@ def run_trace(
     progress: Progress | None = None,
     clean: bool = False,
     engine: str = "numpy",
+    timing_only: bool = False,
     tokenizer: dict | None = None,
     decode: int = 0,
     decode_tokens: list[int] | None = None,
@@ -229,13 +234,19 @@ def run_trace(
     GGUF only), each a dump in the same layout. ``tokenizer`` (which tokenizer made the ids)
     goes into the manifest. ``decode`` steps follow the prompt pass through a KV cache
     (``DIR/decode-k/``), feeding ``decode_tokens`` when given (teacher forcing), else each
-    step's greedy argmax.
+    step's greedy argmax. ``timing_only`` (without a plan or decode steps): capture nothing,
+    not even the NaN/Inf check of each stage, so ``seconds`` is the forward pass alone; only
+    non-finite logits are reported.
 
     Every input is checked before ``plan.out_dir`` is touched; the stage files are written
     into a staging directory there and moved into place only when the forward pass
     succeeded (``aprtrace.outdir``), so a failed or interrupted run leaves the previous dump
     as it was.
     """
+    if timing_only and (plan is not None or decode or decode_tokens is not None):
+        raise ValidationError(
+            "a timing-only run captures nothing: give neither --save-tensor nor --decode"
+        )
     run_forward = engine_forward(engine)
     if decode or decode_tokens is not None:
         engine_decode(engine)  # an engine without decode is refused before the output dir
@@ -250,7 +261,7 @@ def run_trace(
     run = partial(
         _run, model, token_ids, prompt=prompt, collect_stats=collect_stats, progress=progress,
         engine=engine, run_forward=run_forward, tokenizer=tokenizer, decode=decode,
-        decode_tokens=decode_tokens,
+        decode_tokens=decode_tokens, timing_only=timing_only,
     )  # fmt: skip
     if plan is None:
         return run(None, None, ())
@@ -265,7 +276,7 @@ def run_trace(
 
 def _run(
     model, token_ids, plan, output, layers, *, prompt, collect_stats, progress, engine,
-    run_forward, tokenizer, decode, decode_tokens,
+    run_forward, tokenizer, decode, decode_tokens, timing_only,
 ):  # fmt: skip
     """The forward pass into ``output``'s staging directory, then the commit."""
     staged_plan = replace(plan, out_dir=output.staging) if plan is not None else None
@@ -283,6 +294,10 @@ def _run(
         elif not first_bad and not np.isfinite(values).all():
             first_bad.append((stage.value, layer))
 
+    def wants(stage: Stage, layer: int | None) -> bool:
+        # The statistics table covers every stage; otherwise only what the plan writes.
+        return collect_stats or (plan is not None and plan.wants(stage, layer))
+
     start = time.perf_counter()
     decoded, step_stats, step_bad = None, {}, {}
     if decode or decode_tokens is not None:
@@ -299,8 +314,12 @@ def _run(
             collect_stats,
         )
         logits = decoded.logits[0]
+    elif timing_only:
+        logits = run_forward(model, token_ids, None, progress, None)
+        if not np.isfinite(logits).all():
+            first_bad.append((Stage.LM_HEAD.value, None))
     else:
-        logits = run_forward(model, token_ids, emit, progress)
+        logits = run_forward(model, token_ids, emit, progress, wants)
     seconds = time.perf_counter() - start
 
     result = TraceResult(

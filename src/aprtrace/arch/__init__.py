@@ -10,7 +10,16 @@ from __future__ import annotations
 from aprtrace.arch.base import Architecture, KVCache, PassContext
 from aprtrace.errors import ModelLoadError
 
-_MODULES: tuple[str, ...] = ("aprtrace.arch.llama", "aprtrace.arch.moe", "aprtrace.arch.gemma")
+_MODULES: tuple[str, ...] = (
+    "aprtrace.arch.llama",
+    "aprtrace.arch.moe",
+    "aprtrace.arch.gemma",
+    "aprtrace.arch.phi3",
+    "aprtrace.arch.olmo2",
+    "aprtrace.arch.granite",
+    "aprtrace.arch.stablelm",
+    "aprtrace.arch.starcoder2",
+)
 _REGISTRY: dict[str, Architecture] = {}
 
 

@@ -20,10 +20,21 @@ from aprtrace.config import ROPE_FREQS, ModelConfig
 from aprtrace.stages import Stage
 
 Emit = Callable[[Stage, "int | None", np.ndarray], None]
+# wants(stage, layer): whether the caller uses that capture; a stage nobody wants may be
+# skipped when skipping it saves work (today: the attention maps).
+Wants = Callable[[Stage, "int | None"], bool]
 
 
 def no_emit(stage: Stage, layer: int | None, values: np.ndarray) -> None:
     return None
+
+
+def wants_everything(stage: Stage, layer: int | None) -> bool:
+    return True
+
+
+def wants_nothing(stage: Stage, layer: int | None) -> bool:
+    return False
 
 
 @dataclass
@@ -85,11 +96,26 @@ class PassContext:
     model: Any  # aprtrace.model.Model
     positions: np.ndarray
     cache: KVCache | None = None
+    wants: Wants = wants_everything
     _rope: dict[Any, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    _last_map_layer: int | None = field(default=None, init=False)
 
     @property
     def cfg(self) -> ModelConfig:
         return self.model.config
+
+    def builds_attention_maps(self, layer: int) -> bool:
+        """Whether block ``layer`` attends through the full ``[heads, seq, seq]`` maps.
+
+        True where this layer's ``attn_scores`` or ``attn_softmax`` is wanted, and in every
+        layer before the last such one: the blocked kernel sums in another order, and a
+        captured map must be the same bytes as in a run that captures every stage.
+        """
+        if self._last_map_layer is None:
+            maps = (Stage.ATTN_SCORES, Stage.ATTN_SOFTMAX)
+            wanted = [i for i in range(self.cfg.num_layers) if any(self.wants(s, i) for s in maps)]
+            self._last_map_layer = max(wanted, default=-1)
+        return layer <= self._last_map_layer
 
     def rope(self, key: Any, build: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]):
         """cos/sin tables for this pass's positions, built once per ``key``."""
@@ -108,6 +134,37 @@ class PassContext:
 
 class Architecture:
     """Base of the architecture modules (Llama-style defaults)."""
+
+    def attend(
+        self,
+        cfg: ModelConfig,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        layer: int,
+        ctx: PassContext,
+        emit: Emit,
+    ) -> np.ndarray:
+        """Causal softmax attention of ``q`` over this pass's keys and values, within the
+        layer's window (``cfg.layer_window``), scores soft-capped by
+        ``cfg.attn_logit_softcapping`` (Gemma 2): the context ``[seq, heads*d]``. ``q`` is
+        ``[seq, heads, d]``, ``k``/``v`` ``[seq, kv_heads, d]`` after RoPE.
+
+        The ``[heads, seq, seq]`` maps are built (and emitted) only where
+        ``ctx.builds_attention_maps(layer)``: where they are wanted, and before such a layer.
+        Elsewhere the blocked kernel computes the same context without them.
+        """
+        keys, values, key_pos = ctx.keys_values(layer, k, v)
+        scale, window, q_pos = cfg.attention_scale, cfg.layer_window(layer), ctx.positions
+        cap = cfg.attn_logit_softcapping
+        if not ctx.builds_attention_maps(layer):
+            return ops.blocked_attention(q, keys, values, scale, q_pos, key_pos, window, cap)
+        mask = ops.attention_mask(q_pos, key_pos, window)
+        scores = ops.attention_scores(q, keys, scale, mask, cap)
+        emit(Stage.ATTN_SCORES, layer, scores)
+        probs = ops.masked_softmax(scores, mask)
+        emit(Stage.ATTN_SOFTMAX, layer, probs)
+        return ops.attend(probs, values)
 
     #: ``ModelConfig.architecture`` values this module computes.
     names: tuple[str, ...] = ()
@@ -156,7 +213,8 @@ class Architecture:
         weight = model.tensor(model.lm_head_name)
         vocab = weight.shape[0]
         out = np.empty(vocab, dtype=np.float32)
+        buffer = np.empty(min(chunk, vocab) * weight.shape[1], dtype=np.float32)  # reused
         for start in range(0, vocab, chunk):
-            rows = weight.rows(start, start + chunk)
+            rows = weight.rows(start, start + chunk, buffer)
             out[start : start + rows.shape[0]] = rows @ h_last
         return out

@@ -155,15 +155,8 @@ class Gemma(Llama):
         k = ops.apply_rope(k, cos, sin)
         emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim))
 
-        keys, values, key_pos = ctx.keys_values(layer, k, v)
-        mask = ops.attention_mask(ctx.positions, key_pos, cfg.layer_window(layer))
-        scores = ops.attention_scores(
-            q, keys, cfg.attention_scale, mask, cfg.attn_logit_softcapping
-        )
-        emit(Stage.ATTN_SCORES, layer, scores)
-        probs = ops.masked_softmax(scores, mask)
-        emit(Stage.ATTN_SOFTMAX, layer, probs)
-        context = ops.attend(probs, values)
+        # Windowed on sliding layers, soft-capped scores; emits attn_scores, attn_softmax.
+        context = self.attend(cfg, q, k, v, layer, ctx, emit)
         emit(Stage.ATTENTION, layer, context)
 
         attn_out = ops.linear(context, w.o_proj)

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +34,10 @@ class AttentionWeights:
     o_proj: np.ndarray
     o_bias: np.ndarray | None
     post_attention_layernorm: np.ndarray
+    # LayerNorm biases (StableLM, StarCoder2); None for RMSNorm models. Keyword-only, so
+    # subclasses may still add fields without defaults.
+    input_layernorm_bias: np.ndarray | None = field(default=None, kw_only=True)
+    post_attention_layernorm_bias: np.ndarray | None = field(default=None, kw_only=True)
 
     @property
     def has_qkv_bias(self) -> bool:
@@ -44,7 +48,7 @@ class AttentionWeights:
 class LayerWeights(AttentionWeights):
     """One decoder layer's weights, float32, Hugging Face layout."""
 
-    gate_proj: np.ndarray
+    gate_proj: np.ndarray | None  # None: a non-gated MLP (StarCoder2)
     up_proj: np.ndarray
     down_proj: np.ndarray
     gate_bias: np.ndarray | None  # Llama with mlp_bias
@@ -101,12 +105,22 @@ def attention_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def mlp_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    return {
-        "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-        "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-        "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+# Hugging Face modules of a SwiGLU MLP's gate, up and down projections.
+GATED_MLP: tuple[str | None, str, str] = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def mlp_shapes(
+    c: ModelConfig, modules: tuple[str | None, str, str] = GATED_MLP
+) -> dict[str, tuple[int, ...]]:
+    """Per-layer MLP weights; ``modules`` are (gate or None, up, down)."""
+    gate, up, down = modules
+    shapes = {
+        f"{up}.weight": (c.intermediate_size, c.hidden_size),
+        f"{down}.weight": (c.hidden_size, c.intermediate_size),
     }
+    if gate is not None:
+        shapes[f"{gate}.weight"] = (c.intermediate_size, c.hidden_size)
+    return shapes
 
 
 def model_shapes(
@@ -157,6 +171,27 @@ def split_qkv(cfg: ModelConfig, qkv: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return q, k, v
 
 
+def attend_and_project(
+    arch: Architecture,
+    cfg: ModelConfig,
+    w: LayerWeights,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    layer: int,
+    ctx: PassContext,
+    emit: Emit,
+) -> np.ndarray:
+    """Causal (windowed) GQA attention of the RoPE'd ``q``/``k`` over the pass's keys, then
+    the output projection: the stages attn_scores .. attn_out of every Llama-style block."""
+    context = arch.attend(cfg, q, k, v, layer, ctx, emit)  # emits attn_scores, attn_softmax
+    emit(Stage.ATTENTION, layer, context)
+
+    attn_out = ops.linear(context, w.o_proj, w.o_bias)
+    emit(Stage.ATTN_OUT, layer, attn_out)
+    return attn_out
+
+
 def norm_and_rope(
     x: np.ndarray, norm: np.ndarray | None, eps: float, cos: np.ndarray, sin: np.ndarray
 ) -> np.ndarray:
@@ -168,11 +203,14 @@ def norm_and_rope(
 
 class Llama(Architecture):
     names = ("llama", "qwen2", "qwen3")
+    #: The MLP's (gate, up, down) modules; gate None: a non-gated MLP (StarCoder2).
+    mlp_modules: tuple[str | None, str, str] = GATED_MLP
 
     def expected_shapes(self, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         h = (cfg.hidden_size,)
         per_layer = {"input_layernorm.weight": h, "post_attention_layernorm.weight": h}
-        return model_shapes(cfg, per_layer | attention_shapes(cfg) | mlp_shapes(cfg))
+        mlp = mlp_shapes(cfg, self.mlp_modules)
+        return model_shapes(cfg, per_layer | attention_shapes(cfg) | mlp)
 
     def load_layer(self, model, layer: int) -> LayerWeights:
         """Decode the weights of block ``layer``, checking every shape against the config."""
@@ -185,15 +223,22 @@ class Llama(Architecture):
         def opt(suffix: str, shape: tuple[int, ...]) -> np.ndarray | None:
             return model.optional_weight(layer_name(layer, suffix), shape)
 
+        gate, up, down = self.mlp_modules
         return LayerWeights(
             **load_attention(model, layer),
-            gate_proj=w("mlp.gate_proj.weight", (inter, h)),
-            up_proj=w("mlp.up_proj.weight", (inter, h)),
-            down_proj=w("mlp.down_proj.weight", (h, inter)),
-            gate_bias=opt("mlp.gate_proj.bias", (inter,)),
-            up_bias=opt("mlp.up_proj.bias", (inter,)),
-            down_bias=opt("mlp.down_proj.bias", (h,)),
+            gate_proj=w(f"{gate}.weight", (inter, h)) if gate else None,
+            up_proj=w(f"{up}.weight", (inter, h)),
+            down_proj=w(f"{down}.weight", (h, inter)),
+            gate_bias=opt(f"{gate}.bias", (inter,)) if gate else None,
+            up_bias=opt(f"{up}.bias", (inter,)),
+            down_bias=opt(f"{down}.bias", (h,)),
         )
+
+    def norm(
+        self, cfg: ModelConfig, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None
+    ) -> np.ndarray:
+        """The block's normalization: RMSNorm (LayerNorm in StarCoder2 / StableLM)."""
+        return ops.rms_norm(x, weight, cfg.rms_norm_eps)
 
     def attention(
         self,
@@ -208,7 +253,7 @@ class Llama(Architecture):
         seq = x.shape[0]
         cos, sin = self.default_rope(ctx)
 
-        attn_norm = ops.rms_norm(x, w.input_layernorm, cfg.rms_norm_eps)
+        attn_norm = self.norm(cfg, x, w.input_layernorm, w.input_layernorm_bias)
         emit(Stage.ATTN_NORM, layer, attn_norm)
 
         qkv = qkv_projection(w, attn_norm)
@@ -223,24 +268,13 @@ class Llama(Architecture):
         k = norm_and_rope(k, w.k_norm, cfg.rms_norm_eps, cos, sin)
         emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim))
 
-        keys, values, key_pos = ctx.keys_values(layer, k, v)
-        mask = ops.attention_mask(ctx.positions, key_pos, cfg.sliding_window)
-        scores = ops.attention_scores(q, keys, cfg.attention_scale, mask)
-        emit(Stage.ATTN_SCORES, layer, scores)
-        probs = ops.masked_softmax(scores, mask)
-        emit(Stage.ATTN_SOFTMAX, layer, probs)
-        context = ops.attend(probs, values)
-        emit(Stage.ATTENTION, layer, context)
-
-        attn_out = ops.linear(context, w.o_proj, w.o_bias)
-        emit(Stage.ATTN_OUT, layer, attn_out)
-        return attn_out
+        return attend_and_project(self, cfg, w, q, k, v, layer, ctx, emit)
 
     def mlp(
         self, cfg: ModelConfig, w: LayerWeights, x: np.ndarray, layer: int, emit: Emit
     ) -> np.ndarray:
         """Pre-norm SwiGLU feed-forward; returns the down projection."""
-        ffn_norm = ops.rms_norm(x, w.post_attention_layernorm, cfg.rms_norm_eps)
+        ffn_norm = self.norm(cfg, x, w.post_attention_layernorm, w.post_attention_layernorm_bias)
         emit(Stage.FFN_NORM, layer, ffn_norm)
         gate = ops.linear(ffn_norm, w.gate_proj, w.gate_bias)
         emit(Stage.FFN_GATE, layer, gate)

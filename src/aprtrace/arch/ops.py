@@ -7,7 +7,11 @@ and outputs are token-major (``[seq, ...]``); attention maps are ``[heads, queri
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -27,16 +31,34 @@ def one_blas_thread(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _blas_controller().limit(limits=1, user_api="blas"):
         yield
+
+
+@functools.cache
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS, scanned once (a scan per call costs ~1 ms)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, in float32."""
     variance = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
     return (x * (np.float32(1.0) / np.sqrt(variance + np.float32(eps)))) * weight
+
+
+def layer_norm(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, eps: float
+) -> np.ndarray:
+    """``(x - mean) / sqrt(var + eps) * weight (+ bias)`` over the last axis (biased variance,
+    as ``torch.nn.LayerNorm``), in float32."""
+    mean = np.mean(x, axis=-1, keepdims=True, dtype=np.float32)
+    centered = x - mean
+    variance = np.mean(np.square(centered), axis=-1, keepdims=True, dtype=np.float32)
+    y = centered * (np.float32(1.0) / np.sqrt(variance + np.float32(eps))) * weight
+    return y if bias is None else y + bias
 
 
 def rope_tables(
@@ -156,3 +178,115 @@ def attend(probs: np.ndarray, v: np.ndarray) -> np.ndarray:
     v_heads = np.repeat(v.transpose(1, 0, 2), group, axis=0)
     out = probs @ v_heads  # [heads, queries, d]
     return out.transpose(1, 0, 2).reshape(probs.shape[1], heads * v.shape[2])
+
+
+# Bytes of one block of attention scores in blocked_attention: a few MB keeps the scores of a
+# block in L2/L3 while it is exponentiated, normalised and multiplied by V.
+ATTENTION_BLOCK_BYTES = 4 << 20
+
+
+def blocked_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    scale: float,
+    q_pos: np.ndarray,
+    k_pos: np.ndarray,
+    window: int | None = None,
+    cap: float | None = None,
+) -> np.ndarray:
+    """``attend(masked_softmax(attention_scores(...)), v)`` without the ``[heads, queries,
+    keys]`` maps: token-major ``[queries, heads*d]``.
+
+    Query rows are taken in blocks; each block scores only the span of keys some row of it may
+    attend (the causal, windowed part), exponentiates and normalises it in place, and
+    multiplies it by V, so memory is one block of scores per core instead of heads x seq x seq.
+    The float32 operations on every allowed score are those of the full kernels; only the
+    order of the sums (the softmax denominator, the products with V) can differ.
+    """
+    n_q, heads, d = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    q_pos, k_pos = np.asarray(q_pos), np.asarray(k_pos)
+    k_heads = np.ascontiguousarray(k.transpose(1, 0, 2))  # [kv_heads, keys, d]
+    v_heads = np.ascontiguousarray(v.transpose(1, 0, 2))
+    out = np.empty((n_q, heads * d), dtype=np.float32)
+    rows = max(1, min(n_q, ATTENTION_BLOCK_BYTES // max(1, 4 * heads * k.shape[0])))
+    c = np.float32(cap) if cap else None
+
+    def block(start: int) -> None:
+        stop = min(start + rows, n_q)
+        allowed = attention_mask(q_pos[start:stop], k_pos, window)
+        reachable = np.flatnonzero(allowed.any(axis=0))
+        if reachable.size == 0:  # no key for any row: the full kernels give zeros
+            out[start:stop] = 0.0
+            return
+        lo, hi = int(reachable[0]), int(reachable[-1]) + 1
+        allowed = allowed[:, lo:hi]
+        # [kv_heads, group * rows, d]: query head h = kv * group + g reads kv head kv
+        qb = q[start:stop].reshape(stop - start, kv_heads, group, d).transpose(1, 2, 0, 3)
+        qb = qb.reshape(kv_heads, group * (stop - start), d)
+        # One 2-D matmul per kv head: NumPy hands those to BLAS directly (stacked matmuls over
+        # strided views are several times slower).
+        s = np.empty((kv_heads, group * (stop - start), hi - lo), dtype=np.float32)
+        for kv in range(kv_heads):
+            np.matmul(qb[kv], k_heads[kv, lo:hi].T, out=s[kv])
+        np.multiply(s, np.float32(scale), out=s)
+        if c is not None:
+            np.divide(s, c, out=s)
+            np.tanh(s, out=s)
+            np.multiply(s, c, out=s)
+        s4 = s.reshape(kv_heads, group, stop - start, hi - lo)
+        np.copyto(s4, np.float32(-np.inf), where=~allowed)
+        top = np.max(s, axis=-1, keepdims=True)
+        top[top == -np.inf] = 0.0  # a row with no allowed key stays all zero below
+        np.subtract(s, top, out=s)
+        np.exp(s, out=s)
+        total = np.sum(s, axis=-1, keepdims=True)
+        total[total == 0] = 1.0
+        np.divide(s, total, out=s)
+        ctx = np.empty((kv_heads, group * (stop - start), d), dtype=np.float32)
+        for kv in range(kv_heads):
+            np.matmul(s[kv], v_heads[kv, lo:hi], out=ctx[kv])
+        ctx = ctx.reshape(kv_heads, group, stop - start, d).transpose(2, 0, 1, 3)
+        out[start:stop] = ctx.reshape(stop - start, heads * d)
+
+    starts = list(range(0, n_q, rows))[::-1]  # the widest (latest) blocks first
+    with one_blas_thread(len(starts) > 1):
+        _on_both_cores(block, starts)
+    return out
+
+
+def _on_both_cores(work: Callable[[int], None], items: list[int]) -> None:
+    """``work(item)`` for every item, on the calling thread and one helper (NumPy frees the
+    GIL inside matmuls and ufuncs); the first exception is raised here."""
+    pool = _attention_helper()
+    if pool is None or len(items) < 2:
+        for item in items:
+            work(item)
+        return
+    queue = iter(items)
+    lock = threading.Lock()
+
+    def drain() -> None:
+        with np.errstate(all="ignore"):
+            while True:
+                with lock:
+                    item = next(queue, None)
+                if item is None:
+                    return
+                work(item)
+
+    helper = pool.submit(drain)
+    try:
+        drain()
+    finally:
+        helper.result()
+
+
+@functools.cache
+def _attention_helper() -> ThreadPoolExecutor | None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if (cores or 1) < 2:
+        return None
+    return ThreadPoolExecutor(1, thread_name_prefix="aprtrace-attention")

@@ -503,6 +503,7 @@ class LlamaCppEngine:
         token_ids: list[int],
         emit: Emit | None = None,
         progress: Progress | None = None,
+        wants=None,  # accepted for forward()'s signature; llama.cpp computes every stage
     ) -> np.ndarray:
         cfg = model.config
         emit = emit or (lambda stage, layer, values: None)

@@ -2,12 +2,14 @@
 
 ``hf_forward(model, token_ids, emit, progress)`` has the contract of
 ``aprtrace.forward.forward``: it loads the *same* decoded weights (``Model.weight``, Hugging Face
-names and layout, llama Q/K un-permuted, Gemma norm offsets undone) into a transformers
-``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Gemma2ForCausalLM`` /
-``Gemma3ForCausalLM`` and captures the stages of FORMATS.md section 2 (Gemma: with
-``post_attn_norm`` / ``post_ffn_norm``) with forward hooks plus a wrapped eager attention (q/k
-after RoPE, scores, softmax; masked entries, per transformers' own mask, 0), in the APRT
-layouts. So any container aprtrace reads (GGUF, APR, safetensors) gets a reference dump
+names and layout, llama Q/K un-permuted, Gemma norm offsets undone, Phi-3's projections fused
+again) into transformers' own class of the architecture (``LlamaForCausalLM``,
+``MistralForCausalLM`` for a llama with a sliding window, ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM``, the MoE and Gemma classes, ``Phi3ForCausalLM``, ``Olmo2ForCausalLM``,
+``GraniteForCausalLM``, ``StableLmForCausalLM``, ``Starcoder2ForCausalLM``) and captures the
+stages of FORMATS.md section 2 the stage graph gives it with forward hooks plus a wrapped eager
+attention (q/k after RoPE, scores, softmax; masked entries, per transformers' own mask, 0), in
+the APRT layouts. So any container aprtrace reads (GGUF, APR, safetensors) gets a reference dump
 that ``aprtrace diff --values`` can put next to the NumPy engine's.
 
 Memory: unlike the NumPy engine (one layer at a time), this engine holds the whole model as
@@ -33,6 +35,7 @@ import numpy as np
 from aprtrace.config import ROPE_FREQS, ModelConfig, normalize_architecture
 from aprtrace.errors import InferenceError, ValidationError
 from aprtrace.forward import Emit, Progress, check_token_ids
+from aprtrace.mapping import FUSED
 from aprtrace.model import Model
 from aprtrace.stages import Stage, stages_for
 
@@ -46,8 +49,14 @@ StageValues = dict[tuple[Stage, "int | None"], np.ndarray]
 
 _CAUSAL_LM_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),  # a llama with a sliding window
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM"),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM"),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"),
     "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
@@ -119,20 +128,52 @@ def _has_any(model: Model, suffixes: Sequence[str]) -> bool:
     return any(name.endswith(suffixes) for name in model.tensors)
 
 
+def _hf_family(cfg: ModelConfig) -> str:
+    """The transformers model family computing ``cfg`` (Mistral: a windowed llama)."""
+    if cfg.architecture == "llama" and cfg.sliding_window is not None:
+        return "mistral"
+    return cfg.architecture
+
+
 def hf_config(model: Model):
-    """The transformers config (Llama / Qwen2 / Qwen3) of ``model``'s ModelConfig, eager, f32.
+    """The transformers config of ``model``'s ModelConfig (its family's class), eager, f32.
 
     Biases present in the file switch on the matching transformers flag (``attention_bias``,
     ``mlp_bias``); the parts transformers then expects but the file lacks load as zeros.
     """
     _, transformers = import_ref()
     cfg: ModelConfig = model.config
-    config_name, _ = _CAUSAL_LM_CLASSES[cfg.architecture]
+    family = _hf_family(cfg)
+    config_name, _ = _CAUSAL_LM_CLASSES[family]
     extra: dict[str, Any] = {}
-    if cfg.architecture in ("llama", "qwen3"):
+    if family in ("llama", "qwen3", "olmo2", "granite"):
         extra["attention_bias"] = _has_any(model, _ATTENTION_BIASES)
-    if cfg.architecture == "llama":
+    if family in ("llama", "granite"):
         extra["mlp_bias"] = _has_any(model, _MLP_BIASES)
+    if family == "granite":
+        extra |= {
+            "embedding_multiplier": cfg.embedding_multiplier,
+            "residual_multiplier": cfg.residual_multiplier,
+            "attention_multiplier": cfg.attention_scale,
+            "logits_scaling": cfg.logits_scaling,
+        }
+    if family in ("mistral", "phi3", "starcoder2"):
+        extra["sliding_window"] = cfg.sliding_window
+    if family in ("phi3", "stablelm", "starcoder2"):
+        extra["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if family == "stablelm":
+        extra |= {
+            "layer_norm_eps": cfg.rms_norm_eps,
+            "use_qkv_bias": _has_any(model, _ATTENTION_BIASES),
+            "qk_layernorm": False,
+            "use_parallel_residual": False,
+        }
+    if family == "starcoder2":
+        extra |= {
+            "norm_epsilon": cfg.rms_norm_eps,
+            "use_bias": _has_any(model, _ATTENTION_BIASES + ("mlp.c_fc.bias", "mlp.c_proj.bias")),
+            "hidden_act": "gelu_pytorch_tanh",
+        }
     if cfg.architecture in ("qwen2", "qwen3", "qwen2moe", "qwen3moe"):
         extra["use_sliding_window"] = False
     extra |= _moe_config(model)
@@ -141,11 +182,12 @@ def hf_config(model: Model):
         rope_scaling = {"rope_type": "linear", "factor": float(cfg.rope_linear_factor)}
     if cfg.architecture in ("gemma2", "gemma3"):
         extra = _gemma_config_arguments(cfg, rope_scaling)
-    else:
-        extra |= dict(
-            rope_theta=float(cfg.rope_theta), rope_scaling=rope_scaling, hidden_act="silu"
+    else:  # the family's own settings above (StarCoder2's GELU) take precedence
+        extra = (
+            dict(rope_theta=float(cfg.rope_theta), rope_scaling=rope_scaling, hidden_act="silu")
+            | extra
         )
-    config = getattr(transformers, config_name)(
+    settings: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -159,8 +201,8 @@ def hf_config(model: Model):
         pad_token_id=None,
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
-        **extra,
     )
+    config = getattr(transformers, config_name)(**(settings | extra))
     config._attn_implementation = "eager"
     return config
 
@@ -245,9 +287,23 @@ def _state_dict(model: Model, expected: dict[str, tuple[int, ...]], torch) -> di
     def source_of(name: str) -> str:
         return model.lm_head_name if name == "lm_head.weight" else name
 
+    def fused_parts(name: str) -> list[str] | None:
+        """The Llama-named parts of a fused parameter the file does not hold as such."""
+        for fused, parts in FUSED.items():
+            if f".{fused}." in name and not model.has(name):
+                return [name.replace(f".{fused}.", f".{part}.") for part in parts]
+        return None
+
     state = {}
     for name, shape in expected.items():
         source = source_of(name)
+        parts = fused_parts(name)
+        if parts is not None:
+            values = np.concatenate([model.weight(part) for part in parts])
+            if values.shape != shape:
+                raise InferenceError(f"{name}: fused {list(values.shape)}, expected {list(shape)}")
+            state[name] = torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
+            continue
         if source not in loaded:
             moe_values = _moe_parameter(model, name, shape) if model.config.is_moe else None
             if moe_values is not None:
@@ -278,7 +334,7 @@ def _set_rope_frequencies(hf_model, config, model: Model, torch) -> None:
     those divisors, exactly as the NumPy engine and llama.cpp do."""
     base = hf_model.model
     rotary = type(base.rotary_emb)(config)
-    divisors = model.optional_weight(ROPE_FREQS, (model.config.head_dim // 2,))
+    divisors = model.optional_weight(ROPE_FREQS, (model.config.rotary_dim // 2,))
     if divisors is not None:
         inv_freq = rotary.inv_freq.double() / torch.from_numpy(divisors.astype(np.float64))
         rotary.inv_freq = inv_freq.float()
@@ -294,7 +350,7 @@ def build_hf_model(model: Model):
     """
     torch, transformers = import_ref()
     config = hf_config(model)
-    _, class_name = _CAUSAL_LM_CLASSES[model.config.architecture]
+    _, class_name = _CAUSAL_LM_CLASSES[_hf_family(model.config)]
     with torch.device("meta"):
         hf_model = getattr(transformers, class_name)(config)
     expected = {name: tuple(t.shape) for name, t in hf_model.state_dict().items()}
@@ -390,10 +446,11 @@ def hooked_passes(
     n_layers = len(base.layers)
     n_heads = hf_model.config.num_attention_heads
     if has_qkv_bias is None:
-        has_qkv_bias = base.layers[0].self_attn.q_proj.bias is not None if n_layers else False
+        q_proj = getattr(base.layers[0].self_attn, "q_proj", None) if n_layers else None
+        has_qkv_bias = q_proj is not None and q_proj.bias is not None
     pending: dict[int, dict[Stage, np.ndarray]] = {}
     projected: dict[int, list] = {}
-    current: dict[str, Any] = {"emit": None, "progress": progress}
+    current: dict[str, Any] = {"emit": None, "progress": progress, "past": 0}
     handles = []
 
     def emit(stage: Stage, layer: int | None, values: np.ndarray) -> None:
@@ -460,8 +517,11 @@ def hooked_passes(
         scores = torch.matmul(q, k_rep.transpose(1, 2)) * scaling
         if softcap is not None:  # Gemma 2, as its eager attention
             scores = torch.tanh(scores / softcap) * softcap
-        put(Stage.ATTN_SCORES, layer, scores.masked_fill(~allowed, 0.0))
-        put(Stage.ATTN_SOFTMAX, layer, weights[0].masked_fill(~allowed, 0.0))
+        # A sliding-window cache (Phi-3, StarCoder2) keeps only the last keys: the ones it
+        # dropped are outside the window, 0 in the APRT layout of [heads, queries, all keys].
+        dropped = (current["past"] + queries - keys, 0)  # (left, right) of the key axis
+        put(Stage.ATTN_SCORES, layer, F.pad(scores.masked_fill(~allowed, 0.0), dropped))
+        put(Stage.ATTN_SOFTMAX, layer, F.pad(weights[0].masked_fill(~allowed, 0.0), dropped))
 
     def emit_output(stage: Stage, layer: int | None):
         def hook(_m, _i, output) -> None:  # returns None: the module's output stays as is
@@ -469,12 +529,34 @@ def hooked_passes(
 
         return hook
 
-    handles.append(base.embed_tokens.register_forward_hook(emit_output(Stage.EMBEDDING, 0)))
+    def on_layer_input(_m, args, kwargs) -> None:
+        # The residual stream entering layer 0: the embedding after any scale the model
+        # applies outside embed_tokens (Granite's embedding_multiplier).
+        hidden = args[0] if args else kwargs["hidden_states"]
+        emit(Stage.EMBEDDING, 0, _np(hidden[0]))
+
+    if n_layers:
+        handles.append(base.layers[0].register_forward_pre_hook(on_layer_input, with_kwargs=True))
+
+    def on_gate_up(proj, layer: int) -> None:
+        def hook(_m, _i, output) -> None:  # Phi-3's fused [gate|up] rows, split in halves
+            gate, up = output[0].chunk(2, dim=-1)
+            put(Stage.FFN_GATE, layer, gate)
+            put(Stage.FFN_UP, layer, up)
+
+        handles.append(proj.register_forward_hook(hook))
+
     for i, layer in enumerate(base.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        on_output(layer.input_layernorm, Stage.ATTN_NORM, i)
-        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-            on_projection(proj, i)
+        # OLMo 2's post_attention_layernorm normalizes the attention output (no pre-norms).
+        post_norms_only = not hasattr(layer, "input_layernorm")
+        if not post_norms_only:
+            on_output(layer.input_layernorm, Stage.ATTN_NORM, i)
+        if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection, no bias
+            on_output(attn.qkv_proj, Stage.QKV_MATMUL, i)
+        else:
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                on_projection(proj, i)
         on_input(attn.o_proj, Stage.ATTENTION, i)
         on_output(attn.o_proj, Stage.ATTN_OUT, i)
         if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: norms after each sublayer
@@ -482,15 +564,27 @@ def hooked_passes(
             on_input(layer.pre_feedforward_layernorm, Stage.POST_ATTN_RESIDUAL, i)
             on_output(layer.pre_feedforward_layernorm, Stage.FFN_NORM, i)
             on_output(layer.post_feedforward_layernorm, Stage.POST_FFN_NORM, i)
+        elif post_norms_only:  # OLMo 2: norms after each sublayer, none before
+            on_output(layer.post_attention_layernorm, Stage.POST_ATTN_NORM, i)
+            on_input(mlp, Stage.POST_ATTN_RESIDUAL, i)
+            on_output(layer.post_feedforward_layernorm, Stage.POST_FFN_NORM, i)
         else:
             on_input(layer.post_attention_layernorm, Stage.POST_ATTN_RESIDUAL, i)
             on_output(layer.post_attention_layernorm, Stage.FFN_NORM, i)
         if hasattr(mlp, "experts"):
             handles.extend(_moe_hooks(mlp, i, put))
+        elif hasattr(mlp, "c_fc"):  # StarCoder2: c_proj(act(c_fc(x))), no gate
+            on_output(mlp.c_fc, Stage.FFN_UP, i)
+            on_output(mlp.act, Stage.FFN_SILU, i)
+            on_output(mlp.c_proj, Stage.FFN_OUT, i)
         else:
-            on_output(mlp.gate_proj, Stage.FFN_GATE, i)
-            on_output(mlp.up_proj, Stage.FFN_UP, i)
-            on_output(mlp.act_fn, Stage.FFN_SILU, i)
+            if hasattr(mlp, "gate_up_proj"):
+                on_gate_up(mlp.gate_up_proj, i)
+                on_output(mlp.activation_fn, Stage.FFN_SILU, i)
+            else:
+                on_output(mlp.gate_proj, Stage.FFN_GATE, i)
+                on_output(mlp.up_proj, Stage.FFN_UP, i)
+                on_output(mlp.act_fn, Stage.FFN_SILU, i)
             on_input(mlp.down_proj, Stage.FFN_SWIGL, i)
             on_output(mlp.down_proj, Stage.FFN_OUT, i)
         on_layer_done(layer, i)
@@ -502,6 +596,7 @@ def hooked_passes(
 
     def run_pass(token_ids: Sequence[int], pass_emit: Emit, cache) -> np.ndarray:
         current["emit"] = pass_emit
+        current["past"] = cache.get_seq_length() if cache is not None else 0
         pending.clear()
         pending.update({i: {} for i in range(n_layers)})
         projected.clear()
@@ -599,6 +694,7 @@ def hf_forward(
     token_ids: list[int],
     emit: Emit | None = None,
     progress: Progress | None = None,
+    wants=None,  # accepted for forward()'s signature; transformers computes every stage
     *,
     memory_budget: int | None = None,
 ) -> np.ndarray:

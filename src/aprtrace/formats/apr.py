@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from aprtrace.config import ModelConfig, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.formats.gguf import check_tensors
 from aprtrace.formats.gguf import hf_tensor_name as gguf_hf_name
-from aprtrace.mapping import gguf_qk_permuted, hf_config_fields
+from aprtrace.mapping import gguf_qk_permuted, hf_config_fields, split_fused
 from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import LazyTensor, Model
 from aprtrace.safeio import loads_json
@@ -173,15 +174,16 @@ def align64(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def hf_tensor_name(name: str) -> str:
+def hf_tensor_name(name: str, arch: str | None = None) -> str:
     """The Hugging Face name of a tensor named in HF or GGUF style (unknown names unchanged).
 
-    GGUF's fused ``blk.N.attn_qkv`` becomes ``model.layers.N.self_attn.qkv_proj``.
+    GGUF's fused ``blk.N.attn_qkv`` becomes ``model.layers.N.self_attn.qkv_proj`` (split into
+    q/k/v on load); ``arch`` picks the architecture's GGUF names (Phi-3's fused ``ffn_up``).
     """
     if name.startswith("blk.") and ".attn_qkv." in name:
         layer, _, kind = name[4:].split(".", 2)
         return f"model.layers.{layer}.self_attn.qkv_proj.{kind}"
-    return gguf_hf_name(name) or name
+    return gguf_hf_name(name, arch) or name
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,7 +420,7 @@ def expected_size(qtype: str, n_values: int) -> int:
     return -(-n_values // block) * nbytes
 
 
-def _lazy_tensors(apr: AprFile) -> dict[str, LazyTensor]:
+def _lazy_tensors(apr: AprFile, arch: str | None = None) -> dict[str, LazyTensor]:
     tensors: dict[str, LazyTensor] = {}
     for entry in apr.entries:
         qtype = entry_qtype(entry)
@@ -429,7 +431,7 @@ def _lazy_tensors(apr: AprFile) -> dict[str, LazyTensor]:
                 f"tensor '{entry.name}' ({qtype} {list(entry.shape)}) has {entry.size} bytes, "
                 f"expected {need}",
             )
-        name = hf_tensor_name(entry.name)
+        name = hf_tensor_name(entry.name, arch)
         if name in tensors:
             raise _bad(apr.path, f"tensor '{name}' appears twice (HF and GGUF spelling)")
         raw = apr.tensor_bytes(entry)
@@ -464,7 +466,8 @@ def _meta_float(path: Path, metadata: Mapping, field: str, default: float) -> fl
 
 
 def is_qwen_family(architecture: str) -> bool:
-    """Whether APR keeps Hugging Face's split-half Q/K rows (Qwen, Gemma: all but llama)."""
+    """Whether APR keeps Hugging Face's split-half Q/K rows (``rope_type`` 2: all but llama
+    and granite, whose rows are in llama.cpp's adjacent-pair order)."""
     return not gguf_qk_permuted(architecture)
 
 
@@ -501,38 +504,13 @@ def resolve_architecture(path: Path, metadata: Mapping, arch: str | None) -> str
     return architecture
 
 
-def _split_fused_qkv(path: Path, tensors: dict[str, LazyTensor], q_dim: int, kv_dim: int) -> None:
-    """Replace ``self_attn.qkv_proj.{weight,bias}`` with zero-copy q/k/v row slices."""
-    for name in [n for n in tensors if ".self_attn.qkv_proj." in n]:
-        fused = tensors.pop(name)
-        rows = fused.shape[0]
-        if rows != q_dim + 2 * kv_dim:
-            raise ModelLoadError(
-                f"{path}: fused '{name}' has {rows} rows, expected q {q_dim} + 2 x kv {kv_dim}"
-            )
-        if len(fused.shape) == 2:
-            per_row = quant.row_bytes(fused.qtype, fused.shape[1])
-        elif fused.qtype in ("F32", "F16", "BF16"):
-            per_row = 4 if fused.qtype == "F32" else 2
-        else:
-            raise ModelLoadError(f"{path}: cannot split a {fused.qtype} fused qkv bias")
-        raw = fused.raw.reshape(-1)
-        start = 0
-        for part, n_rows in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
-            part_name = name.replace("qkv_proj", part)
-            shape = (n_rows, *fused.shape[1:])
-            chunk = raw[start * per_row : (start + n_rows) * per_row]
-            tensors[part_name] = LazyTensor(part_name, shape, fused.qtype, chunk, fused.where)
-            start += n_rows
-
-
 def load_apr(path: Path, verify: bool = True, arch: str | None = None) -> Model:
     """Open an APR v2 model; weights stay memory-mapped and encoded until used."""
     path = Path(path)
     apr = read_apr(path, verify=verify)
     metadata = apr.metadata
-    tensors = _lazy_tensors(apr)
     architecture = resolve_architecture(path, metadata, arch)
+    tensors = _lazy_tensors(apr, architecture)
 
     def shape_of(name: str) -> tuple[int, ...] | None:
         return tensors[name].shape if name in tensors else None
@@ -551,7 +529,14 @@ def load_apr(path: Path, verify: bool = True, arch: str | None = None) -> Model:
     if head_dim is None:
         head_dim = q_shape[0] // num_heads if q_shape else hidden // max(num_heads, 1)
     num_kv_heads = _meta_int(path, metadata, "num_kv_heads") or num_heads
-    _split_fused_qkv(path, tensors, num_heads * head_dim, num_kv_heads * head_dim)
+    gate_up = shape_of("model.layers.0.mlp.gate_up_proj.weight")
+    fused_view = SimpleNamespace(
+        q_dim=num_heads * head_dim,
+        kv_dim=num_kv_heads * head_dim,
+        intermediate_size=_meta_int(path, metadata, "intermediate_size")
+        or (gate_up[0] // 2 if gate_up else 0),
+    )
+    split_fused(tensors, fused_view, str(path))
 
     layer_ids = {int(n.split(".")[2]) for n in tensors if n.startswith("model.layers.")}
     num_layers = _meta_int(path, metadata, "num_layers")
@@ -582,8 +567,20 @@ def load_apr(path: Path, verify: bool = True, arch: str | None = None) -> Model:
         qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
         bos_token_id=_token_id(metadata.get("tokenizer.bos_token_id")),
         eos_token_id=_token_id(metadata.get("tokenizer.eos_token_id")),
-        # Gemma: the config.json spellings (sliding_window, layer_types, ...) as custom keys.
-        **hf_config_fields(architecture, metadata, num_layers, str(path)),
+        **(
+            {
+                # Not aprender standard fields: written by `aprtrace convert` when they apply.
+                "sliding_window": _meta_int(path, metadata, "sliding_window") or None,
+                "partial_rotary_factor": _meta_float(path, metadata, "partial_rotary_factor", 1.0),
+                "embedding_multiplier": _meta_float(path, metadata, "embedding_multiplier", 1.0),
+                "residual_multiplier": _meta_float(path, metadata, "residual_multiplier", 1.0),
+                "attention_multiplier": _meta_float(path, metadata, "attention_multiplier", 0.0)
+                or None,
+                "logits_scaling": _meta_float(path, metadata, "logits_scaling", 1.0),
+            }
+            # Gemma: the config.json spellings (sliding_window, layer_types, ...) as custom keys.
+            | hf_config_fields(architecture, metadata, num_layers, str(path))
+        ),
         **moe,
     ).validate(str(path))
     tensors = moe_mapping.hf_tensor_names(tensors, config, str(path))
@@ -594,7 +591,7 @@ def load_apr(path: Path, verify: bool = True, arch: str | None = None) -> Model:
         config=config,
         tensors=tensors,
         tokenizer=_embedded_tokenizer(path, metadata, architecture),
-        qk_permuted=not is_qwen_family(architecture),
+        qk_permuted=gguf_qk_permuted(architecture),
         metadata=metadata,
     )
 

@@ -25,9 +25,15 @@ from gguf import quants as gguf_quants
 
 from aprtrace.config import ModelConfig, normalize_architecture
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
-from aprtrace.mapping import gguf_config_fields, gguf_norm_offset, gguf_qk_permuted, gguf_to_hf
+from aprtrace.mapping import (
+    gguf_config_fields,
+    gguf_norm_offset,
+    gguf_qk_permuted,
+    gguf_to_hf,
+    split_fused,
+)
 from aprtrace.mapping import moe as moe_mapping
-from aprtrace.model import LazyTensor, Model, layer_name
+from aprtrace.model import Deferred, LazyTensor, Model, layer_name
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -514,6 +520,11 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
             hint="aprtrace implements plain RoPE, linear scaling and Llama 3 frequency "
             "factors (rope_freqs.weight)",
         )
+    _refuse_unsupported_gguf(gf, p, where)
+    rope_dims = _int_key(meta, p + "rope.dimension_count", where, default=head_dim)
+    window = _int_key(meta, p + "attention.sliding_window", where, default=0)
+    if arch in ("qwen2", "qwen3"):  # a config value without use_sliding_window: not applied
+        window = 0
     num_layers = _int_key(meta, p + "block_count", where)
     extra = gguf_config_fields(arch, meta, num_layers, hidden, heads, head_dim, where)
     config = ModelConfig(
@@ -527,24 +538,80 @@ def gguf_config(gf: GGUFFile) -> ModelConfig:
         head_dim=head_dim,
         rope_theta=_float_key(meta, p + "rope.freq_base", where, 10000.0),
         rope_linear_factor=linear_factor,
-        rms_norm_eps=_float_key(meta, p + "attention.layer_norm_rms_epsilon", where, 1e-6),
+        rms_norm_eps=_float_key(
+            meta,
+            p + "attention.layer_norm_rms_epsilon",
+            where,
+            _float_key(meta, p + "attention.layer_norm_epsilon", where, 1e-6),  # LayerNorm
+        ),
         max_position_embeddings=_int_key(meta, p + "context_length", where, default=2048),
         tie_word_embeddings="output.weight" not in gf.tensors,
         qkv_bias="blk.0.attn_q.bias" in gf.tensors,
         qk_norm="blk.0.attn_q_norm.weight" in gf.tensors,
         bos_token_id=_optional_id(meta.get(Keys.Tokenizer.BOS_ID)),
         eos_token_id=_optional_id(meta.get(Keys.Tokenizer.EOS_ID)),
-        **extra,
+        **(
+            {
+                # llama.cpp writes 0 for "no window" (Phi-4 under the phi3 architecture).
+                "sliding_window": window if window > 0 else None,
+                "partial_rotary_factor": rope_dims / head_dim if head_dim > 0 else 1.0,
+                # Granite's multipliers, under llama.cpp's key names (0 / absent: not set).
+                "embedding_multiplier": _float_key(meta, p + "embedding_scale", where, 1.0) or 1.0,
+                "residual_multiplier": _float_key(meta, p + "residual_scale", where, 1.0) or 1.0,
+                "attention_multiplier": _float_key(meta, p + "attention.scale", where, 0.0) or None,
+                "logits_scaling": _float_key(meta, p + "logit_scale", where, 1.0) or 1.0,
+            }
+            | extra  # Gemma's own reading of its window and RoPE keys
+        ),
         **moe,
     )
     config.validate(where)
-    if config.num_layers * 9 > len(gf.tensors):  # also bounds the per-layer checks below
+    if config.num_layers * 6 > len(gf.tensors):  # also bounds the per-layer checks below
         raise ModelLoadError(
             f"{where}: {p}block_count = {config.num_layers} but the file holds only "
-            f"{len(gf.tensors)} tensors (each layer needs at least 9)",
+            f"{len(gf.tensors)} tensors (each layer needs at least 6)",
             hint="the file is incomplete or its metadata is wrong",
         )
     return config
+
+
+# GGUF contents that change the math in ways aprtrace does not implement: refused by name.
+_UNSUPPORTED_TENSORS = {
+    "rope_factors_long.weight": "LongRoPE (Phi-3 128k 'longrope'/'su' RoPE scaling)",
+    "rope_factors_short.weight": "LongRoPE (Phi-3 128k 'longrope'/'su' RoPE scaling)",
+}
+_UNSUPPORTED_KEYS = {
+    "attention.sliding_window_pattern": "per-layer sliding-window patterns (OLMo 3 style)",
+}
+
+
+def _refuse_unsupported_gguf(gf: GGUFFile, p: str, where: str) -> None:
+    if gf.architecture == "stablelm":
+        # llama.cpp runs a StableLM block without ffn_norm as a parallel residual.
+        parallel = gf.metadata.get(p + "use_parallel_residual") is True or (
+            "blk.0.attn_norm.weight" in gf.tensors and "blk.0.ffn_norm.weight" not in gf.tensors
+        )
+        if parallel or "blk.0.attn_q_norm.weight" in gf.tensors:
+            raise ModelLoadError(
+                f"{where}: StableLM 2 12B's parallel residual / per-head Q/K LayerNorm is not "
+                "supported",
+                hint="see the README's list of supported architectures and features",
+            )
+    for name, feature in _UNSUPPORTED_TENSORS.items():
+        if name in gf.tensors:
+            raise ModelLoadError(
+                f"{where}: {feature} is not supported (tensor '{name}')",
+                hint="aprtrace would compute wrong RoPE angles for this model; it refuses it",
+            )
+    for key, feature in _UNSUPPORTED_KEYS.items():
+        if gf.architecture in ("gemma2", "gemma3"):  # Gemma reads its own window pattern
+            break
+        value = gf.metadata.get(p + key)
+        if value is not None and not (isinstance(value, int) and value == 0):
+            raise ModelLoadError(
+                f"{where}: {feature} is not supported ({p}{key})",
+                hint="see the README's list of supported architectures and features",
+            )
 
 
 def _optional_id(value: Any) -> int | None:
@@ -581,7 +648,7 @@ def check_tensors(tensors: dict[str, LazyTensor], config: ModelConfig, where: st
         first = next(
             i
             for i in range(config.num_layers)
-            if layer_name(i, "input_layernorm.weight") not in tensors
+            if layer_name(i, "self_attn.o_proj.weight") not in tensors
         )
         raise ModelLoadError(
             f"{where}: the config says {config.num_layers} layers, but the tensors of layer "
@@ -593,7 +660,7 @@ def check_tensors(tensors: dict[str, LazyTensor], config: ModelConfig, where: st
         if t is None:
             raise ModelLoadError(
                 f"{where}: tensor '{name}' is missing",
-                hint="the file is incomplete or not a Llama/Qwen checkpoint",
+                hint=f"the file is incomplete or not a {config.architecture} checkpoint",
             )
         if not is_decodable(t.qtype):
             raise ModelLoadError(
@@ -624,12 +691,14 @@ def model_from_gguf(gf: GGUFFile, with_tokenizer: bool = True) -> Model:
         tensors = moe_mapping.split_stacked_experts(
             tensors, config.num_experts, config.moe_intermediate_size, str(path)
         )
+    split_fused(tensors, config, str(path))
     check_tensors(tensors, config, str(path))
     tokenizer = None
     if with_tokenizer:
         from aprtrace.tokenizer import tokenizer_from_gguf_metadata
 
-        tokenizer = tokenizer_from_gguf_metadata(gf.metadata, where=str(path))
+        # Built on first use: a trace given token ids never needs it.
+        tokenizer = Deferred(lambda: tokenizer_from_gguf_metadata(gf.metadata, where=str(path)))
     metadata = gf.scalar_metadata()
     metadata["gguf.version"] = gf.version
     return Model(

@@ -1,10 +1,12 @@
-"""Write a Llama / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 model as a GGUF file, the way
-llama.cpp's converter does (Gemma: RMSNorm weights stored as ``w + 1``, its metadata keys).
+"""Write a Llama / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / Phi-3 / OLMo 2 / Granite / StableLM /
+StarCoder2 model as a GGUF file, the way llama.cpp's converter does (Gemma: RMSNorm weights
+stored as ``w + 1``, its metadata keys; Phi-3: fused ``attn_qkv`` and ``ffn_up``).
 
 Used by the test fixtures and by ``aprtrace demo``. Input tensors use Hugging Face names and
 layout (float32 ``[out, in]``); they are renamed to GGUF names, llama Q/K rows are permuted for
-llama.cpp's adjacent-pair RoPE, 2-D weights are encoded with ``gguf.quants.quantize`` and 1-D
-norms and biases stay F32. The file is written atomically and its bytes are deterministic.
+llama.cpp's adjacent-pair RoPE, Phi-3's projections are fused (``attn_qkv``, ``ffn_up`` holding
+gate then up), 2-D weights are encoded with ``gguf.quants.quantize`` and 1-D norms and biases
+stay F32. The file is written atomically and its bytes are deterministic.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import numpy as np
 from aprtrace.atomic import atomic_path
 from aprtrace.config import ModelConfig
 from aprtrace.errors import ModelLoadError, ValidationError
+from aprtrace.mapping import fuse, gguf_norm_offset, gguf_qk_permuted, hf_to_gguf, is_norm_weight
 from aprtrace.mapping import gemma as gemma_mapping
-from aprtrace.mapping import gguf_norm_offset, gguf_qk_permuted, hf_to_gguf, is_norm_weight
 from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import permute_llama_qk
 
@@ -109,6 +111,7 @@ def write_gguf(
     if config.is_moe:  # llama.cpp stacks each layer's experts into one tensor
         tensors = moe_mapping.stack_experts(tensors, config.num_layers, config.num_experts)
 
+    tensors = fuse(tensors, arch)
     names = sorted(tensors, key=_sort_key)
     if config.tie_word_embeddings:
         names = [n for n in names if n != "lm_head.weight"]
@@ -151,6 +154,7 @@ def write_gguf(
 def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None:
     """Reject a tensor whose shape does not fit ``config`` (it would make an unreadable file)."""
     h, q, kv, inter = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
+    olmo2 = config.architecture == "olmo2"  # Q/K norms over the whole projection
     expected = {
         "model.embed_tokens.weight": (config.vocab_size, h),
         "lm_head.weight": (config.vocab_size, h),
@@ -175,8 +179,12 @@ def _check_shape(name: str, shape: tuple[int, ...], config: ModelConfig) -> None
             "self_attn.v_proj.bias": (kv,),
             "self_attn.o_proj.weight": (h, q),
             "self_attn.o_proj.bias": (h,),
-            "self_attn.q_norm.weight": (config.head_dim,),
-            "self_attn.k_norm.weight": (config.head_dim,),
+            "self_attn.q_norm.weight": (q,) if olmo2 else (config.head_dim,),
+            "self_attn.k_norm.weight": (kv,) if olmo2 else (config.head_dim,),
+            "self_attn.qkv_proj.weight": (q + 2 * kv, h),
+            "mlp.gate_up_proj.weight": (2 * inter, h),
+            "mlp.c_fc.weight": (inter, h),
+            "mlp.c_proj.weight": (h, inter),
             "mlp.gate_proj.weight": (inter, h),
             "mlp.up_proj.weight": (inter, h),
             "mlp.down_proj.weight": (h, inter),
@@ -227,7 +235,9 @@ def _add_moe_metadata(writer: Any, config: ModelConfig) -> None:
 def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
     import gguf
 
-    writer.add_name(f"aprtrace {config.architecture}")
+    # Neutral on purpose: llama.cpp's vocab loader patches token attributes by model name
+    # ("phi3" expects Phi-3's own special tokens), which a tiny vocabulary does not have.
+    writer.add_name("aprtrace model")
     writer.add_file_type(int(gguf.LlamaFileType[WRITE_TYPES[qtype]]))
     if qtype not in ("F32", "F16", "BF16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -244,8 +254,23 @@ def _add_metadata(writer: Any, config: ModelConfig, qtype: str) -> None:
     writer.add_head_count_kv(config.num_kv_heads)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_dimension_count(config.rotary_dim)
+    if config.sliding_window is not None and config.architecture not in ("gemma2", "gemma3"):
+        writer.add_sliding_window(config.sliding_window)  # Gemma's are in _gemma_metadata
+    elif config.architecture == "phi3":  # as llama.cpp's converter: 0 means no window
+        writer.add_sliding_window(0)
+    if config.architecture == "granite":  # llama.cpp's converter writes the set multipliers
+        writer.add_embedding_scale(float(config.embedding_multiplier))
+        writer.add_residual_scale(float(config.residual_multiplier))
+        writer.add_logit_scale(float(config.logits_scaling))
+        if config.attention_multiplier is not None:
+            writer.add_attention_scale(float(config.attention_multiplier))
+    if config.architecture in ("stablelm", "starcoder2"):  # LayerNorm models
+        writer.add_layer_norm_eps(float(config.rms_norm_eps))
+    else:
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if config.architecture == "stablelm":
+        writer.add_parallel_residual(False)
     writer.add_rope_freq_base(float(config.rope_theta))
     if config.rope_linear_factor != 1.0:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -309,6 +334,12 @@ _EXTRA_METADATA = {
     "qwen3": _no_metadata,
     "gemma2": _gemma_metadata,
     "gemma3": _gemma_metadata,
+    # Phi-3 / OLMo 2 / Granite / StableLM / StarCoder2: their keys are in _add_metadata.
+    "phi3": _no_metadata,
+    "olmo2": _no_metadata,
+    "granite": _no_metadata,
+    "stablelm": _no_metadata,
+    "starcoder2": _no_metadata,
 }
 
 

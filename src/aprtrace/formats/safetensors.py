@@ -24,7 +24,7 @@ from aprtrace.config import (
 )
 from aprtrace.errors import InvalidFormatError, ModelLoadError, NotFoundError, OutputError
 from aprtrace.formats.gguf import check_tensors
-from aprtrace.mapping import hf_config_fields, hf_global_rope
+from aprtrace.mapping import hf_config_fields, hf_global_rope, split_fused
 from aprtrace.mapping import moe as moe_mapping
 from aprtrace.model import LazyTensor, Model
 from aprtrace.safeio import file_kind, loads_json, path_text, read_json_file
@@ -213,16 +213,26 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         raise ModelLoadError(
             f"{where}: config.json rope_theta = {str(rope_theta)[:40]} must be a number"
         )
-    scaling = raw.get("rope_scaling") or {}
-    rope_kind = rope.get("rope_type") or (
-        scaling.get("rope_type") if isinstance(scaling, dict) else None
-    )
-    rope_args = rope if rope.get("rope_type") else (scaling if isinstance(scaling, dict) else {})
-    if rope_kind not in (None, "default", "linear", "llama3"):
-        raise ModelLoadError(
-            f"{where}: RoPE scaling '{rope_kind}' is not supported",
-            hint="aprtrace implements plain RoPE, 'linear' and 'llama3' scaling",
+    scaling = raw.get("rope_scaling") if isinstance(raw.get("rope_scaling"), dict) else {}
+    # v5 keeps the kind in rope_parameters, v4 in rope_scaling (Phi-3 128k spells it "type");
+    # a scaling kind in either is honoured or refused, never dropped.
+    kinds = [
+        (kind, args)
+        for kind, args in (
+            (rope.get("rope_type"), rope),
+            (scaling.get("rope_type") or scaling.get("type"), scaling),
         )
+        if kind not in (None, "default")
+    ]
+    for kind, _ in kinds:
+        if kind not in ("linear", "llama3"):
+            feature = _ROPE_FEATURES.get(kind, f"RoPE scaling '{kind}'")
+            raise ModelLoadError(
+                f"{where}: {feature} is not supported (config.json rope_type '{kind}')",
+                hint="aprtrace implements plain RoPE, 'linear' and 'llama3' scaling",
+            )
+    rope_kind, rope_args = kinds[0] if kinds else (None, {})
+    _refuse_unsupported_config(raw, architecture, where)
     linear_factor = _scaling_number(rope_args, "factor", where) if rope_kind == "linear" else 1.0
     tied = "lm_head.weight" not in tensors or bool(raw.get("tie_word_embeddings", False))
     num_layers = integer("num_hidden_layers")
@@ -238,16 +248,93 @@ def hf_config(raw: dict, tensors: dict[str, LazyTensor], where: str) -> ModelCon
         head_dim=integer("head_dim", hidden // heads if heads else 0),
         rope_theta=float(rope_theta) if rope_theta is not None else 10000.0,
         rope_linear_factor=linear_factor,
-        rms_norm_eps=number("rms_norm_eps", 1e-6),
+        # StableLM spells it layer_norm_eps, StarCoder2 norm_epsilon (both LayerNorm).
+        rms_norm_eps=number("rms_norm_eps", number("layer_norm_eps", number("norm_epsilon", 1e-6))),
         max_position_embeddings=integer("max_position_embeddings", 2048),
         tie_word_embeddings=tied,
         qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
         qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
         bos_token_id=_token_id(raw.get("bos_token_id")),
         eos_token_id=_token_id(raw.get("eos_token_id")),
-        **hf_config_fields(architecture, raw, num_layers, where),
+        **(
+            {
+                "sliding_window": _sliding_window(raw, architecture, where),
+                "partial_rotary_factor": _partial_rotary(raw, rope, where),
+                "embedding_multiplier": number("embedding_multiplier", 1.0),
+                "residual_multiplier": number("residual_multiplier", 1.0),
+                "attention_multiplier": number("attention_multiplier", 0.0) or None,
+                "logits_scaling": number("logits_scaling", 1.0),
+            }
+            | hf_config_fields(architecture, raw, num_layers, where)  # Gemma's own reading
+        ),
         **moe,
     ).validate(where)
+
+
+_ROPE_FEATURES = {
+    "longrope": "LongRoPE scaling (Phi-3 128k)",
+    "su": "LongRoPE scaling (Phi-3 128k, 'su')",
+    "yarn": "YaRN RoPE scaling",
+    "dynamic": "dynamic NTK RoPE scaling",
+}
+
+
+# The MLP activation each module computes (transformers' ACT2FN names of the same function).
+_ACTIVATIONS = {"starcoder2": ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")}
+_OWN_ACTIVATION_CHECK = ("gemma2", "gemma3")  # mapping.gemma checks hidden_activation
+
+
+def _refuse_unsupported_config(raw: dict, architecture: str, where: str) -> None:
+    """Config switches that change the math in ways aprtrace does not implement."""
+    refusals = [
+        (
+            architecture in ("qwen2", "qwen3") and bool(raw.get("use_sliding_window")),
+            "Qwen sliding-window layers (use_sliding_window, max_window_layers)",
+        ),
+        (bool(raw.get("kv_lora_rank")), "multi-head latent attention (MLA, kv_lora_rank)"),
+        (
+            raw.get("layer_types") is not None and architecture == "olmo2",
+            "per-layer attention types",
+        ),
+        (
+            bool(raw.get("use_parallel_residual")),
+            "parallel attention/MLP residual (StableLM 2 12B)",
+        ),
+        (bool(raw.get("qk_layernorm")), "per-head Q/K LayerNorm (StableLM 2 12B)"),
+    ]
+    act = raw.get("hidden_act", raw.get("hidden_activation"))
+    allowed = _ACTIVATIONS.get(architecture, ("silu", "swish"))
+    if act is not None and act not in allowed and architecture not in _OWN_ACTIVATION_CHECK:
+        refusals.append(
+            (True, f"MLP activation '{act}' for {architecture} (aprtrace: {allowed[0]})")
+        )
+    for refused, feature in refusals:
+        if refused:
+            raise ModelLoadError(
+                f"{where}: {feature} is not supported",
+                hint="see the README's list of supported architectures and features",
+            )
+
+
+def _sliding_window(raw: dict, architecture: str, where: str) -> int | None:
+    """Mistral's and Phi-3's attention window (a query sees the last N positions)."""
+    if architecture in ("qwen2", "qwen3"):  # only with use_sliding_window, which is refused
+        return None
+    value = raw.get("sliding_window")
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelLoadError(f"{where}: config.json sliding_window = {value!r} is invalid")
+    return value
+
+
+def _partial_rotary(raw: dict, rope: dict, where: str) -> float:
+    value = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelLoadError(f"{where}: config.json partial_rotary_factor = {value!r} is invalid")
+    return float(value)
 
 
 def _token_id(value: Any) -> int | None:
@@ -282,7 +369,7 @@ def _add_llama3_rope_factors(
     stores as ``rope_freqs.weight``, so safetensors and GGUF feed the forward pass alike."""
     rope = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
     scaling = raw.get("rope_scaling") if isinstance(raw.get("rope_scaling"), dict) else {}
-    args = rope if rope.get("rope_type") else scaling
+    args = rope if rope.get("rope_type") == "llama3" else scaling
     if args.get("rope_type") != "llama3":
         return
     low = _scaling_number(args, "low_freq_factor", where)
@@ -328,6 +415,7 @@ def load_safetensors(path: Path) -> Model:
     _add_llama3_rope_factors(raw_config, config, tensors, str(path))
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    split_fused(tensors, config, str(path))
     check_tensors(tensors, config, str(path))
     tokenizer = None
     if (directory / "tokenizer.json").exists():

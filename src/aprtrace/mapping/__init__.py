@@ -12,8 +12,13 @@ Adding an architecture: a module beside ``llama.py`` with its ``GLOBAL`` / ``LAY
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, MutableMapping
+from typing import Any
 
-from aprtrace.mapping import gemma, llama, moe
+import numpy as np
+
+from aprtrace.errors import ModelLoadError
+from aprtrace.mapping import gemma, llama, moe, olmo2, phi3, starcoder2
 
 # architecture -> (global names, per-layer names); GGUF short name -> HF module path.
 _TABLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
@@ -25,6 +30,11 @@ _TABLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "mixtral": (moe.GLOBAL, moe.LAYER),
     "gemma2": (gemma.GLOBAL, gemma.LAYER),
     "gemma3": (gemma.GLOBAL, gemma.LAYER),
+    "phi3": (phi3.GLOBAL, phi3.LAYER),
+    "olmo2": (olmo2.GLOBAL, olmo2.LAYER),
+    "granite": (llama.GLOBAL, llama.LAYER),
+    "stablelm": (llama.GLOBAL, llama.LAYER),
+    "starcoder2": (llama.GLOBAL, starcoder2.LAYER),
 }
 # architecture -> what a GGUF adds to its RMSNorm weights (Gemma's stored ``w + 1``).
 _GGUF_NORM_OFFSETS = {"gemma2": gemma.NORM_OFFSET, "gemma3": gemma.NORM_OFFSET}
@@ -120,14 +130,93 @@ def is_norm_weight(hf_name: str) -> bool:
     return gemma.is_offset_norm(hf_name)
 
 
+# Fused Hugging Face modules -> the Llama modules they hold, in row order. Loading splits any
+# of them it finds (Phi-3 checkpoints, GGUF ``attn_qkv``, aprender's APR); writers and the
+# transformers engine fuse them again for the architectures that store them fused.
+FUSED: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+_STORED_FUSED: dict[str, tuple[str, ...]] = {"phi3": ("self_attn.qkv_proj", "mlp.gate_up_proj")}
+_HF_FUSED = re.compile(
+    r"^(model\.layers\.\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.(weight|bias)$"
+)
+
+
+def part_rows(cfg: Any, fused: str) -> tuple[int, ...]:
+    """Rows of each part of the fused module ``fused`` for config ``cfg``."""
+    if fused == "self_attn.qkv_proj":
+        return (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)
+    return (cfg.intermediate_size, cfg.intermediate_size)
+
+
+def stored_fused(arch: str) -> tuple[str, ...]:
+    """The fused modules a checkpoint of ``arch`` holds (Phi-3: qkv_proj, gate_up_proj)."""
+    return _STORED_FUSED.get(arch, ())
+
+
+def split_fused(tensors: MutableMapping[str, Any], cfg: Any, where: str) -> None:
+    """Replace every fused ``qkv_proj`` / ``gate_up_proj`` LazyTensor by zero-copy row slices
+    under the Llama names (q/k/v_proj, gate/up_proj), checking the row counts against ``cfg``."""
+    from aprtrace import quant
+    from aprtrace.model import LazyTensor
+
+    for name in [n for n in tensors if _HF_FUSED.match(n)]:
+        prefix, module, kind = _HF_FUSED.match(name).groups()
+        fused = tensors.pop(name)
+        rows = part_rows(cfg, module)
+        if fused.shape[0] != sum(rows):
+            raise ModelLoadError(
+                f"{where}: fused '{name}' has {fused.shape[0]} rows, the config needs "
+                f"{' + '.join(map(str, rows))} ({', '.join(FUSED[module])})"
+            )
+        if len(fused.shape) == 2:
+            per_row = quant.row_bytes(fused.qtype, fused.shape[1])
+        elif fused.qtype in ("F32", "F16", "BF16"):
+            per_row = 4 if fused.qtype == "F32" else 2
+        else:
+            raise ModelLoadError(f"{where}: cannot split a {fused.qtype} fused bias '{name}'")
+        raw = fused.raw.reshape(-1)
+        start = 0
+        for part, n_rows in zip(FUSED[module], rows, strict=True):
+            part_name = f"{prefix}.{part}.{kind}"
+            if part_name in tensors:
+                raise ModelLoadError(f"{where}: both fused '{name}' and '{part_name}' are present")
+            chunk = raw[start * per_row : (start + n_rows) * per_row]
+            shape = (n_rows, *fused.shape[1:])
+            tensors[part_name] = LazyTensor(part_name, shape, fused.qtype, chunk, fused.where)
+            start += n_rows
+
+
+def fuse(tensors: Mapping[str, np.ndarray], arch: str) -> dict[str, np.ndarray]:
+    """Hugging Face float arrays with the parts of ``arch``'s stored-fused modules
+    concatenated (q/k/v_proj -> qkv_proj, ...); other tensors pass through."""
+    out = dict(tensors)
+    for fused in stored_fused(arch):
+        parts = FUSED[fused]
+        for name in [n for n in tensors if f".{parts[0]}." in n]:
+            names = [name.replace(f".{parts[0]}.", f".{p}.") for p in parts]
+            if not all(n in out for n in names):
+                continue
+            out[name.replace(f".{parts[0]}.", f".{fused}.")] = np.concatenate(
+                [np.asarray(out.pop(n)) for n in names]
+            )
+    return out
+
+
 __all__ = [
+    "FUSED",
     "apr_metadata_fields",
+    "fuse",
     "gguf_config_fields",
-    "hf_config_fields",
-    "hf_global_rope",
     "gguf_norm_offset",
     "gguf_qk_permuted",
     "gguf_to_hf",
+    "hf_config_fields",
+    "hf_global_rope",
     "hf_to_gguf",
     "is_norm_weight",
+    "part_rows",
+    "split_fused",
+    "stored_fused",
 ]

@@ -1,7 +1,8 @@
 """Llama-family names: llama.cpp's GGUF tensor names -> Hugging Face module names.
 
-llama.cpp's converter permutes the Q/K rows of ``llama`` models for its adjacent-pair RoPE
-(``LLAMA_ROPE_TYPE_NORM``); Qwen2/Qwen3 use NeoX RoPE and keep Hugging Face's row order.
+llama.cpp's converter permutes the Q/K rows of ``llama`` and ``granite`` models for its
+adjacent-pair RoPE (``LLAMA_ROPE_TYPE_NORM``); Qwen2/Qwen3 use NeoX RoPE and keep Hugging
+Face's row order. Granite uses these tables unchanged.
 """
 
 from __future__ import annotations
@@ -26,4 +27,4 @@ LAYER = {
     "ffn_down": "mlp.down_proj",
 }
 # Architectures whose GGUF Q/K rows are in llama.cpp's permuted (adjacent-pair) order.
-QK_PERMUTED = frozenset({"llama"})
+QK_PERMUTED = frozenset({"llama", "granite"})
