@@ -45,6 +45,7 @@ from aprtrace.engines.llamacpp import LlamaCppEngine  # noqa: E402
 
 PROMPT = "What is 2+2? The quick brown fox."
 F32_COSINE = 0.99999
+ISSUE10_ARCHS = ("phi3", "olmo2")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -93,6 +94,46 @@ def test_f32_every_stage_matches_numpy(tiny, arch):
     # lm_head (row of result_output) is bit-identical to llama.cpp's own get_logits
     np.testing.assert_array_equal(got[(Stage.LM_HEAD, None)], logits)
     assert int(np.argmax(logits)) == int(np.argmax(ref_logits))
+
+
+@pytest.fixture(scope="module")
+def tiny_issue10(tmp_path_factory):
+    """Phi-3 (fused Q|K|V and gate|up, partial RoPE) and OLMo 2 (no pre-norms, post-norms,
+    whole-projection Q/K norms) as tiny F32 GGUFs, built by the architecture tests' helper
+    (transformers models, no sliding window: this llama.cpp build ignores Phi-3's)."""
+    pytest.importorskip("transformers")
+    import hfref
+    from archref import build_files
+
+    root = tmp_path_factory.mktemp("llamacpp_issue10")
+    built = build_files(ISSUE10_ARCHS, hfref.tiny_tokenizer(), root, windowed=False)
+    return {arch: built[(arch, "gguf-F32")][0] for arch in ISSUE10_ARCHS}
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("arch", ISSUE10_ARCHS)
+def test_f32_phi3_olmo2_every_stage_matches_numpy(tiny_issue10, arch):
+    """Every stage of every layer, including the ones llama.cpp's builders leave unnamed
+    (Phi-3's residual: the input of its FFN norm; the output projections) and the split ones
+    (Phi-3's fused projections)."""
+    path = tiny_issue10[arch]
+    model = load_model(path)
+    ids = llamacpp.tokenize(model, PROMPT)
+    ref, ref_order, ref_logits = run(forward, model, ids)
+    got, order, logits = run(LlamaCppEngine(), model, ids)
+    assert [k for k in ref_order if k[0] is not Stage.FFN_SILU] == order
+    assert llamacpp.not_captured(model.config) == ["ffn_silu"]
+    for key, values in got.items():
+        assert values.shape == ref[key].shape, key
+        assert cosine(ref[key], values) >= F32_COSINE, key
+        assert np.abs(values - ref[key]).max() <= 5e-3 * float(np.abs(ref[key]).max()), key
+    assert int(np.argmax(logits)) == int(np.argmax(ref_logits))
+    nodes = [n["name"] for n in llamacpp.list_nodes(str(path), [1, 2, 3])]
+    if arch == "phi3":
+        assert "wqkv-0" in nodes and "ffn_gate-0" not in nodes  # fused: split here
+        assert "ffn_inp-0" not in nodes  # the residual is unnamed: read as an input
+    else:
+        assert "attn_norm-0" not in nodes and "ffn_post_norm" in nodes
 
 
 def test_node_table_names_nodes_the_graph_has(tiny):
@@ -522,6 +563,7 @@ def test_unknown_cyllama_is_refused_with_the_expected_version(tiny, monkeypatch)
 
 def test_unmapped_architecture_and_non_gguf_are_clear_errors(tiny, tmp_path, monkeypatch):
     mapped = {"llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "mixtral", "gemma2", "gemma3"}
+    mapped |= {"phi3", "olmo2"}
     assert mapped <= set(llamacpp.ARCHITECTURES)
     # An architecture without a node table is refused by name, before llama.cpp runs, exit 5.
     monkeypatch.delitem(llamacpp.ARCHITECTURES, "gemma2")

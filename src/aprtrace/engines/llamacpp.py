@@ -166,6 +166,31 @@ GEMMA_NODES: dict[Stage, Source] = {
 }
 GEMMA2_NODES = {**GEMMA_NODES, Stage.ATTN_SCORES: Source(("kq_scaled_2",))}
 
+# Phi-3 (models/phi3.cpp): one fused projection `wqkv`; `Qcur` is set on its view, after the
+# RoPE and after the query scale (so the RoPE output is the second of three, and `kq` is
+# already scaled); the output projection is the unnamed node after `kqv_out`, the attention
+# residual the unnamed input of the norm under `ffn_norm` (in the last layer llama.cpp puts
+# its output-row selection between the two, so it is not a fixed number of nodes after);
+# the fused gate|up projection is `ffn_up` (gate first, as Hugging Face's gate_up_proj), its
+# SwiGLU `ffn_swiglu`.
+PHI3_NODES: dict[Stage, Source] = {
+    **LLAMA_NODES,
+    Stage.QKV_MATMUL: Source(("wqkv",)),
+    Stage.Q_POST_ROPE: Source(("Qcur",), "#1"),
+    Stage.ATTN_OUT: Source(("kqv_out",), follows=1),
+    Stage.POST_ATTN_RESIDUAL: Source(("ffn_norm",), input=2),
+    Stage.FFN_GATE: Source(("ffn_up",), half=0),
+    Stage.FFN_UP: Source(("ffn_up",), half=1),
+}
+# OLMo 2 (models/olmo2.cpp): no pre-norms; Q/K norms over the whole projection
+# (`Qcur_normed`), then the RoPE'd `Qcur`; post-norms `attn_post_norm` and `ffn_post_norm`
+# (the latter without a layer number, as Gemma 2's).
+OLMO2_NODES: dict[Stage, Source] = {
+    **QWEN_NODES,
+    Stage.POST_ATTN_NORM: Source(("attn_post_norm",)),
+    Stage.POST_FFN_NORM: Source(("ffn_post_norm",)),
+}
+
 ARCHITECTURES: dict[str, ArchNodes] = {
     "llama": ArchNodes(LLAMA_NODES),
     "qwen2": ArchNodes(QWEN_NODES),
@@ -175,6 +200,8 @@ ARCHITECTURES: dict[str, ArchNodes] = {
     "mixtral": ArchNodes({**LLAMA_NODES, **_MOE_NODES}),
     "gemma2": ArchNodes(GEMMA2_NODES, scores_scaled=True),
     "gemma3": ArchNodes(GEMMA_NODES, scores_scaled=True),
+    "phi3": ArchNodes(PHI3_NODES, scores_scaled=True),
+    "olmo2": ArchNodes(OLMO2_NODES),
 }
 
 
