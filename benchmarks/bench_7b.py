@@ -134,6 +134,15 @@ def synthesize(path: Path, shapes: dict = QWEN25_7B, seed: int = SEED) -> Path:
     writer.add_token_list(tokens)
     writer.add_token_types([int(gguf.TokenType.NORMAL)] * len(tokens))
     writer.add_token_merges(merges)
+    return write_tensors(writer, plan, tmp, path, rng=np.random.default_rng(seed))
+
+
+def write_tensors(writer, plan, tmp: Path, path: Path, rng, f32_values=None) -> Path:
+    """Write ``plan``'s tensor infos and random data after ``writer``'s metadata, then move
+    ``tmp`` to ``path``. ``f32_values(rng, name, n)`` makes the F32 tensors."""
+    import gguf
+
+    f32_values = f32_values or _f32_values
     for name, shape, qtype in plan:
         if qtype == "F32":
             writer.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype))
@@ -154,11 +163,10 @@ def synthesize(path: Path, shapes: dict = QWEN25_7B, seed: int = SEED) -> Path:
     # multiple of the alignment, zero-padded.
     fout = writer.fout[0]
     alignment = writer.data_alignment
-    rng = np.random.default_rng(seed)
     for name, shape, qtype in plan:
         fout.write(b"\0" * (-fout.tell() % alignment))
         if qtype == "F32":
-            _f32_values(rng, name, int(np.prod(shape))).tofile(fout)
+            f32_values(rng, name, int(np.prod(shape))).tofile(fout)
             continue
         n_blocks = int(np.prod(shape)) // Q8_0_BLOCK
         for start in range(0, n_blocks, WRITE_CHUNK_BLOCKS):

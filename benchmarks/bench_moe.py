@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import BENCH_CACHE, aprtrace_command, measure_command
-from benchmarks.bench_7b import Q8_0_BLOCK, WRITE_CHUNK_BLOCKS, _f32_values, _nbytes, _q8_0_blocks
+from benchmarks.bench_7b import _f32_values, _nbytes, write_tensors
 
 QWEN3_30B_A3B = dict(
     layers=48,
@@ -113,36 +113,8 @@ def synthesize(path: Path, layers: int, shapes: dict = QWEN3_30B_A3B, seed: int 
     writer.add_expert_count(shapes["experts"])
     writer.add_expert_used_count(shapes["experts_used"])
     writer.add_expert_feed_forward_length(shapes["moe_intermediate"])
-    for name, shape, qtype in plan:
-        if qtype == "F32":
-            writer.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype))
-        else:
-            byte_shape = (*shape[:-1], shape[-1] // Q8_0_BLOCK * 34)
-            writer.add_tensor_info(
-                name,
-                byte_shape,
-                np.dtype(np.uint8),
-                _nbytes(shape, qtype),
-                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
-            )
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    fout = writer.fout[0]
-    alignment = writer.data_alignment
     rng = np.random.default_rng(seed)
-    for name, shape, qtype in plan:
-        fout.write(b"\0" * (-fout.tell() % alignment))
-        if qtype == "F32":
-            _f32_tensor(rng, name, int(np.prod(shape))).tofile(fout)
-            continue
-        n_blocks = int(np.prod(shape)) // Q8_0_BLOCK
-        for start in range(0, n_blocks, WRITE_CHUNK_BLOCKS):
-            _q8_0_blocks(rng, min(WRITE_CHUNK_BLOCKS, n_blocks - start)).tofile(fout)
-    fout.write(b"\0" * (-fout.tell() % alignment))
-    writer.close()
-    tmp.replace(path)
-    return path
+    return write_tensors(writer, plan, tmp, path, rng=rng, f32_values=_f32_tensor)
 
 
 @dataclass

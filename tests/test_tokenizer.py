@@ -334,6 +334,29 @@ def load_gguf_tokenizer(path: Path):
 # --- Builder unit tests (hand-computed expectations) -----------------------------------------
 
 
+def test_cached_merges_equal_the_recovered_ones_and_a_damaged_cache_is_ignored(
+    tmp_path, monkeypatch
+):
+    from aprtrace.tokenizer import cached_merges_from_scores
+
+    monkeypatch.setenv("APRTRACE_CACHE", str(tmp_path))
+    tokens = ["a", "b", "c", "ab", "bc", "abc", "\n", "\n\n"]
+    scores = [0.0, 0.0, 0.0, -1.0, -0.5, -2.0, 0.0, -3.0]
+    expected = merges_from_scores(tokens, scores)
+    assert cached_merges_from_scores(tokens, scores) == expected  # computed, then stored
+    (cached,) = (tmp_path / "tokenizer-merges").iterdir()
+    assert cached.stat().st_size == 8 * len(expected)
+    assert cached_merges_from_scores(tokens, scores) == expected  # read back
+    # Another vocabulary never reads this entry; a damaged entry is recomputed.
+    assert cached_merges_from_scores(tokens, scores[:-1] + [-4.0]) == merges_from_scores(
+        tokens, scores[:-1] + [-4.0]
+    )
+    cached.write_bytes(b"\xff" * 8 * len(expected))  # ids out of range
+    assert cached_merges_from_scores(tokens, scores) == expected
+    cached.write_bytes(b"\x00" * 5)  # not whole pairs
+    assert cached_merges_from_scores(tokens, scores) == expected
+
+
 def test_merges_from_scores_rank_by_score_then_length():
     tokens = ["a", "b", "c", "ab", "bc", "abc"]
     scores = [0, 0, 0, -1.0, -0.5, -2.0]

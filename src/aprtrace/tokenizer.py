@@ -21,6 +21,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from aprtrace.errors import InvalidFormatError, ModelLoadError, ValidationError
@@ -151,6 +152,57 @@ def merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[t
     return [(m[4], m[5]) for m in found]
 
 
+# Bump when merges_from_scores changes what it returns: cached merge lists are keyed by it.
+_MERGES_ALGORITHM = b"merges_from_scores v1"
+
+
+def cached_merges_from_scores(
+    tokens: Sequence[str], scores: Sequence[float]
+) -> list[tuple[str, str]]:
+    """``merges_from_scores``, remembered on disk per vocabulary.
+
+    Recovering the merges of a 262,144-token vocabulary (Gemma 3) costs about 2-4 s of pure
+    Python, 80% of a whole Gemma 3 270M trace; the cached list (token-id pairs, int32) loads in
+    milliseconds. The key is the sha256 of the algorithm version, every token and every
+    score, so any change of vocabulary or algorithm misses. A damaged or unwritable cache
+    only costs the recomputation (benchmarks/RESULTS.md, "Tokenizer").
+    """
+    import hashlib
+
+    from aprtrace.trace import cache_dir
+
+    digest = hashlib.sha256(_MERGES_ALGORITHM)
+    digest.update("\x00".join(tokens).encode("utf-8", "surrogatepass"))
+    digest.update(np.asarray(scores, dtype=np.float64).tobytes())
+    path = cache_dir() / "tokenizer-merges" / f"{digest.hexdigest()}.i32"
+    ids = _read_merge_ids(path, len(tokens))
+    if ids is not None:
+        return [(tokens[left], tokens[right]) for left, right in ids.tolist()]
+    pairs = merges_from_scores(tokens, scores)
+    index = {tok: i for i, tok in enumerate(tokens)}
+    flat = np.array([index[t] for pair in pairs for t in pair], dtype="<i4")
+    try:
+        from aprtrace.atomic import write_bytes_atomic
+
+        write_bytes_atomic(path, flat.tobytes())
+    except OSError:
+        pass  # a read-only home: recompute next time
+    return pairs
+
+
+def _read_merge_ids(path: Path, n_tokens: int) -> np.ndarray | None:
+    """The cached ``[n, 2]`` token-id pairs at ``path``, or None if absent or not valid."""
+    try:
+        if not path.is_file() or path.stat().st_size % 8 or path.stat().st_size > 64 << 20:
+            return None
+        ids = np.fromfile(path, dtype="<i4").reshape(-1, 2)
+    except (OSError, ValueError):
+        return None
+    if ids.size and (ids.min() < 0 or ids.max() >= n_tokens):
+        return None
+    return ids
+
+
 def _add_marked_tokens(
     tok: Tokenizer, tokens: Sequence[str], token_types: Sequence[int] | None, byte_level: bool
 ) -> None:
@@ -260,7 +312,7 @@ def _sentencepiece_bpe(
     if merges is not None:
         pairs = _merge_pairs(merges, where)
     elif scores is not None:
-        pairs = merges_from_scores(tokens, scores)
+        pairs = cached_merges_from_scores(tokens, scores)
     else:
         raise InvalidFormatError(f"{where}: a SentencePiece (llama) tokenizer needs scores")
     vocab = {token: i for i, token in enumerate(tokens)}
