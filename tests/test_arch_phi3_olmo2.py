@@ -305,10 +305,9 @@ def test_unknown_activation_is_refused(files, tmp_path):
         load_model(path)
 
 
-def test_teacher_forcing_covers_phi3_and_says_so_for_olmo2(files, token_ids, tmp_path):
-    """Phi-3 runs Llama's stage functions (split weights, partial rotary, window): a dump
-    localized against its own model has zero local and inherited error everywhere; OLMo 2's
-    rows say teacher forcing is not implemented."""
+def test_teacher_forcing_covers_phi3_and_olmo2(files, token_ids, tmp_path):
+    """Phi-3 (split weights, partial rotary, window) and OLMo 2 (post-norms only): a dump
+    localized against its own model has zero local and inherited error everywhere."""
     from aprtrace.diff import diff_dirs
     from aprtrace.localize import localize
     from aprtrace.plan import make_plan
@@ -332,8 +331,12 @@ def test_teacher_forcing_covers_phi3_and_says_so_for_olmo2(files, token_ids, tmp
     assert "layer 0 qkv_matmul" in local and "layer 0 attn_softmax" not in local, local
     olmo = files[("olmo2", "gguf-F32")][0]
     o = dump(olmo, tmp_path / "o")
-    loc = localize(diff_dirs(o, o), load_model(olmo))
-    assert all("not implemented for olmo2" in s.note for s in loc.stages.values())
+    same = diff_dirs(o, o)
+    loc = localize(same, load_model(olmo))
+    assert len(same.pairs) == 1 + 16 * 3 + 2
+    for p in same.pairs:
+        s = loc.get(p)
+        assert s.note is None and (s.local_rel_l2, s.inherited_rel_l2) == (0.0, 0.0), p.key.label
 
 
 @pytest.mark.parametrize("arch", ["phi3", "olmo2", "granite", "stablelm", "starcoder2", "mistral"])

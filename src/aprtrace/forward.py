@@ -4,7 +4,9 @@
 
 The math of each block lives in its architecture module (``aprtrace.arch``), with one
 ``emit(stage, layer, buffer)`` right under the line that computes ``buffer``; the caller
-routes it to ``maybe_save_stage`` and the statistics table. Buffers are already in the
+routes it to ``maybe_save_stage`` and the statistics table. A block continues from what its
+emit returns (``x = emit(Stage.X, layer, x)``): here the buffer itself (``passing``), in
+teacher forcing (``aprtrace.localize``) the dumped buffer of another run. Buffers are already in the
 APRT layout: token-major ``[seq, dim]``, attention maps ``[heads, seq, seq]``, logits
 ``[vocab]``.
 
@@ -20,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from aprtrace.arch import KVCache, PassContext, architecture_of
-from aprtrace.arch.base import Emit, Wants, no_emit, wants_everything, wants_nothing
+from aprtrace.arch.base import Emit, Wants, no_emit, passing, wants_everything, wants_nothing
 from aprtrace.arch.ops import SHORT_PROMPT, one_blas_thread
 from aprtrace.config import ModelConfig
 from aprtrace.errors import InferenceError, ValidationError
@@ -80,9 +82,10 @@ def run_layers(
         hidden = arch.embed(model, ids)
         emit(Stage.EMBEDDING, 0, hidden)
 
+        layer_emit = passing(emit)
         for layer in range(cfg.num_layers):
             weights = arch.load_layer(model, layer)
-            hidden = arch.layer(cfg, weights, hidden, layer, ctx, emit)
+            hidden = arch.layer(cfg, weights, hidden, layer, ctx, layer_emit)
             del weights
             if progress is not None:
                 progress(layer + 1, cfg.num_layers)

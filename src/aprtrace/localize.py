@@ -10,15 +10,21 @@ pass and the weights of MODEL (the model B is supposed to run) and splits B's er
 Both are measured against ``||A_k||`` like ``rel_l2`` (= ``||A_k - B_k|| / ||A_k||``), so
 ``rel_l2 <= local + inherited``; ``local_share = local / (local + inherited)``.
 
-The stage functions are the ones ``forward`` runs (``rms_norm``, ``qkv_projection``,
-``attention_scores``, ...), so a dump aprtrace wrote from MODEL reproduces bit for bit: its
-local errors are exactly 0. Weights are decoded one layer at a time, in forward order.
+f_k is the architecture module's own block (``aprtrace.arch``), run for each layer with an
+emit that hands back B's dumped buffer of every stage in place of the one just computed: each
+line of the block then reads B's values, and the buffer it computed is f_k(x_B). Which files
+a stage reads comes from the stage graph (``aprtrace.stages``); a stage whose inputs B did not
+dump gets the note "inputs not dumped: ..." instead of numbers. There is no per-architecture
+code here, so every registered architecture is localized, and a dump aprtrace wrote from MODEL
+reproduces bit for bit: its local errors are exactly 0. Weights are decoded one layer at a
+time, in forward order. MoE stages of the last position only (router, indices, output) are
+computed from B's ffn_norm; the block output added to the residual uses aprtrace's routing
+of every position, as B's full mixture is not dumped.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,32 +33,13 @@ import numpy as np
 from aprtrace.aprt import read_aprt
 from aprtrace.arch import architecture_of
 from aprtrace.arch.base import PassContext
-from aprtrace.arch.llama import (
-    LayerWeights,
-    Llama,
-    add_qkv_bias,
-    norm_and_rope,
-    qkv_projection,
-    split_qkv,
-)
-from aprtrace.arch.ops import (
-    SHORT_PROMPT,
-    attend,
-    attention_mask,
-    attention_scores,
-    linear,
-    masked_softmax,
-    one_blas_thread,
-    rms_norm,
-    silu,
-)
-from aprtrace.arch.phi3 import Phi3
+from aprtrace.arch.ops import SHORT_PROMPT, one_blas_thread
 from aprtrace.config import ModelConfig
 from aprtrace.diff import DirDiff, PairResult
 from aprtrace.errors import ValidationError
 from aprtrace.forward import LM_HEAD_CHUNK
 from aprtrace.model import Model
-from aprtrace.stages import Stage, stage_from_file_stem, stage_shape
+from aprtrace.stages import Stage, computes, stage_from_file_stem, stage_inputs, stage_shape
 
 # Sizes that must agree between MODEL and the config in B's manifest.
 _SHAPE_KEYS = (
@@ -66,9 +53,6 @@ _SHAPE_KEYS = (
 )
 # Settings that do not change shapes but do change the math of some stages.
 _MATH_KEYS = ("rope_theta", "rope_linear_factor", "rms_norm_eps", "qkv_bias", "qk_norm")
-# Architectures whose stages are exactly the Llama functions below (Phi-3's fused weights are
-# split on load; partial rotary and the window are in the RoPE tables and the mask).
-TEACHER_FORCED = Llama.names + Phi3.names
 # Stages whose function multiplies by a weight matrix that quantization changes.
 WEIGHT_STAGES = frozenset(s for s in Stage if s.spec.weights == "matrix")
 
@@ -130,8 +114,16 @@ class _MissingInput(Exception):
         self.rel = rel
 
 
+class _NotComputed(Exception):
+    """The architecture does not compute the stage (a file B should not have)."""
+
+
 def _layer_rel(layer: int, stage: str) -> str:
     return f"layer-{layer}/{stage}.bin"
+
+
+def _rel(layer: int | None, stage: Stage) -> str:
+    return _layer_rel(layer, stage.value) if stage.per_layer else f"{stage.value}.bin"
 
 
 def _expected_shape(cfg: ModelConfig, seq: int, stage: Stage) -> tuple[int, ...]:
@@ -139,7 +131,7 @@ def _expected_shape(cfg: ModelConfig, seq: int, stage: Stage) -> tuple[int, ...]
 
 
 class _Context:
-    """B's dump, the model, and the weights of the layer being localized."""
+    """B's dump, the model, and the teacher-forced run of the layer being localized."""
 
     def __init__(self, model: Model, dump: Path, seq: int, token_ids: list[int] | None):
         self.model = model
@@ -148,40 +140,24 @@ class _Context:
         self.seq = seq
         self.token_ids = token_ids
         self.arch = architecture_of(self.cfg)
-        positions = np.arange(seq)
-        self.pass_context = PassContext(model, positions)
-        self.cos, self.sin = self.arch.default_rope(self.pass_context)
-        self.mask = attention_mask(positions, positions, self.cfg.sliding_window)
+        self.pass_context = PassContext(model, np.arange(seq))
         self._layer: int | None = None
-        self._weights: LayerWeights | None = None
+        self._computed: dict[Stage, np.ndarray] | None = None
         self._cache: dict[str, np.ndarray] = {}
-        self.used: list[str] = []
-
-    @property
-    def eps(self) -> float:
-        return self.cfg.rms_norm_eps
 
     def enter(self, layer: int | None) -> None:
         """Move to the pairs of ``layer``: keep only what the next stages may still read."""
         if layer == self._layer:
             return
-        self._layer, self._weights = layer, None
+        self._layer, self._computed = layer, None
         keep = _layer_rel(layer - 1, "post_ffn_residual") if layer else None
         self._cache = {k: v for k, v in self._cache.items() if k == keep}
-
-    def weights(self, layer: int) -> LayerWeights:
-        """The current layer's weights, decoded on first use (one layer in memory)."""
-        assert layer == self._layer
-        if self._weights is None:
-            self._weights = self.arch.load_layer(self.model, layer)
-        return self._weights
 
     def has(self, rel: str) -> bool:
         return (self.dump / rel).is_file()
 
     def read(self, rel: str, stage: Stage) -> np.ndarray:
-        """B's ``rel`` as float32 in the shape ``forward`` gives it, checked against MODEL."""
-        self.used.append(rel)
+        """B's ``rel`` as float32 in the shape the stage graph gives it, checked against MODEL."""
         if rel in self._cache:
             return self._cache[rel]
         if not self.has(rel):
@@ -199,161 +175,78 @@ class _Context:
         self._cache[rel] = array
         return array
 
-    def layer_input(self, layer: int) -> np.ndarray:
+    def computed(self, layer: int) -> dict[Stage, np.ndarray]:
+        """Every stage of ``layer`` as the architecture computes it from B's inputs.
+
+        The architecture's own ``layer`` runs with an emit that records the buffer just
+        computed and hands back B's dumped buffer of that stage, so each line of the block
+        continues from B's values: the recorded buffer is f_k(x_B). A stage B did not dump
+        hands back the computed buffer; the stages reading it get a note instead (see
+        ``_inputs``). Stages kept for the last position only (MoE) feed nothing back.
+        """
+        assert layer == self._layer
+        if self._computed is None:
+            self._computed = {}
+            record = self._computed
+            rel, stage = self.layer_input(layer)
+            # Without it, the stages reading the layer input are noted; the rest need a buffer.
+            x = (
+                self.read(rel, stage)
+                if self.has(rel)
+                else np.zeros((self.seq, self.cfg.hidden_size), dtype=np.float32)
+            )
+
+            def substitute(stage: Stage, at: int | None, values: np.ndarray) -> np.ndarray:
+                record[stage] = np.array(values, dtype=np.float32, copy=True)
+                rel = _layer_rel(layer, stage.value)
+                if not self.has(rel):
+                    return values
+                dumped = self.read(rel, stage)
+                return dumped.reshape(values.shape) if dumped.size == values.size else values
+
+            weights = self.arch.load_layer(self.model, layer)
+            self.arch.layer(self.cfg, weights, x, layer, self.pass_context, substitute)
+        return self._computed
+
+    def layer_input(self, layer: int) -> tuple[str, Stage]:
+        """B's file holding the input of ``layer`` and its stage."""
         if layer == 0:
-            return self.read(_layer_rel(0, "embedding"), Stage.EMBEDDING)
-        return self.read(_layer_rel(layer - 1, "post_ffn_residual"), Stage.POST_FFN_RESIDUAL)
-
-    def qkv(self, layer: int) -> np.ndarray:
-        """The fused [Q|K|V] after the bias: B's qkv_bias, else B's qkv_matmul plus the bias."""
-        rel = _layer_rel(layer, "qkv_bias")
-        if self.has(rel):
-            return self.read(rel, Stage.QKV_BIAS)
-        qkv = self.read(_layer_rel(layer, "qkv_matmul"), Stage.QKV_MATMUL)
-        w = self.weights(layer)
-        return add_qkv_bias(self.cfg, w, qkv) if w.has_qkv_bias else qkv
+            return _layer_rel(0, "embedding"), Stage.EMBEDDING
+        return _layer_rel(layer - 1, "post_ffn_residual"), Stage.POST_FFN_RESIDUAL
 
 
-def _split(ctx: _Context, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return split_qkv(ctx.cfg, ctx.qkv(layer))
+def _inputs(ctx: _Context, stage: Stage, layer: int | None) -> tuple[str, ...]:
+    """B's files the stage graph says ``stage`` reads; raise for the first one not dumped."""
+    operands = stage_inputs(stage, layer, lambda s: computes(s, ctx.cfg), ctx.cfg.num_layers)
+    rels = []
+    for operand in operands:
+        if operand is None:
+            continue
+        rel = _rel(*operand)
+        if not ctx.has(rel):
+            raise _MissingInput(rel)
+        rels.append(rel)
+    return tuple(dict.fromkeys(rels))
 
 
-def _stage_functions() -> dict[Stage, Callable[[_Context, int], np.ndarray]]:
-    """f_k for every stage: B's inputs (read through the context) -> the stage's buffer."""
-
-    def b(stage: Stage) -> Callable[[_Context, int], np.ndarray]:
-        return lambda ctx, layer: ctx.read(_layer_rel(layer, stage.value), stage)
-
-    attn_norm, qkv_matmul, q_rope, k_rope = (
-        b(Stage.ATTN_NORM),
-        b(Stage.QKV_MATMUL),
-        b(Stage.Q_POST_ROPE),
-        b(Stage.K_POST_ROPE),
-    )
-    scores, probs, context, post_attn = (
-        b(Stage.ATTN_SCORES),
-        b(Stage.ATTN_SOFTMAX),
-        b(Stage.ATTENTION),
-        b(Stage.POST_ATTN_RESIDUAL),
-    )
-    ffn_norm, gate, up, silu_out, swiglu = (
-        b(Stage.FFN_NORM),
-        b(Stage.FFN_GATE),
-        b(Stage.FFN_UP),
-        b(Stage.FFN_SILU),
-        b(Stage.FFN_SWIGL),
-    )
-    w = _Context.weights
-
-    def rope(ctx: _Context, layer: int, part: int) -> np.ndarray:
-        x = _split(ctx, layer)[part]
-        norm = w(ctx, layer).q_norm if part == 0 else w(ctx, layer).k_norm
-        out = norm_and_rope(x, norm, ctx.eps, ctx.cos, ctx.sin)
-        return out.reshape(ctx.seq, -1)
-
-    def attention_scores_of(ctx: _Context, layer: int) -> np.ndarray:
-        q = q_rope(ctx, layer).reshape(ctx.seq, ctx.cfg.num_heads, ctx.cfg.head_dim)
-        k = k_rope(ctx, layer).reshape(ctx.seq, ctx.cfg.num_kv_heads, ctx.cfg.head_dim)
-        return attention_scores(q, k, ctx.cfg.attention_scale, ctx.mask)
-
-    def embedding(ctx: _Context, layer: int) -> np.ndarray:
+def _teacher_forced(ctx: _Context, stage: Stage, layer: int | None) -> np.ndarray:
+    """f_k(x_B): the stage's buffer computed by MODEL's architecture from B's inputs."""
+    arch, model = ctx.arch, ctx.model
+    if stage is Stage.EMBEDDING:
         if ctx.token_ids is None:
             raise _MissingInput("token ids (no manifest.json in either dump)")
-        return ctx.arch.embed(ctx.model, np.asarray(ctx.token_ids, dtype=np.int64))
-
-    def last_residual(ctx: _Context) -> np.ndarray:
+        return arch.embed(model, np.asarray(ctx.token_ids, dtype=np.int64))
+    if stage is Stage.FINAL_NORM:
         last = ctx.cfg.num_layers - 1
-        return ctx.read(_layer_rel(last, "post_ffn_residual"), Stage.POST_FFN_RESIDUAL)
-
-    return {
-        Stage.EMBEDDING: embedding,
-        Stage.ATTN_NORM: lambda c, i: rms_norm(c.layer_input(i), w(c, i).input_layernorm, c.eps),
-        Stage.QKV_MATMUL: lambda c, i: qkv_projection(w(c, i), attn_norm(c, i)),
-        Stage.QKV_BIAS: lambda c, i: add_qkv_bias(c.cfg, w(c, i), qkv_matmul(c, i)),
-        Stage.Q_POST_ROPE: lambda c, i: rope(c, i, 0),
-        Stage.K_POST_ROPE: lambda c, i: rope(c, i, 1),
-        Stage.ATTN_SCORES: attention_scores_of,
-        Stage.ATTN_SOFTMAX: lambda c, i: masked_softmax(scores(c, i), c.mask),
-        Stage.ATTENTION: lambda c, i: attend(probs(c, i), _split(c, i)[2]),
-        Stage.ATTN_OUT: lambda c, i: linear(context(c, i), w(c, i).o_proj, w(c, i).o_bias),
-        Stage.POST_ATTN_RESIDUAL: lambda c, i: c.layer_input(i) + b(Stage.ATTN_OUT)(c, i),
-        Stage.FFN_NORM: lambda c, i: rms_norm(
-            post_attn(c, i), w(c, i).post_attention_layernorm, c.eps
-        ),
-        Stage.FFN_GATE: lambda c, i: linear(ffn_norm(c, i), w(c, i).gate_proj, w(c, i).gate_bias),
-        Stage.FFN_UP: lambda c, i: linear(ffn_norm(c, i), w(c, i).up_proj, w(c, i).up_bias),
-        Stage.FFN_SILU: lambda c, i: silu(gate(c, i)),
-        Stage.FFN_SWIGL: lambda c, i: silu_out(c, i) * up(c, i),
-        Stage.FFN_OUT: lambda c, i: linear(swiglu(c, i), w(c, i).down_proj, w(c, i).down_bias),
-        Stage.POST_FFN_RESIDUAL: lambda c, i: post_attn(c, i) + b(Stage.FFN_OUT)(c, i),
-        Stage.FINAL_NORM: lambda c, i: c.arch.final_norm(c.model, last_residual(c)),
-        Stage.LM_HEAD: lambda c, i: c.arch.logits(
-            c.model, c.read(f"{Stage.FINAL_NORM.value}.bin", Stage.FINAL_NORM)[-1], LM_HEAD_CHUNK
-        ),
-    }
-
-
-def _gemma_stage_functions() -> dict[Stage, Callable[[_Context, int], np.ndarray]]:
-    """f_k of Gemma 2/3 (``aprtrace.arch.gemma``): (1 + w) norms, post-norms before each
-    residual add, per-layer RoPE base and window, soft-capped scores, GELU."""
-    from aprtrace.arch.gemma import gemma_rms_norm
-    from aprtrace.arch.ops import apply_rope, gelu_tanh
-
-    def b(stage: Stage) -> Callable[[_Context, int], np.ndarray]:
-        return lambda ctx, layer: ctx.read(_layer_rel(layer, stage.value), stage)
-
-    w = _Context.weights
-
-    def mask(ctx: _Context, layer: int) -> np.ndarray:
-        positions = np.arange(ctx.seq)
-        return attention_mask(positions, positions, ctx.cfg.layer_window(layer))
-
-    def rope(ctx: _Context, layer: int, part: int) -> np.ndarray:
-        x = _split(ctx, layer)[part]
-        norm = w(ctx, layer).q_norm if part == 0 else w(ctx, layer).k_norm
-        if norm is not None:
-            x = gemma_rms_norm(x, norm, ctx.eps)
-        cos, sin = ctx.arch.layer_rope(ctx.pass_context, layer)
-        return apply_rope(x, cos, sin).reshape(ctx.seq, -1)
-
-    def scores(ctx: _Context, layer: int) -> np.ndarray:
-        cfg = ctx.cfg
-        q = b(Stage.Q_POST_ROPE)(ctx, layer).reshape(ctx.seq, cfg.num_heads, cfg.head_dim)
-        k = b(Stage.K_POST_ROPE)(ctx, layer).reshape(ctx.seq, cfg.num_kv_heads, cfg.head_dim)
-        return attention_scores(
-            q, k, cfg.attention_scale, mask(ctx, layer), cfg.attn_logit_softcapping
-        )
-
-    def norm(source: Stage, weight: str) -> Callable[[_Context, int], np.ndarray]:
-        return lambda c, i: gemma_rms_norm(b(source)(c, i), getattr(w(c, i), weight), c.eps)
-
-    return _FUNCTIONS | {
-        Stage.ATTN_NORM: lambda c, i: gemma_rms_norm(
-            c.layer_input(i), w(c, i).input_layernorm, c.eps
-        ),
-        Stage.Q_POST_ROPE: lambda c, i: rope(c, i, 0),
-        Stage.K_POST_ROPE: lambda c, i: rope(c, i, 1),
-        Stage.ATTN_SCORES: scores,
-        Stage.ATTN_SOFTMAX: lambda c, i: masked_softmax(b(Stage.ATTN_SCORES)(c, i), mask(c, i)),
-        Stage.ATTN_OUT: lambda c, i: linear(b(Stage.ATTENTION)(c, i), w(c, i).o_proj),
-        Stage.POST_ATTN_NORM: norm(Stage.ATTN_OUT, "post_attention_layernorm"),
-        Stage.POST_ATTN_RESIDUAL: lambda c, i: c.layer_input(i) + b(Stage.POST_ATTN_NORM)(c, i),
-        Stage.FFN_NORM: norm(Stage.POST_ATTN_RESIDUAL, "pre_feedforward_layernorm"),
-        Stage.FFN_GATE: lambda c, i: linear(b(Stage.FFN_NORM)(c, i), w(c, i).gate_proj),
-        Stage.FFN_UP: lambda c, i: linear(b(Stage.FFN_NORM)(c, i), w(c, i).up_proj),
-        Stage.FFN_SILU: lambda c, i: gelu_tanh(b(Stage.FFN_GATE)(c, i)),
-        Stage.FFN_OUT: lambda c, i: linear(b(Stage.FFN_SWIGL)(c, i), w(c, i).down_proj),
-        Stage.POST_FFN_NORM: norm(Stage.FFN_OUT, "post_feedforward_layernorm"),
-        Stage.POST_FFN_RESIDUAL: lambda c, i: (
-            b(Stage.POST_ATTN_RESIDUAL)(c, i) + b(Stage.POST_FFN_NORM)(c, i)
-        ),
-    }
-
-
-_FUNCTIONS = _stage_functions()
-_GEMMA_FUNCTIONS = _gemma_stage_functions()
-# architecture -> its stage functions (the Llama family's by default).
-_FUNCTIONS_OF = {"gemma2": _GEMMA_FUNCTIONS, "gemma3": _GEMMA_FUNCTIONS}
+        rel = _layer_rel(last, "post_ffn_residual")
+        return arch.final_norm(model, ctx.read(rel, Stage.POST_FFN_RESIDUAL))
+    if stage is Stage.LM_HEAD:
+        final = ctx.read(f"{Stage.FINAL_NORM.value}.bin", Stage.FINAL_NORM)
+        return arch.logits(model, final[-1], LM_HEAD_CHUNK)
+    computed = ctx.computed(layer)
+    if stage not in computed:
+        raise _NotComputed(stage)
+    return computed[stage]
 
 
 def _ratio(num: float, den: float) -> float:
@@ -436,11 +329,6 @@ def localize(diff: DirDiff, model: Model) -> Localization:
         for p in diff.pairs:
             result.stages[p.key.rel] = StageLocalization(note="sequence length unknown")
         return result
-    if cfg.architecture not in (*TEACHER_FORCED, *_FUNCTIONS_OF):
-        note = f"teacher forcing is not implemented for {cfg.architecture} yet"
-        for p in diff.pairs:
-            result.stages[p.key.rel] = StageLocalization(note=note)
-        return result
     ctx = _Context(model, diff.b.path, seq, _token_ids(diff))
     with np.errstate(all="ignore"), one_blas_thread(seq <= SHORT_PROMPT):
         for pair in diff.pairs:
@@ -467,15 +355,16 @@ def _localize_pair(ctx: _Context, diff: DirDiff, pair: PairResult) -> StageLocal
         )
     ctx.enter(pair.key.layer)
     candidate = ctx.read(pair.key.rel, stage)
-    ctx.used = []
+    at = pair.key.layer if stage.per_layer else None
     try:
-        functions = _FUNCTIONS_OF.get(ctx.cfg.architecture, _FUNCTIONS)
-        expected = functions[stage](ctx, layer if layer is not None else -1)
+        inputs = _inputs(ctx, stage, at)
+        expected = _teacher_forced(ctx, stage, at)
     except _MissingInput as missing:
         return StageLocalization(note=f"inputs not dumped: {missing.rel}")
+    except _NotComputed:
+        return StageLocalization(note=f"{ctx.cfg.architecture} does not compute {stage.value}")
     reference = read_aprt(diff.a.path / pair.key.rel).values
     local, inherited = split_error(reference, candidate, expected)
-    inputs = tuple(dict.fromkeys(ctx.used))
     return StageLocalization(local, inherited, inputs)
 
 

@@ -2,7 +2,8 @@
 
 An architecture is a subclass of ``Architecture`` that reads like the math of its model
 (Hugging Face's ``modeling_*.py`` in NumPy): ``load_layer`` decodes one block's weights,
-``layer`` runs the block with one ``emit`` under each captured line. The driver
+``layer`` runs the block with one ``x = emit(Stage.X, layer, x)`` under each captured line
+(the block continues from what emit returns, see ``LayerEmit``). The driver
 (``aprtrace.forward``) owns the loop over layers, the embedding and the output head, so a
 new architecture overrides only what differs.
 """
@@ -19,14 +20,28 @@ from aprtrace.arch import ops
 from aprtrace.config import ROPE_FREQS, ModelConfig
 from aprtrace.stages import Stage
 
-Emit = Callable[[Stage, "int | None", np.ndarray], None]
+# An observer of capture points (``forward``'s callback); what it returns is ignored.
+Emit = Callable[[Stage, "int | None", np.ndarray], Any]
+# What the layers call: ``x = emit(Stage.X, layer, x)`` continues from the returned buffer,
+# the computed one in a forward pass (``passing``), B's dumped one when localizing.
+LayerEmit = Callable[[Stage, "int | None", np.ndarray], np.ndarray]
 # wants(stage, layer): whether the caller uses that capture; a stage nobody wants may be
 # skipped when skipping it saves work (today: the attention maps).
 Wants = Callable[[Stage, "int | None"], bool]
 
 
-def no_emit(stage: Stage, layer: int | None, values: np.ndarray) -> None:
-    return None
+def no_emit(stage: Stage, layer: int | None, values: np.ndarray) -> np.ndarray:
+    return values
+
+
+def passing(emit: Emit) -> LayerEmit:
+    """``emit`` as the layers call it: it observes the buffer, the layer continues from it."""
+
+    def layer_emit(stage: Stage, layer: int | None, values: np.ndarray) -> np.ndarray:
+        emit(stage, layer, values)
+        return values
+
+    return layer_emit
 
 
 def wants_everything(stage: Stage, layer: int | None) -> bool:
@@ -161,9 +176,9 @@ class Architecture:
             return ops.blocked_attention(q, keys, values, scale, q_pos, key_pos, window, cap)
         mask = ops.attention_mask(q_pos, key_pos, window)
         scores = ops.attention_scores(q, keys, scale, mask, cap)
-        emit(Stage.ATTN_SCORES, layer, scores)
+        scores = emit(Stage.ATTN_SCORES, layer, scores)
         probs = ops.masked_softmax(scores, mask)
-        emit(Stage.ATTN_SOFTMAX, layer, probs)
+        probs = emit(Stage.ATTN_SOFTMAX, layer, probs)
         return ops.attend(probs, values)
 
     #: ``ModelConfig.architecture`` values this module computes.

@@ -140,29 +140,29 @@ class Gemma(Llama):
         cos, sin = self.layer_rope(ctx, layer)
 
         attn_norm = gemma_rms_norm(x, w.input_layernorm, eps)
-        emit(Stage.ATTN_NORM, layer, attn_norm)
+        attn_norm = emit(Stage.ATTN_NORM, layer, attn_norm)
 
         qkv = qkv_projection(w, attn_norm)
-        emit(Stage.QKV_MATMUL, layer, qkv)
+        qkv = emit(Stage.QKV_MATMUL, layer, qkv)
 
         q, k, v = split_qkv(cfg, qkv)
         if w.q_norm is not None:
             q = gemma_rms_norm(q, w.q_norm, eps)
         q = ops.apply_rope(q, cos, sin)
-        emit(Stage.Q_POST_ROPE, layer, q.reshape(seq, cfg.q_dim))
+        q = emit(Stage.Q_POST_ROPE, layer, q.reshape(seq, cfg.q_dim)).reshape(q.shape)
         if w.k_norm is not None:
             k = gemma_rms_norm(k, w.k_norm, eps)
         k = ops.apply_rope(k, cos, sin)
-        emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim))
+        k = emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim)).reshape(k.shape)
 
         # Windowed on sliding layers, soft-capped scores; emits attn_scores, attn_softmax.
         context = self.attend(cfg, q, k, v, layer, ctx, emit)
-        emit(Stage.ATTENTION, layer, context)
+        context = emit(Stage.ATTENTION, layer, context)
 
         attn_out = ops.linear(context, w.o_proj)
-        emit(Stage.ATTN_OUT, layer, attn_out)
+        attn_out = emit(Stage.ATTN_OUT, layer, attn_out)
         post_attn_norm = gemma_rms_norm(attn_out, w.post_attention_layernorm, eps)
-        emit(Stage.POST_ATTN_NORM, layer, post_attn_norm)
+        post_attn_norm = emit(Stage.POST_ATTN_NORM, layer, post_attn_norm)
         return post_attn_norm
 
     def mlp(
@@ -171,19 +171,19 @@ class Gemma(Llama):
         """Pre-norm GELU(tanh)-gated feed-forward, then its post-norm."""
         eps = cfg.rms_norm_eps
         ffn_norm = gemma_rms_norm(x, w.pre_feedforward_layernorm, eps)
-        emit(Stage.FFN_NORM, layer, ffn_norm)
+        ffn_norm = emit(Stage.FFN_NORM, layer, ffn_norm)
         gate = ops.linear(ffn_norm, w.gate_proj)
-        emit(Stage.FFN_GATE, layer, gate)
+        gate = emit(Stage.FFN_GATE, layer, gate)
         up = ops.linear(ffn_norm, w.up_proj)
-        emit(Stage.FFN_UP, layer, up)
+        up = emit(Stage.FFN_UP, layer, up)
         activated = ops.gelu_tanh(gate)
-        emit(Stage.FFN_SILU, layer, activated)
+        activated = emit(Stage.FFN_SILU, layer, activated)
         gated = activated * up
-        emit(Stage.FFN_SWIGL, layer, gated)
+        gated = emit(Stage.FFN_SWIGL, layer, gated)
         ffn_out = ops.linear(gated, w.down_proj)
-        emit(Stage.FFN_OUT, layer, ffn_out)
+        ffn_out = emit(Stage.FFN_OUT, layer, ffn_out)
         post_ffn_norm = gemma_rms_norm(ffn_out, w.post_feedforward_layernorm, eps)
-        emit(Stage.POST_FFN_NORM, layer, post_ffn_norm)
+        post_ffn_norm = emit(Stage.POST_FFN_NORM, layer, post_ffn_norm)
         return post_ffn_norm
 
     def final_norm(self, model, hidden: np.ndarray) -> np.ndarray:

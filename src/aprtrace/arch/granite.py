@@ -37,9 +37,9 @@ class Granite(Llama):
     ) -> np.ndarray:
         scale = np.float32(cfg.residual_multiplier)
         hidden = x + self.attention(cfg, w, x, layer, ctx, emit) * scale
-        emit(Stage.POST_ATTN_RESIDUAL, layer, hidden)
+        hidden = emit(Stage.POST_ATTN_RESIDUAL, layer, hidden)
         hidden = hidden + self.mlp(cfg, w, hidden, layer, emit) * scale
-        emit(Stage.POST_FFN_RESIDUAL, layer, hidden)
+        hidden = emit(Stage.POST_FFN_RESIDUAL, layer, hidden)
         return hidden
 
     def logits(self, model, h_last: np.ndarray, chunk: int) -> np.ndarray:

@@ -185,10 +185,10 @@ def attend_and_project(
     """Causal (windowed) GQA attention of the RoPE'd ``q``/``k`` over the pass's keys, then
     the output projection: the stages attn_scores .. attn_out of every Llama-style block."""
     context = arch.attend(cfg, q, k, v, layer, ctx, emit)  # emits attn_scores, attn_softmax
-    emit(Stage.ATTENTION, layer, context)
+    context = emit(Stage.ATTENTION, layer, context)
 
     attn_out = ops.linear(context, w.o_proj, w.o_bias)
-    emit(Stage.ATTN_OUT, layer, attn_out)
+    attn_out = emit(Stage.ATTN_OUT, layer, attn_out)
     return attn_out
 
 
@@ -254,19 +254,19 @@ class Llama(Architecture):
         cos, sin = self.default_rope(ctx)
 
         attn_norm = self.norm(cfg, x, w.input_layernorm, w.input_layernorm_bias)
-        emit(Stage.ATTN_NORM, layer, attn_norm)
+        attn_norm = emit(Stage.ATTN_NORM, layer, attn_norm)
 
         qkv = qkv_projection(w, attn_norm)
-        emit(Stage.QKV_MATMUL, layer, qkv)
+        qkv = emit(Stage.QKV_MATMUL, layer, qkv)
         if w.has_qkv_bias:
             qkv = add_qkv_bias(cfg, w, qkv)
-            emit(Stage.QKV_BIAS, layer, qkv)
+            qkv = emit(Stage.QKV_BIAS, layer, qkv)
 
         q, k, v = split_qkv(cfg, qkv)
         q = norm_and_rope(q, w.q_norm, cfg.rms_norm_eps, cos, sin)
-        emit(Stage.Q_POST_ROPE, layer, q.reshape(seq, cfg.q_dim))
+        q = emit(Stage.Q_POST_ROPE, layer, q.reshape(seq, cfg.q_dim)).reshape(q.shape)
         k = norm_and_rope(k, w.k_norm, cfg.rms_norm_eps, cos, sin)
-        emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim))
+        k = emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim)).reshape(k.shape)
 
         return attend_and_project(self, cfg, w, q, k, v, layer, ctx, emit)
 
@@ -275,17 +275,17 @@ class Llama(Architecture):
     ) -> np.ndarray:
         """Pre-norm SwiGLU feed-forward; returns the down projection."""
         ffn_norm = self.norm(cfg, x, w.post_attention_layernorm, w.post_attention_layernorm_bias)
-        emit(Stage.FFN_NORM, layer, ffn_norm)
+        ffn_norm = emit(Stage.FFN_NORM, layer, ffn_norm)
         gate = ops.linear(ffn_norm, w.gate_proj, w.gate_bias)
-        emit(Stage.FFN_GATE, layer, gate)
+        gate = emit(Stage.FFN_GATE, layer, gate)
         up = ops.linear(ffn_norm, w.up_proj, w.up_bias)
-        emit(Stage.FFN_UP, layer, up)
+        up = emit(Stage.FFN_UP, layer, up)
         activated = ops.silu(gate)
-        emit(Stage.FFN_SILU, layer, activated)
+        activated = emit(Stage.FFN_SILU, layer, activated)
         swiglu = activated * up
-        emit(Stage.FFN_SWIGL, layer, swiglu)
+        swiglu = emit(Stage.FFN_SWIGL, layer, swiglu)
         ffn_out = ops.linear(swiglu, w.down_proj, w.down_bias)
-        emit(Stage.FFN_OUT, layer, ffn_out)
+        ffn_out = emit(Stage.FFN_OUT, layer, ffn_out)
         return ffn_out
 
     def layer(
@@ -298,7 +298,7 @@ class Llama(Architecture):
         emit: Emit,
     ) -> np.ndarray:
         hidden = x + self.attention(cfg, w, x, layer, ctx, emit)
-        emit(Stage.POST_ATTN_RESIDUAL, layer, hidden)
+        hidden = emit(Stage.POST_ATTN_RESIDUAL, layer, hidden)
         hidden = hidden + self.mlp(cfg, w, hidden, layer, emit)
-        emit(Stage.POST_FFN_RESIDUAL, layer, hidden)
+        hidden = emit(Stage.POST_FFN_RESIDUAL, layer, hidden)
         return hidden

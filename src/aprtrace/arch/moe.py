@@ -144,7 +144,7 @@ class MoE(Llama):
         """Pre-norm mixture of SwiGLU experts; returns what is added to the residual."""
         last = x.shape[0] - 1
         ffn_norm = ops.rms_norm(x, w.post_attention_layernorm, cfg.rms_norm_eps)
-        emit(Stage.FFN_NORM, layer, ffn_norm)
+        ffn_norm = emit(Stage.FFN_NORM, layer, ffn_norm)
 
         probs = ops.softmax(ops.linear(ffn_norm, w.router))
         ids, weights = top_k(probs, cfg.num_experts_per_tok)
@@ -157,7 +157,7 @@ class MoE(Llama):
         if w.shared_expert_gate is not None:
             shared = swiglu(ffn_norm, w.shared_gate_proj, w.shared_up_proj, w.shared_down_proj)
             shared = ops.sigmoid(ffn_norm @ w.shared_expert_gate)[:, None] * shared
-            emit(Stage.MOE_SHARED_EXPERT, layer, shared)
+            shared = emit(Stage.MOE_SHARED_EXPERT, layer, shared)
             moe_out = moe_out + shared
         emit(Stage.MOE_FFN_OUT, layer, moe_out[last])
         return moe_out

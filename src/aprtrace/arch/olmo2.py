@@ -115,18 +115,18 @@ class Olmo2(Architecture):
         cos, sin = self.default_rope(ctx)
 
         qkv = qkv_projection(w, x)
-        emit(Stage.QKV_MATMUL, layer, qkv)
+        qkv = emit(Stage.QKV_MATMUL, layer, qkv)
         if w.has_qkv_bias:
             qkv = add_qkv_bias(cfg, w, qkv)
-            emit(Stage.QKV_BIAS, layer, qkv)
+            qkv = emit(Stage.QKV_BIAS, layer, qkv)
 
         q, k, v = split_qkv(cfg, qkv)
         q = ops.rms_norm(q.reshape(seq, cfg.q_dim), w.q_norm, eps).reshape(q.shape)
         q = ops.apply_rope(q, cos, sin)
-        emit(Stage.Q_POST_ROPE, layer, q.reshape(seq, cfg.q_dim))
+        q = emit(Stage.Q_POST_ROPE, layer, q.reshape(seq, cfg.q_dim)).reshape(q.shape)
         k = ops.rms_norm(k.reshape(seq, cfg.kv_dim), w.k_norm, eps).reshape(k.shape)
         k = ops.apply_rope(k, cos, sin)
-        emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim))
+        k = emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim)).reshape(k.shape)
 
         return attend_and_project(self, cfg, w, q, k, v, layer, ctx, emit)
 
@@ -135,15 +135,15 @@ class Olmo2(Architecture):
     ) -> np.ndarray:
         """SwiGLU feed-forward on the un-normalized residual; returns the down projection."""
         gate = ops.linear(x, w.gate_proj)
-        emit(Stage.FFN_GATE, layer, gate)
+        gate = emit(Stage.FFN_GATE, layer, gate)
         up = ops.linear(x, w.up_proj)
-        emit(Stage.FFN_UP, layer, up)
+        up = emit(Stage.FFN_UP, layer, up)
         activated = ops.silu(gate)
-        emit(Stage.FFN_SILU, layer, activated)
+        activated = emit(Stage.FFN_SILU, layer, activated)
         swiglu = activated * up
-        emit(Stage.FFN_SWIGL, layer, swiglu)
+        swiglu = emit(Stage.FFN_SWIGL, layer, swiglu)
         ffn_out = ops.linear(swiglu, w.down_proj)
-        emit(Stage.FFN_OUT, layer, ffn_out)
+        ffn_out = emit(Stage.FFN_OUT, layer, ffn_out)
         return ffn_out
 
     def layer(
@@ -159,11 +159,11 @@ class Olmo2(Architecture):
         attn = ops.rms_norm(
             self.attention(cfg, w, x, layer, ctx, emit), w.post_attention_layernorm, eps
         )
-        emit(Stage.POST_ATTN_NORM, layer, attn)
+        attn = emit(Stage.POST_ATTN_NORM, layer, attn)
         hidden = x + attn
-        emit(Stage.POST_ATTN_RESIDUAL, layer, hidden)
+        hidden = emit(Stage.POST_ATTN_RESIDUAL, layer, hidden)
         ffn = ops.rms_norm(self.mlp(cfg, w, hidden, layer, emit), w.post_feedforward_layernorm, eps)
-        emit(Stage.POST_FFN_NORM, layer, ffn)
+        ffn = emit(Stage.POST_FFN_NORM, layer, ffn)
         hidden = hidden + ffn
-        emit(Stage.POST_FFN_RESIDUAL, layer, hidden)
+        hidden = emit(Stage.POST_FFN_RESIDUAL, layer, hidden)
         return hidden

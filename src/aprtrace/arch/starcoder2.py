@@ -29,11 +29,11 @@ class Starcoder2(LayerNormLlama):
     ) -> np.ndarray:
         """LayerNorm, then the non-gated GELU feed-forward; returns c_proj's output."""
         ffn_norm = self.norm(cfg, x, w.post_attention_layernorm, w.post_attention_layernorm_bias)
-        emit(Stage.FFN_NORM, layer, ffn_norm)
+        ffn_norm = emit(Stage.FFN_NORM, layer, ffn_norm)
         up = ops.linear(ffn_norm, w.up_proj, w.up_bias)
-        emit(Stage.FFN_UP, layer, up)
+        up = emit(Stage.FFN_UP, layer, up)
         activated = ops.gelu_tanh(up)
-        emit(Stage.FFN_SILU, layer, activated)
+        activated = emit(Stage.FFN_SILU, layer, activated)
         ffn_out = ops.linear(activated, w.down_proj, w.down_bias)
-        emit(Stage.FFN_OUT, layer, ffn_out)
+        ffn_out = emit(Stage.FFN_OUT, layer, ffn_out)
         return ffn_out
