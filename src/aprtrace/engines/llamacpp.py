@@ -34,6 +34,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from aprtrace.arch import ops
 from aprtrace.config import ModelConfig
 from aprtrace.errors import InferenceError, ModelLoadError, ValidationError
 from aprtrace.forward import Emit, Progress, check_token_ids
@@ -59,24 +60,46 @@ class Source:
     ``nodes``: base node names (``Qcur`` for ``Qcur-3``), concatenated along the last axis;
     ``pick``: which occurrence of a repeated name: ``first`` / ``second`` of the token-major
     ``[seq, dim]`` ones (``Qcur`` is set after the matmul, the bias add, the reshape and the
-    RoPE), ``last`` of all; ``follows``: the value is the unnamed node computed right after
-    the named one (the output projection, where an architecture's builder names none).
+    RoPE), ``last`` of all, ``#i`` the i-th of all (from 0); ``follows``: the value is the
+    unnamed node computed ``follows`` nodes after the named one (the output projection, where
+    an architecture's builder names none: 1; Phi-3's unnamed residual add after it: 2);
+    ``input``: the value is the named node's input ``input`` steps back (its ``src[0]``,
+    repeated: Phi-3's unnamed attention residual is the input of the norm under ``ffn_norm``);
+    ``half``: the first (0) or second (1) half of the last axis (Phi-3's fused gate|up).
     """
 
     nodes: tuple[str, ...]
     pick: str = "only"
-    follows: bool = False
+    follows: int = 0
+    input: int = 0
+    half: int | None = None
+
+    def key(self, name: str) -> str:
+        """The key a streamed node of base ``name`` is filed under for this source."""
+        if self.input:
+            return f"in{self.input}:{name}"
+        return f"after{self.follows}:{name}" if self.follows else name
 
 
 @dataclass(frozen=True)
 class ArchNodes:
-    """One architecture's stage sources; adding an architecture is a few rows here."""
+    """One architecture's stage sources; adding an architecture is a few rows here.
+
+    ``scores_scaled``: the builder scales Q before ``kq`` (Gemma), so the score node already
+    holds the scaled product; otherwise the scale is applied inside llama.cpp's softmax and
+    the conversion multiplies it in.
+    """
 
     stages: dict[Stage, Source]
+    scores_scaled: bool = False
 
     def sources(self, cfg: ModelConfig) -> dict[Stage, Source]:
         """The rows for the stages this model computes (the stage graph's ``computes``)."""
         return {s: src for s, src in self.stages.items() if computes(s, cfg)}
+
+    def score_scale(self, cfg: ModelConfig) -> float:
+        """The factor that turns the ``attn_scores`` node into aprtrace's scaled scores."""
+        return 1.0 if self.scores_scaled else cfg.attention_scale
 
 
 _QKV = ("Qcur", "Kcur", "Vcur")
@@ -104,7 +127,7 @@ LLAMA_NODES: dict[Stage, Source] = {
 }
 # Qwen2/Qwen3 builders do not name the output projection: it is the node after kqv_out.
 # (Qwen3's q/k norm outputs are `Qcur_normed`/`Kcur_normed`; RoPE's output is still `Qcur`.)
-QWEN_NODES = {**LLAMA_NODES, Stage.ATTN_OUT: Source(("kqv_out",), follows=True)}
+QWEN_NODES = {**LLAMA_NODES, Stage.ATTN_OUT: Source(("kqv_out",), follows=1)}
 
 # MoE (build_moe_ffn in llama-graph.cpp): top-k weights `ffn_moe_weights` (renormalised:
 # `ffn_moe_weights_norm`), routed output `ffn_moe_out`; Qwen2-MoE adds the gated shared expert
@@ -123,6 +146,51 @@ QWEN2MOE_NODES = {
     Stage.MOE_FFN_OUT: Source(("ffn_out",)),
 }
 
+# Gemma 2/3 (models/gemma2-iswa.cpp, gemma3.cpp): the embedding is `inp_scaled` (times
+# sqrt(hidden)); Q is multiplied by the query scale (an unnamed node) before `kq`; Gemma 2's
+# soft-cap is three nodes after `kq` (`kq_scaled_1` = kq / cap, `kq_tanh`, `kq_scaled_2` =
+# cap * tanh), the last of them the scores; the output projection is unnamed (the node after
+# `kqv_out`); the sublayer post-norms are `attn_post_norm` / `ffn_post_norm` (Gemma 2 names
+# the latter without a layer number: it belongs to the layer being built); `sa_out` is the
+# attention residual; the FFN activation is fused (`ffn_geglu`, no activation node). The final
+# logit soft-cap is applied before `result_output`. llama.cpp stores the norm weights as w + 1,
+# which changes no activation.
+GEMMA_NODES: dict[Stage, Source] = {
+    **LLAMA_NODES,
+    Stage.EMBEDDING: Source(("inp_scaled",)),
+    Stage.ATTN_OUT: Source(("kqv_out",), follows=1),
+    Stage.POST_ATTN_NORM: Source(("attn_post_norm",)),
+    Stage.POST_ATTN_RESIDUAL: Source(("sa_out",)),
+    Stage.FFN_SWIGL: Source(("ffn_geglu",)),
+    Stage.POST_FFN_NORM: Source(("ffn_post_norm",)),
+}
+GEMMA2_NODES = {**GEMMA_NODES, Stage.ATTN_SCORES: Source(("kq_scaled_2",))}
+
+# Phi-3 (models/phi3.cpp): one fused projection `wqkv`; `Qcur` is set on its view, after the
+# RoPE and after the query scale (so the RoPE output is the second of three, and `kq` is
+# already scaled); the output projection is the unnamed node after `kqv_out`, the attention
+# residual the unnamed input of the norm under `ffn_norm` (in the last layer llama.cpp puts
+# its output-row selection between the two, so it is not a fixed number of nodes after);
+# the fused gate|up projection is `ffn_up` (gate first, as Hugging Face's gate_up_proj), its
+# SwiGLU `ffn_swiglu`.
+PHI3_NODES: dict[Stage, Source] = {
+    **LLAMA_NODES,
+    Stage.QKV_MATMUL: Source(("wqkv",)),
+    Stage.Q_POST_ROPE: Source(("Qcur",), "#1"),
+    Stage.ATTN_OUT: Source(("kqv_out",), follows=1),
+    Stage.POST_ATTN_RESIDUAL: Source(("ffn_norm",), input=2),
+    Stage.FFN_GATE: Source(("ffn_up",), half=0),
+    Stage.FFN_UP: Source(("ffn_up",), half=1),
+}
+# OLMo 2 (models/olmo2.cpp): no pre-norms; Q/K norms over the whole projection
+# (`Qcur_normed`), then the RoPE'd `Qcur`; post-norms `attn_post_norm` and `ffn_post_norm`
+# (the latter without a layer number, as Gemma 2's).
+OLMO2_NODES: dict[Stage, Source] = {
+    **QWEN_NODES,
+    Stage.POST_ATTN_NORM: Source(("attn_post_norm",)),
+    Stage.POST_FFN_NORM: Source(("ffn_post_norm",)),
+}
+
 ARCHITECTURES: dict[str, ArchNodes] = {
     "llama": ArchNodes(LLAMA_NODES),
     "qwen2": ArchNodes(QWEN_NODES),
@@ -130,6 +198,10 @@ ARCHITECTURES: dict[str, ArchNodes] = {
     "qwen2moe": ArchNodes(QWEN2MOE_NODES),
     "qwen3moe": ArchNodes({**QWEN_NODES, **_MOE_NODES}),
     "mixtral": ArchNodes({**LLAMA_NODES, **_MOE_NODES}),
+    "gemma2": ArchNodes(GEMMA2_NODES, scores_scaled=True),
+    "gemma3": ArchNodes(GEMMA_NODES, scores_scaled=True),
+    "phi3": ArchNodes(PHI3_NODES, scores_scaled=True),
+    "olmo2": ArchNodes(OLMO2_NODES),
 }
 
 
@@ -169,6 +241,9 @@ def select(source: Source, nodes: list[Node], seq: int) -> Node | None:
     """The occurrence of a node ``source.pick`` asks for (None when absent)."""
     if source.pick == "only" or source.pick == "last":
         return nodes[-1] if nodes else None
+    if source.pick.startswith("#"):
+        index = int(source.pick[1:])
+        return nodes[index] if len(nodes) > index else None
     flat = [n for n in nodes if _token_major(n, seq)]
     index = {"first": 0, "second": 1}[source.pick]
     return flat[index] if len(flat) > index else None
@@ -179,15 +254,28 @@ def _unpermute_columns(x: np.ndarray, n_heads: int) -> np.ndarray:
     return np.ascontiguousarray(unpermute_llama_qk(x.T, n_heads).T)
 
 
-def _causal_zeroed(x: np.ndarray) -> np.ndarray:
-    seq = x.shape[-1]
-    return np.where(np.tril(np.ones((seq, seq), dtype=bool)), x, np.float32(0.0))
+def _masked_zeroed(x: np.ndarray, window: int | None) -> np.ndarray:
+    """Entries outside the causal mask (and outside ``window``, a sliding layer) set to 0."""
+    positions = np.arange(x.shape[-1])
+    return np.where(ops.attention_mask(positions, positions, window), x, np.float32(0.0))
 
 
 def to_stage_layout(
-    stage: Stage, parts: list[np.ndarray], cfg: ModelConfig, seq: int, qk_permuted: bool
+    stage: Stage,
+    parts: list[np.ndarray],
+    cfg: ModelConfig,
+    seq: int,
+    qk_permuted: bool,
+    layer: int | None = None,
+    score_scale: float | None = None,
 ) -> np.ndarray:
-    """llama.cpp node values (numpy order: ggml's ne reversed) in the stage's APRT layout."""
+    """llama.cpp node values (numpy order: ggml's ne reversed) in the stage's APRT layout.
+
+    ``layer`` gives the attention window (``cfg.layer_window``) the score and softmax maps are
+    masked with; ``score_scale`` multiplies the score node (default: the attention scale, for
+    builders that apply it inside the softmax)."""
+    if stage in (Stage.QKV_MATMUL, Stage.QKV_BIAS) and len(parts) == 1:
+        return parts[0].reshape(seq, -1)  # one fused Q|K|V projection (Phi-3's wqkv)
     if stage in (Stage.QKV_MATMUL, Stage.QKV_BIAS):
         q, k, v = (p.reshape(seq, -1) for p in parts)
         if qk_permuted:
@@ -201,13 +289,20 @@ def to_stage_layout(
     if stage in (Stage.ATTN_SCORES, Stage.ATTN_SOFTMAX):
         x = x.reshape(cfg.num_heads, seq, -1)[:, :, :seq]  # the KV cache is padded
         if stage is Stage.ATTN_SCORES:
-            x = x * np.float32(cfg.attention_scale)
-        return _causal_zeroed(x).astype(np.float32)
+            scale = cfg.attention_scale if score_scale is None else score_scale
+            if scale != 1.0:
+                x = x * np.float32(scale)
+        window = cfg.layer_window(layer) if layer is not None else None
+        return _masked_zeroed(x, window).astype(np.float32)
     if stage in (Stage.LM_HEAD, Stage.MOE_ROUTER, Stage.MOE_FFN_OUT, Stage.MOE_ROUTER_INDICES):
         return np.ascontiguousarray(x.reshape(seq, -1)[-1])
     return x.reshape(seq, -1)
 
 
+SCALED_SCORES_NOTE = (
+    "Q scaled by llama.cpp before kq; key axis cut to the prompt, entries outside the causal "
+    "mask and the layer's sliding window 0"
+)
 # Notes for the manifest: how each stage was made from llama.cpp's tensors.
 TRANSFORM_NOTES = {
     Stage.QKV_MATMUL: "concat of the Q/K/V matmul outputs",
@@ -227,10 +322,17 @@ def source_notes(arch: ArchNodes, cfg: ModelConfig, qk_permuted: bool) -> dict[s
     for stage, src in arch.sources(cfg).items():
         layered = stage.per_layer and stage is not Stage.EMBEDDING
         names = "+".join(f"{n}-N" if layered else n for n in src.nodes)
-        text = f"node after {names}" if src.follows else names
+        after = "node after" if src.follows == 1 else f"node {src.follows} after"
+        text = f"{after} {names}" if src.follows else names
+        if src.input:
+            text = "input of " * src.input + text
+        if src.half is not None:
+            text = f"{('first', 'second')[src.half]} half of {text}"
         if src.pick != "only":
             text += f" ({src.pick} occurrence)"
         notes = [TRANSFORM_NOTES[stage]] if stage in TRANSFORM_NOTES else []
+        if stage is Stage.ATTN_SCORES and arch.scores_scaled:
+            notes = [SCALED_SCORES_NOTE]
         if qk_permuted and stage in (
             Stage.QKV_MATMUL,
             Stage.QKV_BIAS,
@@ -437,19 +539,24 @@ class LlamaCppEngine:
         sources = arch.sources(cfg)
         # llama GGUFs store Q/K rows in llama.cpp's adjacent-pair RoPE order (mapping/).
         permuted = bool(model.qk_permuted)
-        names = sorted({n for s in sources.values() for n in s.nodes if not s.follows})
-        follow = sorted({n for s in sources.values() if s.follows for n in s.nodes})
+        plain = [s for s in sources.values() if not s.follows and not s.input]
+        names = sorted({n for s in plain for n in s.nodes})
+        inputs = sorted({(n, s.input) for s in sources.values() if s.input for n in s.nodes})
+        follow = sorted({(n, s.follows) for s in sources.values() if s.follows for n in s.nodes})
         request = _request(
             "trace",
             str(model.path),
             tokens=ids,
             names=names,
-            follow=follow,
+            follow=[list(f) for f in follow],
+            inputs=[list(i) for i in inputs],
             n_threads=self.n_threads,
         )
         run = ChildRun(request)
         try:
-            logits = self._stream(run, cfg, sources, len(ids), permuted, emit, progress)
+            logits = self._stream(
+                run, cfg, sources, len(ids), permuted, arch.score_scale(cfg), emit, progress
+            )
         finally:
             run.close()
         run.check()
@@ -477,19 +584,27 @@ class LlamaCppEngine:
         check_installed()
         return arch_nodes(model.config.architecture)
 
-    def _stream(self, run, cfg, sources, seq, permuted, emit, progress) -> np.ndarray:
-        """Group the streamed nodes by layer; emit a layer when its ``l_out`` arrives."""
+    def _stream(self, run, cfg, sources, seq, permuted, score_scale, emit, progress):
+        """Group the streamed nodes by layer; emit a layer when its ``l_out`` arrives.
+
+        A per-layer node llama.cpp names without a layer number (Gemma 2's ``ffn_post_norm``)
+        belongs to the layer whose nodes precede it."""
         per_layer = [s for s in sources if s.per_layer and s is not Stage.EMBEDDING]
         whole_model = [s for s in sources if not s.per_layer]
+        embedding = sources[Stage.EMBEDDING].nodes[0]
+        layered = {n for s in per_layer for n in sources[s].nodes}
         pending: dict[int | None, dict[str, list[Node]]] = {}
         logits = None
         done_layers = 0
+        current: int | None = None
 
         def flush(stages: list[Stage], layer: int | None) -> None:
             nodes = pending.pop(layer, {})
             for stage in sorted(stages, key=lambda s: s.order):
                 src = sources[stage]
-                values = self._stage_values(stage, src, nodes, layer, cfg, seq, permuted)
+                values = self._stage_values(
+                    stage, src, nodes, layer, cfg, seq, permuted, score_scale
+                )
                 emit(stage, 0 if stage is Stage.EMBEDDING else layer, values)
 
         for header, payload in run.messages():
@@ -501,11 +616,16 @@ class LlamaCppEngine:
             ne = tuple(int(x) for x in header["ne"])
             values = np.frombuffer(payload, dtype="<f4").reshape(tuple(reversed(ne)))
             follows = header.get("follows")
+            depth = int(header.get("follows_depth", 1))
+            back = header.get("input_depth")
             name, layer = _split_name(follows or header["name"])
-            key = f"after:{name}" if follows else name
+            if layer is None and name in layered:
+                layer = current
+            current = layer if layer is not None else current
+            key = f"after{depth}:{name}" if follows else f"in{back}:{name}" if back else name
             node = Node(header["name"], ne, values, follows)
             pending.setdefault(layer, {}).setdefault(key, []).append(node)
-            if name == "embd":
+            if name == embedding:
                 flush([Stage.EMBEDDING], None)
             elif name == "l_out" and layer is not None:
                 flush(per_layer, layer)
@@ -524,21 +644,29 @@ class LlamaCppEngine:
         return logits
 
     @staticmethod
-    def _stage_values(stage, src, nodes, layer, cfg, seq, permuted) -> np.ndarray:
+    def _stage_values(stage, src, nodes, layer, cfg, seq, permuted, score_scale) -> np.ndarray:
         parts = []
         for name in src.nodes:
-            node = select(src, nodes.get(f"after:{name}" if src.follows else name, []), seq)
+            node = select(src, nodes.get(src.key(name), []), seq)
             if node is None:
                 where = f"{name}-{layer}" if layer is not None else name
-                what = f"the node after '{where}'" if src.follows else f"node '{where}'"
+                what = f"node '{where}'"
+                if src.follows:
+                    what = f"the node {src.follows} after '{where}'"
+                elif src.input:
+                    what = f"input {src.input} back of '{where}'"
                 raise InferenceError(
                     f"llama.cpp's {cfg.architecture} graph has no {what} "
                     f"({src.pick} occurrence) for stage {stage.value}",
                     hint="the llama.cpp build differs from the one the node table in "
                     "aprtrace/engines/llamacpp.py was written for",
                 )
-            parts.append(node.values)
-        return to_stage_layout(stage, parts, cfg, seq, permuted)
+            values = node.values
+            if src.half is not None:
+                width = values.shape[-1] // 2
+                values = values[..., src.half * width : (src.half + 1) * width]
+            parts.append(values)
+        return to_stage_layout(stage, parts, cfg, seq, permuted, layer, score_scale)
 
 
 def _split_name(name: str) -> tuple[str, int | None]:

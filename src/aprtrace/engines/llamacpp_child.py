@@ -48,7 +48,8 @@ GGML_MAX_NAME = 64
 GGML_MAX_OP_PARAMS = 64
 LLAMA_FLASH_ATTN_DISABLED = 0
 
-NODE_NAME = re.compile(r"([A-Za-z_]+)(?:-(\d+))?")
+# Base name and layer: `Qcur-3`, `kq_scaled_2-0` (digits inside a base name), `result_norm`.
+NODE_NAME = re.compile(r"([A-Za-z_][A-Za-z0-9_]*?)(?:-(\d+))?")
 
 
 class GgmlTensor(ctypes.Structure):
@@ -233,7 +234,12 @@ class Capture:
     """The eval callback: observes the nodes whose base name is wanted, streams each one."""
 
     def __init__(
-        self, channel: Channel, names: set[str], follow: set[str], list_only: bool = False
+        self,
+        channel: Channel,
+        names: set[str],
+        follow: set[tuple[str, int]],
+        list_only: bool = False,
+        inputs: set[tuple[str, int]] = frozenset(),
     ):
         self.channel = channel
         self.names = names
@@ -241,13 +247,31 @@ class Capture:
         self.list_only = list_only  # every node's name, shape and type, no values
         self.sent = 0
         self.error: str | None = None
-        self.previous = ""  # the node asked about before this one (graph order)
-        self.following: dict[int, str] = {}  # node address -> the named node it follows
+        # `follow`: (base name, n): also send the n-th node after each node of that base name.
+        self.depth = max((n for _, n in follow), default=0)
+        self.history: list[str] = []  # the last `depth` nodes asked about (graph order)
+        self.following: dict[int, tuple[str, int]] = {}  # address -> (named node, n)
+        # `inputs`: (base name, n): also send the n-th input back (src[0], n times) of each
+        # node of that base name, read when that node is computed (Phi-3's unnamed residual is
+        # the input of the norm under `ffn_norm-N`; a residual stays allocated until l_out).
+        self.inputs: dict[str, list[int]] = {}
+        for base, n in inputs:
+            self.inputs.setdefault(base, []).append(n)
         self.callback = EvalCallback(self._on_node)  # must outlive the context
 
     def _base(self, name: str) -> str | None:
         match = NODE_NAME.fullmatch(name)
         return match.group(1) if match else None
+
+    def _send(self, header: dict[str, Any], t: GgmlTensor) -> None:
+        header["ne"] = [int(x) for x in t.ne]
+        values = tensor_values(t)
+        if values is None:
+            header["skipped"] = f"ggml type {t.type}"
+            self.channel.send(header)
+        else:
+            self.channel.send(header, values.astype("<f4", copy=False).tobytes())
+        self.sent += 1
 
     def _on_node(self, address: int, ask: bool, _user_data: int) -> bool:
         # Never let an exception cross into C; returning False aborts the graph.
@@ -260,24 +284,30 @@ class Capture:
                     self.channel.send({**header, "type": int(t.type), "skipped": "list only"})
                 return True
             if ask:
-                # Unnamed nodes are reached by order: the node right after a `follow` one
+                # Unnamed nodes are reached by order: the n-th node after a `follow` one
                 # (e.g. the output projection after `kqv_out-N` where no name is set).
-                if self._base(self.previous) in self.follow:
-                    self.following[address] = self.previous
-                self.previous = name
-                return self._base(name) in self.names or address in self.following
-            if self._base(name) not in self.names and address not in self.following:
-                return True
-            header = {"kind": "node", "name": name, "ne": [int(x) for x in t.ne]}
-            if address in self.following:
-                header["follows"] = self.following.pop(address)
-            values = tensor_values(t)
-            if values is None:
-                header["skipped"] = f"ggml type {t.type}"
-                self.channel.send(header)
-            else:
-                self.channel.send(header, values.astype("<f4", copy=False).tobytes())
-            self.sent += 1
+                for back in range(1, min(self.depth, len(self.history)) + 1):
+                    before = self.history[-back]
+                    if (self._base(before), back) in self.follow:
+                        self.following[address] = (before, back)
+                if self.depth:
+                    self.history = [*self.history, name][-self.depth :]
+                base = self._base(name)
+                return base in self.names or base in self.inputs or address in self.following
+            base = self._base(name)
+            if base in self.names or address in self.following:
+                header = {"kind": "node", "name": name}
+                if address in self.following:
+                    header["follows"], header["follows_depth"] = self.following.pop(address)
+                self._send(header, t)
+            for n in self.inputs.get(base, ()):
+                source = t
+                for _ in range(n):
+                    source = GgmlTensor.from_address(source.src[0]) if source.src[0] else None
+                    if source is None:
+                        break
+                if source is not None:
+                    self._send({"kind": "node", "name": name, "input_depth": n}, source)
             return True
         except BaseException:  # noqa: BLE001 - reported to the parent, graph aborted
             self.error = traceback.format_exc(limit=4)
@@ -327,8 +357,10 @@ def trace(cy, request: dict[str, Any], channel: Channel) -> dict[str, Any]:
     capture = Capture(
         channel,
         set(request["names"]),
-        set(request.get("follow", ())),
+        # [name, n] pairs; a bare name is n = 1
+        {(f, 1) if isinstance(f, str) else (f[0], int(f[1])) for f in request.get("follow", ())},
         bool(request.get("list_only")),
+        {(f[0], int(f[1])) for f in request.get("inputs", ())},
     )
     if not request.get("no_callback"):  # (the test that the callback changes no logit)
         slot = ctypes.c_void_p.from_address(layout.cb_eval_address(params))
