@@ -347,9 +347,15 @@ def test_two_processes_into_one_directory(big_model, tmp_path):
     long_prompt = ",".join(str(i % 100) for i in range(96))  # a run of about a second
     first = _trace_process(big_model, out, "--tokens", long_prompt)
     _wait_for_staging_layers(first, out, 1)
-    assert first.poll() is None, "the first trace finished too early"
-    second = _trace_process(big_model, out, "--tokens", "4,5,6")
-    _, err2 = second.communicate(timeout=120)
+    # Stopped mid-run (it keeps its lock), so the second run surely starts while the first
+    # is running, however loaded the machine is.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert first.poll() is None, "the first trace finished too early"
+        second = _trace_process(big_model, out, "--tokens", "4,5,6")
+        _, err2 = second.communicate(timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
     _, err1 = first.communicate(timeout=120)
     assert first.returncode == 0, err1
     assert second.returncode == 7 and "another aprtrace run (pid" in err2
