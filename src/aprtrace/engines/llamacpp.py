@@ -14,8 +14,9 @@ What the mapping does to llama.cpp's values (all recorded in the manifest):
   multiplied by the attention scale (1/sqrt(head_dim); llama.cpp applies it inside the
   softmax) and the masked entries set to 0, as FORMATS.md stores them;
 - ``result_output`` holds every position's logits; ``lm_head`` is the last row.
-Stages llama.cpp does not compute (``ffn_silu``: its SwiGLU is one fused op) are not written;
-the manifest lists them under ``not_captured``.
+Stages llama.cpp does not compute (``ffn_silu`` of a gated MLP: its SwiGLU is one fused op;
+StarCoder2's and GPT-2's GELU is its own node, captured) are not written; the manifest lists
+them under ``not_captured``.
 """
 
 from __future__ import annotations
