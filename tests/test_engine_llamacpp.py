@@ -46,6 +46,7 @@ from aprtrace.engines.llamacpp import LlamaCppEngine  # noqa: E402
 PROMPT = "What is 2+2? The quick brown fox."
 F32_COSINE = 0.99999
 ISSUE10_ARCHS = ("phi3", "olmo2")
+ISSUE10_MORE_ARCHS = ("granite", "starcoder2", "stablelm", "gpt2")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -134,6 +135,48 @@ def test_f32_phi3_olmo2_every_stage_matches_numpy(tiny_issue10, arch):
         assert "ffn_inp-0" not in nodes  # the residual is unnamed: read as an input
     else:
         assert "attn_norm-0" not in nodes and "ffn_post_norm" in nodes
+
+
+@pytest.fixture(scope="module")
+def tiny_issue10_more(tmp_path_factory):
+    """Granite (four multipliers), StarCoder2 and GPT-2 (LayerNorm with bias, biased
+    projections, non-gated GELU MLP; GPT-2 without RoPE, with learned positions and a fused
+    Q|K|V) and StableLM (LayerNorm, Q/K/V bias, partial RoPE) as tiny F32 GGUFs, no sliding
+    window (this llama.cpp build ignores StarCoder2's)."""
+    pytest.importorskip("transformers")
+    import hfref
+    from archref import build_files
+
+    root = tmp_path_factory.mktemp("llamacpp_issue10_more")
+    built = build_files(ISSUE10_MORE_ARCHS, hfref.tiny_tokenizer(), root, windowed=False)
+    return {arch: built[(arch, "gguf-F32")][0] for arch in ISSUE10_MORE_ARCHS}
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("arch", ISSUE10_MORE_ARCHS)
+def test_f32_granite_starcoder2_stablelm_gpt2_every_stage_matches_numpy(tiny_issue10_more, arch):
+    """Every stage of every layer: Granite's multipliers sit where aprtrace's stages expect
+    them; the biased output projections (unnamed) and the GELU activation (``ffn_silu``,
+    captured: it is its own node) of StarCoder2/GPT-2; GPT-2's fused Q|K|V without RoPE."""
+    path = tiny_issue10_more[arch]
+    model = load_model(path)
+    ids = llamacpp.tokenize(model, PROMPT)
+    ref, ref_order, ref_logits = run(forward, model, ids)
+    got, order, logits = run(LlamaCppEngine(), model, ids)
+    gated = arch in ("granite", "stablelm")  # SwiGLU is one fused op: no activation node
+    skipped = [Stage.FFN_SILU] if gated else []
+    assert [k for k in ref_order if k[0] not in skipped] == order
+    assert llamacpp.not_captured(model.config) == [s.value for s in skipped]
+    for key, values in got.items():
+        assert values.shape == ref[key].shape, key
+        assert cosine(ref[key], values) >= F32_COSINE, key
+        assert np.abs(values - ref[key]).max() <= 5e-3 * float(np.abs(ref[key]).max()), key
+    assert int(np.argmax(logits)) == int(np.argmax(ref_logits))
+    nodes = [n["name"] for n in llamacpp.list_nodes(str(path), [1, 2, 3])]
+    if not gated:
+        assert "ffn_gelu-0" in nodes and "ffn_gate-0" not in nodes
+    if arch == "gpt2":
+        assert "pos_embd" in nodes and "wqkv-0" in nodes
 
 
 def test_node_table_names_nodes_the_graph_has(tiny):
@@ -563,7 +606,7 @@ def test_unknown_cyllama_is_refused_with_the_expected_version(tiny, monkeypatch)
 
 def test_unmapped_architecture_and_non_gguf_are_clear_errors(tiny, tmp_path, monkeypatch):
     mapped = {"llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "mixtral", "gemma2", "gemma3"}
-    mapped |= {"phi3", "olmo2"}
+    mapped |= {"phi3", "olmo2", "granite", "starcoder2", "stablelm", "gpt2"}
     assert mapped <= set(llamacpp.ARCHITECTURES)
     # An architecture without a node table is refused by name, before llama.cpp runs, exit 5.
     monkeypatch.delitem(llamacpp.ARCHITECTURES, "gemma2")

@@ -14,8 +14,9 @@ What the mapping does to llama.cpp's values (all recorded in the manifest):
   multiplied by the attention scale (1/sqrt(head_dim); llama.cpp applies it inside the
   softmax) and the masked entries set to 0, as FORMATS.md stores them;
 - ``result_output`` holds every position's logits; ``lm_head`` is the last row.
-Stages llama.cpp does not compute (``ffn_silu``: its SwiGLU is one fused op) are not written;
-the manifest lists them under ``not_captured``.
+Stages llama.cpp does not compute (``ffn_silu`` of a gated MLP: its SwiGLU is one fused op;
+StarCoder2's and GPT-2's GELU is its own node, captured) are not written; the manifest lists
+them under ``not_captured``.
 """
 
 from __future__ import annotations
@@ -191,6 +192,35 @@ OLMO2_NODES: dict[Stage, Source] = {
     Stage.POST_FFN_NORM: Source(("ffn_post_norm",)),
 }
 
+# Granite (models/granite.cpp): the llama builder's names with the multipliers between them:
+# `embd` is already times embedding_multiplier; `kq` is unscaled (attention_multiplier is the
+# softmax scale, as 1/sqrt(head_dim) for llama); `attn_out` / `ffn_out` are the projections
+# before residual_multiplier (an unnamed scale), `ffn_inp` / `l_out` the sums after it;
+# `result_output` is already divided by logits_scaling.
+# StarCoder2 (models/starcoder2.cpp): LayerNorm with bias (`norm` -> `norm_w` -> named norm);
+# the output projection and its bias are the two unnamed nodes after `kqv_out`; the
+# non-gated MLP is `ffn_up` -> `ffn_up_b` (with bias) -> `ffn_gelu` (aprtrace's `ffn_silu`
+# stage holds the activation of whichever kind) -> `ffn_down` -> `ffn_out` (with bias).
+STARCODER2_NODES: dict[Stage, Source] = {
+    **LLAMA_NODES,
+    Stage.ATTN_OUT: Source(("kqv_out",), follows=2),
+    Stage.FFN_UP: Source(("ffn_up_b",)),
+    Stage.FFN_SILU: Source(("ffn_gelu",)),
+}
+# StableLM (models/stablelm.cpp): the Qwen names (biased Q/K/V, partial RoPE still set as
+# the last `Qcur`/`Kcur`, the unbiased output projection unnamed after `kqv_out`) with
+# LayerNorm. GPT-2 (models/gpt2.cpp): StarCoder2's layer with no RoPE; `inpL` is token plus
+# position embedding; the fused `wqkv` / `wqkv_b` (Q|K|V), whose views are the only `Qcur`
+# / `Kcur` (no RoPE: the projected Q and K).
+GPT2_NODES: dict[Stage, Source] = {
+    **STARCODER2_NODES,
+    Stage.EMBEDDING: Source(("inpL",)),
+    Stage.QKV_MATMUL: Source(("wqkv",)),
+    Stage.QKV_BIAS: Source(("wqkv_b",)),
+    Stage.Q_POST_ROPE: Source(("Qcur",)),
+    Stage.K_POST_ROPE: Source(("Kcur",)),
+}
+
 ARCHITECTURES: dict[str, ArchNodes] = {
     "llama": ArchNodes(LLAMA_NODES),
     "qwen2": ArchNodes(QWEN_NODES),
@@ -202,6 +232,10 @@ ARCHITECTURES: dict[str, ArchNodes] = {
     "gemma3": ArchNodes(GEMMA_NODES, scores_scaled=True),
     "phi3": ArchNodes(PHI3_NODES, scores_scaled=True),
     "olmo2": ArchNodes(OLMO2_NODES),
+    "granite": ArchNodes(LLAMA_NODES),
+    "starcoder2": ArchNodes(STARCODER2_NODES),
+    "stablelm": ArchNodes(QWEN_NODES),
+    "gpt2": ArchNodes(GPT2_NODES),
 }
 
 
