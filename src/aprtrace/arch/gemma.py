@@ -23,6 +23,7 @@ from aprtrace.arch.base import Emit, PassContext
 from aprtrace.arch.llama import (
     Llama,
     attention_shapes,
+    gated_ffn,
     mlp_shapes,
     model_shapes,
     qkv_projection,
@@ -172,16 +173,9 @@ class Gemma(Llama):
         eps = cfg.rms_norm_eps
         ffn_norm = gemma_rms_norm(x, w.pre_feedforward_layernorm, eps)
         ffn_norm = emit(Stage.FFN_NORM, layer, ffn_norm)
-        gate = ops.linear(ffn_norm, w.gate_proj)
-        gate = emit(Stage.FFN_GATE, layer, gate)
-        up = ops.linear(ffn_norm, w.up_proj)
-        up = emit(Stage.FFN_UP, layer, up)
-        activated = ops.gelu_tanh(gate)
-        activated = emit(Stage.FFN_SILU, layer, activated)
-        gated = activated * up
-        gated = emit(Stage.FFN_SWIGL, layer, gated)
-        ffn_out = ops.linear(gated, w.down_proj)
-        ffn_out = emit(Stage.FFN_OUT, layer, ffn_out)
+        ffn_out = gated_ffn(
+            ffn_norm, w.gate_proj, w.up_proj, w.down_proj, ops.gelu_tanh, layer, emit
+        )
         post_ffn_norm = gemma_rms_norm(ffn_out, w.post_feedforward_layernorm, eps)
         post_ffn_norm = emit(Stage.POST_FFN_NORM, layer, post_ffn_norm)
         return post_ffn_norm

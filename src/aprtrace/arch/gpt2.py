@@ -14,18 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from aprtrace.arch.base import Emit, PassContext
-from aprtrace.arch.llama import (
-    AttentionWeights,
-    add_qkv_bias,
-    attend_and_project,
-    qkv_projection,
-    split_qkv,
-)
+from aprtrace.arch.base import PassContext
 from aprtrace.arch.starcoder2 import Starcoder2
 from aprtrace.config import ModelConfig
 from aprtrace.mapping.gpt2 import POSITIONS
-from aprtrace.stages import Stage
 
 
 class GPT2(Starcoder2):
@@ -41,28 +33,9 @@ class GPT2(Starcoder2):
             positions = np.arange(len(ids))
         return super().embed(model, ids) + model.tensor(POSITIONS).take(positions)
 
-    def attention(
-        self,
-        cfg: ModelConfig,
-        w: AttentionWeights,
-        x: np.ndarray,
-        layer: int,
-        ctx: PassContext,
-        emit: Emit,
+    def position_encode(
+        self, cfg: ModelConfig, x: np.ndarray, norm: np.ndarray | None, ctx: PassContext
     ) -> np.ndarray:
-        """Pre-LayerNorm causal self-attention without RoPE; returns c_proj's output."""
-        seq = x.shape[0]
-        attn_norm = self.norm(cfg, x, w.input_layernorm, w.input_layernorm_bias)
-        emit(Stage.ATTN_NORM, layer, attn_norm)
-
-        qkv = qkv_projection(w, attn_norm)
-        emit(Stage.QKV_MATMUL, layer, qkv)
-        if w.has_qkv_bias:
-            qkv = add_qkv_bias(cfg, w, qkv)
-            emit(Stage.QKV_BIAS, layer, qkv)
-
-        q, k, v = split_qkv(cfg, qkv)
-        emit(Stage.Q_POST_ROPE, layer, q.reshape(seq, cfg.q_dim))  # no RoPE: Q as projected
-        emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim))
-
-        return attend_and_project(self, cfg, w, q, k, v, layer, ctx, emit)
+        """No RoPE (positions are learned, added in ``embed``): q/k_post_rope hold Q and K as
+        projected."""
+        return x

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -192,6 +193,31 @@ def attend_and_project(
     return attn_out
 
 
+def gated_ffn(
+    x: np.ndarray,
+    gate_proj: np.ndarray,
+    up_proj: np.ndarray,
+    down_proj: np.ndarray,
+    act: Callable[[np.ndarray], np.ndarray],
+    layer: int,
+    emit: Emit,
+    biases: tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None] = (None, None, None),
+) -> np.ndarray:
+    """``down(act(gate(x)) * up(x))``: the stages ffn_gate .. ffn_out of a gated MLP."""
+    gate_bias, up_bias, down_bias = biases
+    gate = ops.linear(x, gate_proj, gate_bias)
+    gate = emit(Stage.FFN_GATE, layer, gate)
+    up = ops.linear(x, up_proj, up_bias)
+    up = emit(Stage.FFN_UP, layer, up)
+    activated = act(gate)
+    activated = emit(Stage.FFN_SILU, layer, activated)
+    gated = activated * up
+    gated = emit(Stage.FFN_SWIGL, layer, gated)
+    ffn_out = ops.linear(gated, down_proj, down_bias)
+    ffn_out = emit(Stage.FFN_OUT, layer, ffn_out)
+    return ffn_out
+
+
 def norm_and_rope(
     x: np.ndarray, norm: np.ndarray | None, eps: float, cos: np.ndarray, sin: np.ndarray
 ) -> np.ndarray:
@@ -240,6 +266,13 @@ class Llama(Architecture):
         """The block's normalization: RMSNorm (LayerNorm in StarCoder2 / StableLM)."""
         return ops.rms_norm(x, weight, cfg.rms_norm_eps)
 
+    def position_encode(
+        self, cfg: ModelConfig, x: np.ndarray, norm: np.ndarray | None, ctx: PassContext
+    ) -> np.ndarray:
+        """Per-head QK-norm (if any), then RoPE at the pass's positions (``[seq, heads, d]``)."""
+        cos, sin = self.default_rope(ctx)
+        return norm_and_rope(x, norm, cfg.rms_norm_eps, cos, sin)
+
     def attention(
         self,
         cfg: ModelConfig,
@@ -251,8 +284,6 @@ class Llama(Architecture):
     ) -> np.ndarray:
         """Pre-norm causal self-attention with GQA; returns the output projection."""
         seq = x.shape[0]
-        cos, sin = self.default_rope(ctx)
-
         attn_norm = self.norm(cfg, x, w.input_layernorm, w.input_layernorm_bias)
         attn_norm = emit(Stage.ATTN_NORM, layer, attn_norm)
 
@@ -263,9 +294,9 @@ class Llama(Architecture):
             qkv = emit(Stage.QKV_BIAS, layer, qkv)
 
         q, k, v = split_qkv(cfg, qkv)
-        q = norm_and_rope(q, w.q_norm, cfg.rms_norm_eps, cos, sin)
+        q = self.position_encode(cfg, q, w.q_norm, ctx)
         q = emit(Stage.Q_POST_ROPE, layer, q.reshape(seq, cfg.q_dim)).reshape(q.shape)
-        k = norm_and_rope(k, w.k_norm, cfg.rms_norm_eps, cos, sin)
+        k = self.position_encode(cfg, k, w.k_norm, ctx)
         k = emit(Stage.K_POST_ROPE, layer, k.reshape(seq, cfg.kv_dim)).reshape(k.shape)
 
         return attend_and_project(self, cfg, w, q, k, v, layer, ctx, emit)
@@ -276,17 +307,10 @@ class Llama(Architecture):
         """Pre-norm SwiGLU feed-forward; returns the down projection."""
         ffn_norm = self.norm(cfg, x, w.post_attention_layernorm, w.post_attention_layernorm_bias)
         ffn_norm = emit(Stage.FFN_NORM, layer, ffn_norm)
-        gate = ops.linear(ffn_norm, w.gate_proj, w.gate_bias)
-        gate = emit(Stage.FFN_GATE, layer, gate)
-        up = ops.linear(ffn_norm, w.up_proj, w.up_bias)
-        up = emit(Stage.FFN_UP, layer, up)
-        activated = ops.silu(gate)
-        activated = emit(Stage.FFN_SILU, layer, activated)
-        swiglu = activated * up
-        swiglu = emit(Stage.FFN_SWIGL, layer, swiglu)
-        ffn_out = ops.linear(swiglu, w.down_proj, w.down_bias)
-        ffn_out = emit(Stage.FFN_OUT, layer, ffn_out)
-        return ffn_out
+        biases = (w.gate_bias, w.up_bias, w.down_bias)
+        return gated_ffn(
+            ffn_norm, w.gate_proj, w.up_proj, w.down_proj, ops.silu, layer, emit, biases
+        )
 
     def layer(
         self,

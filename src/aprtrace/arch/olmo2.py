@@ -21,6 +21,7 @@ from aprtrace.arch.base import Architecture, Emit, PassContext
 from aprtrace.arch.llama import (
     add_qkv_bias,
     attend_and_project,
+    gated_ffn,
     mlp_shapes,
     model_shapes,
     qkv_projection,
@@ -134,17 +135,7 @@ class Olmo2(Architecture):
         self, cfg: ModelConfig, w: Olmo2LayerWeights, x: np.ndarray, layer: int, emit: Emit
     ) -> np.ndarray:
         """SwiGLU feed-forward on the un-normalized residual; returns the down projection."""
-        gate = ops.linear(x, w.gate_proj)
-        gate = emit(Stage.FFN_GATE, layer, gate)
-        up = ops.linear(x, w.up_proj)
-        up = emit(Stage.FFN_UP, layer, up)
-        activated = ops.silu(gate)
-        activated = emit(Stage.FFN_SILU, layer, activated)
-        swiglu = activated * up
-        swiglu = emit(Stage.FFN_SWIGL, layer, swiglu)
-        ffn_out = ops.linear(swiglu, w.down_proj)
-        ffn_out = emit(Stage.FFN_OUT, layer, ffn_out)
-        return ffn_out
+        return gated_ffn(x, w.gate_proj, w.up_proj, w.down_proj, ops.silu, layer, emit)
 
     def layer(
         self,
