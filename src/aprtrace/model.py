@@ -180,6 +180,8 @@ def permute_llama_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 _LAYER_ROLE = re.compile(r"^model\.layers\.\d+\.(.+)$")
+# Routed experts of a layer are decoded, used and dropped one at a time: they share a role.
+_EXPERT_INDEX = re.compile(r"\bexperts\.\d+\.")
 
 
 def layer_name(layer: int, suffix: str) -> str:
@@ -262,7 +264,7 @@ class Model:
         role = _LAYER_ROLE.match(name) if buffers is not None else None
         if role is None:
             return None
-        key = (role.group(1), tensor.n_values)
+        key = (_EXPERT_INDEX.sub("experts.*.", role.group(1)), tensor.n_values)
         if key not in buffers:
             buffers[key] = np.empty(tensor.n_values, dtype=np.float32)
         return buffers[key]
